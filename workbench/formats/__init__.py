@@ -1,0 +1,1 @@
+"""Files on disk: safetensors reading/writing, architecture detection, block tables, hashes."""
