@@ -1,0 +1,108 @@
+"""Lazy, memory-mapped tensor reading, and the only way we open pickle checkpoints.
+
+`open_lazy` validates the header with `read_header` first, so a truncated download fails with a
+FormatError naming the file before any tensor is touched; tensors are then served one at a time,
+memory-mapped through `safetensors.safe_open`, so a merge holds only the tensors it is working on.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+from workbench.errors import FormatError
+from workbench.formats.safetensors_io import SafetensorsHeader, TensorInfo, read_header
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class LazySafetensors:
+    """An open safetensors file: header up front, tensors on demand. Use as a context manager."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.header: SafetensorsHeader = read_header(self.path)
+        self._handle = None
+
+    def __enter__(self) -> "LazySafetensors":
+        from safetensors import safe_open
+
+        try:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise FormatError(f"{self.path}: cannot open as safetensors ({e})") from e
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the memory map (tensors already returned stay valid)."""
+        self._handle = None
+
+    def keys(self) -> list[str]:
+        return self.header.keys()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.header.tensors
+
+    def __len__(self) -> int:
+        return len(self.header.tensors)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    def info(self, key: str) -> TensorInfo:
+        """dtype, shape and byte range of one tensor, from the header (no data read)."""
+        try:
+            return self.header.tensors[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {key!r}") from None
+
+    def get(self, key: str):
+        """One tensor as a torch.Tensor backed by the memory map (copy it before writing to it)."""
+        self.info(key)
+        if self._handle is None:
+            raise RuntimeError(f"{self.path}: LazySafetensors.get() outside its `with` block")
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as e:
+            raise FormatError(f"{self.path}: cannot read tensor {key!r} ({e})") from e
+
+
+def open_lazy(path: str | Path) -> LazySafetensors:
+    """Validate the header of `path` (FormatError if corrupt/truncated), then open it lazily.
+
+    Usage: `with open_lazy(p) as f: t = f.get(name)`.
+    """
+    return LazySafetensors(path)
+
+
+def load_pickle_safe(path: str | Path) -> dict:
+    """Load a .ckpt/.pt/.pth state dict with `torch.load(weights_only=True)` only.
+
+    Pickles can run arbitrary code; weights_only refuses every object that is not a tensor or a
+    plain container. Files that need more (e.g. Lightning callbacks) are refused with a clear
+    FormatError instead of being unpickled. A top-level {"state_dict": ...} wrapper is unwrapped.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise FormatError(f"{path}: file not found") from e
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(
+            f"{path}: refused to load this pickle checkpoint safely ({first[:300]}). It needs "
+            "arbitrary Python objects or is corrupt; only plain tensors are loaded "
+            "(torch.load weights_only=True). Convert it to .safetensors with a tool you trust."
+        ) from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: expected a state dict (name -> tensor), got "
+                          f"{type(obj).__name__}")
+    return obj

@@ -1,0 +1,173 @@
+"""Inventory of a models folder (A1111/Forge `models/...`, ComfyUI `models/...`, or any tree).
+
+Every .safetensors file is identified from its header only (fast, no tensor data), optionally
+hashed (AutoV2, cached), and summarised with its embedded metadata. Pickle files (.ckpt/.pt/.pth/
+.bin) are listed but never opened. A corrupt file is listed with its error; scanning goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.formats.detect import detect
+from workbench.formats.hashes import autov2
+from workbench.formats.lazy import PICKLE_SUFFIXES
+from workbench.formats.safetensors_io import read_header
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
+@dataclass
+class ModelEntry:
+    """One file found by `scan`."""
+
+    path: str                  # relative to the scanned root, with forward slashes
+    size: int
+    arch: str | None = None
+    variant: str | None = None
+    kind: str | None = None
+    layout: str | None = None
+    dtype: str | None = None
+    rank: int | None = None
+    short_hash: str | None = None
+    metadata: dict[str, object] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    error: str | None = None
+    unsafe: bool = False       # a pickle file: listed, not read
+
+
+def summarize_metadata(meta: Mapping[str, str], top: int = 5) -> dict[str, object]:
+    """The metadata worth showing: LoRA name/base, modelspec title, top tags, merge recipe."""
+    out: dict[str, object] = {}
+    for key, name in (("ss_output_name", "output_name"), ("ss_base_model_version", "base_model"),
+                      ("modelspec.title", "title"), ("modelspec.architecture", "architecture"),
+                      ("modelspec.trigger_phrase", "trigger_phrase")):
+        if meta.get(key):
+            out[name] = meta[key]
+    tags = _top_tags(meta.get("ss_tag_frequency"), top)
+    if tags:
+        out["top_tags"] = tags
+    if "sd_merge_recipe" in meta:
+        out["merge_recipe"] = True
+    return out
+
+
+def _top_tags(raw: str | None, top: int) -> list[str]:
+    """ss_tag_frequency is JSON {dataset folder: {tag: count}}; sum over folders."""
+    if not raw:
+        return []
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return []
+    counts: dict[str, int] = {}
+    if isinstance(data, dict):
+        for folder in data.values():
+            if isinstance(folder, dict):
+                for tag, n in folder.items():
+                    if isinstance(n, (int, float)):
+                        counts[tag.strip()] = counts.get(tag.strip(), 0) + int(n)
+    return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+
+
+def _walk(root: Path):
+    """Files under root, following symlinked folders once, skipping hidden folders and *.tmp."""
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and not name.endswith(".tmp"):
+                yield Path(folder) / name
+
+
+def scan_file(path: Path, root: Path, with_hash: bool = True) -> ModelEntry | None:
+    """One entry, or None for files that are not models."""
+    suffix = path.suffix.lower()
+    if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        return None
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return ModelEntry(path.relative_to(root).as_posix(), 0, error=f"cannot stat: {e}")
+    entry = ModelEntry(path.relative_to(root).as_posix(), size)
+    if suffix in PICKLE_SUFFIXES:
+        entry.unsafe = True
+        entry.notes = ("unsafe pickle format, not read (convert to .safetensors)",)
+        return entry
+    try:
+        header = read_header(path)
+        entry.dtype = header.dtype_summary()
+        entry.metadata = summarize_metadata(header.metadata)
+        info = detect(header)
+        entry.arch, entry.variant, entry.kind = info.arch, info.variant, info.kind
+        entry.layout, entry.rank, entry.notes = info.layout, info.rank, info.notes
+        if with_hash:
+            entry.short_hash = autov2(path)
+    except WorkbenchError as e:
+        entry.error = str(e)
+    return entry
+
+
+def scan(root: str | Path, with_hash: bool = True) -> list[ModelEntry]:
+    """All model files under `root`, sorted by relative path; errors are per entry, not raised."""
+    root = Path(root)
+    if not root.is_dir():
+        raise WorkbenchError(f"{root}: not a folder (expected a models folder to scan)")
+    entries = []
+    for path in _walk(root):
+        entry = scan_file(path, root, with_hash)
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def format_table(entries: list[ModelEntry]) -> str:
+    """A plain-text table for `workbench models scan`; errors are shown in the last column."""
+    headers = ["path", "kind", "arch", "variant", "dtype", "size", "hash", "info"]
+    rows = []
+    for e in entries:
+        if e.error:
+            info = "ERROR: " + e.error.replace("\n", " ")
+        elif e.unsafe:
+            info = "UNSAFE pickle, not read"
+        else:
+            bits = []
+            if e.rank:
+                bits.append(f"rank {e.rank}")
+            for k in ("output_name", "title", "base_model"):
+                if k in e.metadata:
+                    bits.append(f"{k}={e.metadata[k]}")
+            if e.metadata.get("top_tags"):
+                bits.append("tags: " + ", ".join(e.metadata["top_tags"][:3]))
+            if e.metadata.get("merge_recipe"):
+                bits.append("merge recipe")
+            info = "; ".join(bits)
+        rows.append([e.path, e.kind or "-", e.arch or "-", e.variant or "-", e.dtype or "-",
+                     human_size(e.size), e.short_hash or "-", info])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    widths[-1] = len(headers[-1])  # the last column is not padded
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    lines.append(f"{len(entries)} files, {sum(1 for e in entries if e.error)} with problems, "
+                 f"{sum(1 for e in entries if e.unsafe)} unsafe pickles not read")
+    return "\n".join(lines)
