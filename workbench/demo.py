@@ -15,7 +15,7 @@ from pathlib import Path
 from workbench.errors import NotAvailableError, WorkbenchError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_ROOT = Path("outputs") / "demo"
+DEMO_ROOT = REPO_ROOT / "outputs" / "demo"
 # file name -> (architecture, seed): three SD1.5 "personal" models to merge, one of each other arch.
 DEMO_MODELS = {
     "sd15_a.safetensors": ("sd15", 1),

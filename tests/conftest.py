@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny real-layout checkpoints are built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Hash and config caches go to a per-session folder, never to the user's ~/.cache."""
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "wb-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory) -> dict[str, Path]:
+    """Three different tiny SD1.5 checkpoints (A, B, C) for merge tests."""
+    from workbench.testing import build_tiny
+
+    d = tmp_path_factory.mktemp("sd15")
+    return {name: build_tiny("sd15", d / f"{name}.safetensors", seed=seed)
+            for name, seed in (("A", 1), ("B", 2), ("C", 3))}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(arch, seed=0) -> path, built once per (arch, seed) in the session."""
+    from workbench.testing import build_tiny
+
+    d = tmp_path_factory.mktemp("tiny")
+    built: dict[tuple[str, int], Path] = {}
+
+    def get(arch: str, seed: int = 0) -> Path:
+        if (arch, seed) not in built:
+            built[(arch, seed)] = build_tiny(arch, d / f"{arch}_{seed}.safetensors", seed=seed)
+        return built[(arch, seed)]
+
+    return get

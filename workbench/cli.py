@@ -1,0 +1,240 @@
+"""The `workbench` command.
+
+Every subcommand goes through the same recipe objects and `run_recipe` as the dashboard. User
+errors (WorkbenchError) print `error: <message>` and exit with status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from workbench import __version__
+from workbench.errors import NotAvailableError, RecipeError, WorkbenchError
+
+DESCRIPTION = """\
+Merge checkpoints, train style LoRAs and compare them in scored A/B grids
+(SD1.5, SDXL, SD3.5, FLUX.1). Work is described by recipe files (YAML) that you
+keep, share and re-run; see the recipes/ folder for examples."""
+
+EPILOG = """\
+examples:
+  workbench demo                                    try everything on tiny built-in models
+  workbench run recipes/merge-demo.yaml --dry-run   show what a recipe would do
+  workbench run recipes/merge-demo.yaml             do it
+  workbench merge --list                            list the merge methods
+  workbench models scan ~/models                    what is in a model folder
+  workbench app                                     open the dashboard in the browser
+
+`workbench COMMAND --help` explains each command."""
+
+KIND_HELP = {
+    "merge": ("merge checkpoints as a merge recipe describes",
+              "Merge checkpoints: named input models, ordered merge steps (weighted sum, add "
+              "difference, block weights, TIES, DARE, ...) and one output file."),
+    "train": ("train a style LoRA as a train recipe describes",
+              "Train a style LoRA (kohya format) from a folder of captioned images."),
+    "grid": ("make a scored X/Y comparison grid from a grid recipe",
+             "Compare models, LoRAs, prompts or settings in an X/Y(/Z) grid of images with the "
+             "same seeds, scored by CLIP, aesthetic and style similarity."),
+    "generate": ("generate images as a generate recipe describes",
+                 "Generate images from one model and prompt (with optional LoRAs) within a VRAM "
+                 "budget."),
+}
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("recipe", metavar="RECIPE.yaml", nargs="?" if optional else None,
+                   help="the recipe file; relative paths inside it are relative to its folder")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the plan (inputs, steps, outputs, problems) without "
+                        "doing the work; exit status 1 when the plan has problems")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that already exist (refused otherwise)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (for logs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="workbench", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"workbench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="try the whole workbench on tiny built-in models (CPU, minutes)",
+                       description="Build tiny real-layout models of every architecture, scan "
+                       "them, run every example recipe in recipes/ and render a preview image per "
+                       "architecture. Results go to outputs/demo/.", formatter_class=fmt)
+    p.add_argument("--fresh", action="store_true", help="rebuild the tiny models even if present")
+
+    p = sub.add_parser("run", help="run any recipe (merge, train, grid, generate)",
+                       description="Run a recipe file of any kind. With --dry-run, print the "
+                       "plan and its problems instead.", formatter_class=fmt,
+                       epilog="examples:\n  workbench run recipes/merge-demo.yaml --dry-run\n"
+                       "  workbench run recipes/train-demo.yaml")
+    _add_recipe_args(p)
+
+    for kind, (short, long) in KIND_HELP.items():
+        p = sub.add_parser(kind, help=short, description=long + f" Same as `workbench run`, but "
+                           f"checks that the recipe is a {kind} recipe.", formatter_class=fmt,
+                           epilog=f"example:\n  workbench {kind} recipes/{kind}-demo.yaml --dry-run")
+        _add_recipe_args(p, optional=(kind == "merge"))
+        if kind == "merge":
+            p.add_argument("--list", action="store_true", help="list the merge methods and exit")
+
+    p = sub.add_parser("models", help="inspect model files (architecture, precision, hashes)",
+                       description="Inspect model files.", formatter_class=fmt)
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION")
+    s = msub.add_parser("scan", help="list the models in a folder: architecture, dtype, size, hash",
+                        description="List every model file under a folder with its architecture "
+                        "(from the file header, nothing is loaded), precision, size and A1111 "
+                        "short hash.", formatter_class=fmt,
+                        epilog="example:\n  workbench models scan ~/stable-diffusion-webui/models")
+    s.add_argument("dir", metavar="DIR", help="the folder to scan (recursively)")
+    s.add_argument("--no-hash", action="store_true", help="skip hashing (fast on large folders)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("app", help="open the dashboard (Streamlit) in the browser",
+                       description="Start the dashboard: edit recipes, run them as jobs, watch "
+                       "progress and compare results. It listens on 127.0.0.1 only unless "
+                       "--allow-remote is given.", formatter_class=fmt)
+    p.add_argument("--port", type=int, default=8501, help="port to listen on (default 8501)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-local --host: anyone who can reach it can run jobs")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# commands
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from workbench import demo
+
+    result = demo.main(args)
+    return int(result or 0)
+
+
+def _cmd_recipe(args: argparse.Namespace, kind: str | None) -> int:
+    from workbench.recipes import load_recipe
+    from workbench.runner import run_recipe
+
+    recipe = load_recipe(args.recipe)
+    if kind is not None and recipe.kind != kind:
+        raise RecipeError(f"{args.recipe}: is a {recipe.kind} recipe, not a {kind} recipe; use "
+                          f"`workbench {recipe.kind} {args.recipe}` or `workbench run {args.recipe}`")
+    result = run_recipe(recipe, dry_run=args.dry_run, overwrite=args.overwrite,
+                        progress=args.progress)
+    print(result)
+    if args.dry_run and result.plan is not None and result.plan.problems:
+        return 1
+    return 0
+
+
+def merge_methods_text() -> str:
+    """The method list for `workbench merge --list`: the engine's when built, else the recipe table."""
+    from workbench.recipes.merge import KNOWN_MERGE_METHODS, MERGE_METHOD_RULES
+
+    try:
+        from workbench.merge.methods import METHODS, describe_methods
+    except ImportError:
+        METHODS, describe_methods = {}, None
+    lines = []
+    if describe_methods is not None:
+        lines.append(describe_methods().rstrip())
+    for name, text in KNOWN_MERGE_METHODS.items():
+        if name in METHODS:
+            continue
+        rule = MERGE_METHOD_RULES[name]
+        n = f"{rule.min_inputs}+" if rule.max_inputs is None else str(rule.min_inputs)
+        params = ", ".join(rule.required + rule.optional) or "none"
+        lines.append(f"{name}  inputs: {n}; parameters: {params}\n    {text}")
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    if args.list:
+        print(merge_methods_text(), end="")
+        return 0
+    if not args.recipe:
+        raise WorkbenchError("workbench merge: give a RECIPE.yaml (or --list to list the methods)")
+    return _cmd_recipe(args, "merge")
+
+
+def _cmd_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.models_command != "scan":
+        parser.parse_args(["models", "--help"])
+        return 2
+    from workbench.formats.scan import format_table, scan
+
+    entries = scan(Path(args.dir), with_hash=not args.no_hash)
+    if args.json:
+        print(json.dumps([_jsonable(e) for e in entries], indent=2, default=str))
+    else:
+        print(format_table(entries))
+    return 0
+
+
+def _jsonable(entry: object) -> object:
+    import dataclasses
+
+    if dataclasses.is_dataclass(entry) and not isinstance(entry, type):
+        return dataclasses.asdict(entry)
+    return getattr(entry, "__dict__", str(entry))
+
+
+def _cmd_app(args: argparse.Namespace) -> int:
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and not args.allow_remote:
+        raise WorkbenchError(f"--host {args.host} lets other machines reach the dashboard and run "
+                             "jobs; add --allow-remote if that is what you want")
+    try:
+        from workbench.app import launch  # type: ignore[attr-defined]
+    except ImportError:
+        raise NotAvailableError("the dashboard is not built yet (issue #7); use `workbench run` "
+                                "with recipe files meanwhile") from None
+    return int(launch(host=args.host, port=args.port) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `workbench` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "demo":
+            return _cmd_demo(args)
+        if args.command == "run":
+            return _cmd_recipe(args, None)
+        if args.command == "merge":
+            return _cmd_merge(args)
+        if args.command in KIND_HELP:
+            return _cmd_recipe(args, args.command)
+        if args.command == "models":
+            return _cmd_models(args, parser)
+        if args.command == "app":
+            return _cmd_app(args)
+        parser.error(f"unknown command {args.command}")
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
