@@ -79,11 +79,12 @@ class Provenance:
             "outputs": self.outputs, "versions": versions(), **({"extra": self.extra} if self.extra else {}),
         }
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write `provenance.json` atomically (a re-run replaces the previous record of the run)."""
+    def write(self, out_dir: str | Path, filename: str = PROVENANCE_FILE) -> Path:
+        """Write `provenance.json` atomically (a re-run replaces the previous record of the run).
+        A single-file result (a merged checkpoint) gets `<stem>.provenance.json` beside it."""
         from workbench.formats.writer import atomic_write_text
 
-        target = Path(out_dir) / PROVENANCE_FILE
+        target = Path(out_dir) / filename
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, json.dumps(self.to_dict(), indent=2, default=str) + "\n",
                           overwrite=True)

@@ -1,0 +1,191 @@
+"""Turn a validated merge recipe into an evaluation graph and an output plan, from headers only.
+
+Everything a merge will do is decided here before any tensor is read: the architecture of every
+input (mixed architectures are refused, naming both), the method and α of every step for every key,
+the per-key policies, the output key list, dtypes and sizes. The dry run prints this; the real run
+streams it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.formats.blocks import block_of, component_of, parse_block_values
+from workbench.formats.detect import ModelInfo, detect
+from workbench.formats.safetensors_io import DTYPE_SIZES, SafetensorsHeader, read_header
+from workbench.merge.executor import OutputKey
+from workbench.merge.graph import InputNode, Node, Policy, StepNode, count_policies, is_prunable, leaf, steps_of
+from workbench.merge.methods import get_method, validate_params
+
+MERGEABLE_KINDS = {"checkpoint", "unet", "transformer", "vae", "text_encoder"}
+OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                 "fp8_e4m3fn": torch.float8_e4m3fn}
+ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+               "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+               "U8": torch.uint8, "BOOL": torch.bool}
+TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+# recipe parameter name -> method parameter name, where the two vocabularies differ
+RECIPE_PARAM_NAMES = {"lambda": "alpha"}
+VAE_PREFIX = {"flux": "vae."}
+
+
+@dataclass
+class MergeInput:
+    name: str
+    path: Path
+    header: SafetensorsHeader
+    info: ModelInfo
+
+
+@dataclass
+class MergePlan:
+    """The graph, the inputs and every output tensor, ready to stream or to report."""
+
+    arch: str
+    inputs: dict[str, MergeInput]
+    steps: list[StepNode]
+    final: Node
+    keys: list[OutputKey]
+    policies: dict[str, dict[Policy, list[str]]] = field(default_factory=dict)
+    pruned: list[str] = field(default_factory=list)
+    baked_vae: int = 0
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(_numel(k.shape) * k.dtype.itemsize for k in self.keys)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(i.header.data_bytes for i in self.inputs.values())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def read_inputs(models: dict[str, Path]) -> dict[str, MergeInput]:
+    """Headers and architectures of every input; refuses mixed architectures before any read."""
+    inputs = {}
+    for name, path in models.items():
+        if not Path(path).is_file():
+            raise WorkbenchError(f"model {name}: {path}: file not found")
+        header = read_header(path)
+        info = detect(header)
+        if info.kind not in MERGEABLE_KINDS:
+            raise WorkbenchError(f"model {name}: {path} is a {info.arch} {info.kind}; merge steps take "
+                                 "checkpoints or model components (merge LoRAs with `lora_merge`)")
+        inputs[name] = MergeInput(name, Path(path), header, info)
+    archs = {}
+    for inp in inputs.values():
+        archs.setdefault(inp.info.arch, inp)
+    if len(archs) > 1:
+        (a1, i1), (a2, i2) = list(archs.items())[:2]
+        raise WorkbenchError(
+            f"cannot merge models of different architectures: {i1.name} ({i1.path.name}) is {a1}, "
+            f"{i2.name} ({i2.path.name}) is {a2}; every input of a merge must be the same architecture")
+    return inputs
+
+
+def _alpha_function(arch: str, step, method_name: str):
+    """key -> α for this step: per block (`blocks`), per component (mapping) or one number."""
+    if step.blocks is not None:
+        table = parse_block_values(arch, step.blocks, default=0.0)
+        return lambda key: table[block_of(arch, key)]
+    alpha = step.alpha
+    if alpha is None:
+        return None
+    if isinstance(alpha, (int, float)):
+        return lambda key, a=float(alpha): a
+    by_comp = {"unet": alpha.unet, "text_encoder": alpha.text_encoder, "vae": alpha.vae}
+    # a component left out keeps the first input (α = 0); keys outside the three components too
+    return lambda key: float(by_comp.get(component_of(arch, key)) or 0.0)
+
+
+def build_steps(recipe, inputs: dict[str, MergeInput], arch: str) -> tuple[dict[str, Node], list[StepNode]]:
+    nodes: dict[str, Node] = {n: InputNode(n, i.path, i.header) for n, i in inputs.items()}
+    steps = []
+    for step in recipe.steps:
+        method = get_method("weighted_sum" if step.method == "block_weighted" else step.method)
+        static = {RECIPE_PARAM_NAMES.get(k, k): v for k, v in step.params().items()
+                  if k not in ("alpha", "blocks")}
+        if "density" in static:  # DARE keeps `density`, drops the rest: p = 1 - density
+            static["p"] = 1.0 - static.pop("density")
+        alpha_of = _alpha_function(arch, step, method.name)
+        probe = dict(static)
+        if alpha_of is not None and "alpha" in method.params:
+            probe["alpha"] = 0.5
+        try:
+            validate_params(method.name, probe)
+        except WorkbenchError as e:
+            raise WorkbenchError(f"step {step.id}: {e}") from None
+        if alpha_of is not None and "alpha" in method.params:
+            params_for = (lambda key, s=static, f=alpha_of: {**s, "alpha": f(key)})
+        else:
+            params_for = (lambda key, s=static: s)
+        node = StepNode(step.id, method, [nodes[i] for i in step.inputs], params_for)
+        nodes[step.id] = node
+        steps.append(node)
+    return nodes, steps
+
+
+def _bake_vae_source(path: Path, arch: str, out_keys: list[str]) -> tuple[InputNode, dict[str, str]]:
+    """Map the checkpoint's VAE keys onto a VAE file's keys (bare or prefixed)."""
+    header = read_header(path)
+    prefix = VAE_PREFIX.get(arch, "first_stage_model.")
+    mapping = {}
+    vae_keys = [k for k in out_keys if k.startswith(prefix)]
+    for key in vae_keys:
+        bare = key[len(prefix):]
+        for candidate in (key, bare, "first_stage_model." + bare, "vae." + bare):
+            if candidate in header.tensors:
+                mapping[key] = candidate
+                break
+    missing = [k for k in vae_keys if k not in mapping]
+    if missing or not vae_keys:
+        raise WorkbenchError(f"bake_vae: {path} does not provide the checkpoint's VAE tensors "
+                             f"({len(missing)} of {len(vae_keys)} missing, e.g. {missing[:2]}); "
+                             f"expected a {arch} VAE file")
+    return InputNode("vae", path, header), mapping
+
+
+def build_plan(recipe) -> MergePlan:
+    """Everything the merge will do, from headers only."""
+    inputs = read_inputs(dict(recipe.models))
+    arch = next(iter(inputs.values())).info.arch
+    nodes, steps = build_steps(recipe, inputs, arch)
+    final = nodes[recipe.final_step]
+    base = leaf(final)
+    names = sorted(base.header.tensors, key=lambda k: base.header.tensors[k].begin)
+    pruned = [k for k in names if recipe.output.prune and is_prunable(k)]
+    names = [k for k in names if k not in set(pruned)]
+    vae_node, vae_map = (None, {})
+    if recipe.output.bake_vae is not None:
+        vae_node, vae_map = _bake_vae_source(Path(recipe.output.bake_vae), arch, names)
+    out_dtype = OUTPUT_DTYPES.get(recipe.output.dtype) if recipe.output.dtype else None
+    n_leaves = len(inputs)
+    keys = []
+    for name in names:
+        info = base.header.tensors[name]
+        src, src_key = (vae_node, vae_map[name]) if name in vae_map else (final, name)
+        dtype = ST_TO_TORCH[src.header.tensors[src_key].dtype if src is vae_node else info.dtype]
+        if out_dtype is not None and dtype.is_floating_point:
+            dtype = out_dtype
+        shape = src.header.tensors[src_key].shape if src is vae_node else info.shape
+        work = _numel(shape) * 4 * (n_leaves + 2)
+        keys.append(OutputKey(name, src, src_key, dtype, tuple(shape), work))
+    policies = {s.id: count_policies(s, [k.source_key for k in keys if k.source is final])
+                for s in steps_of(final)}
+    return MergePlan(arch, inputs, steps, final, keys, policies, pruned, len(vae_map))
+
+
+def output_plan(plan: MergePlan) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The writer's plan: name -> (safetensors dtype, shape), in write order."""
+    return {k.name: (TORCH_TO_ST[k.dtype], k.shape) for k in plan.keys}
