@@ -381,24 +381,21 @@ def test_split_lora(text, path, weight):
 
 
 def test_known_merge_methods():
-    assert list(KNOWN_MERGE_METHODS) == [
+    assert sorted(KNOWN_MERGE_METHODS) == sorted([
         "weighted_sum", "add_difference", "block_weighted", "triple_sum", "sum_twice",
         "train_difference", "add_cosine_a", "add_cosine_b", "ties", "dare", "slerp", "model_stock",
-        "no_merge"]
+        "no_merge"])
     assert set(MERGE_METHOD_RULES) == set(KNOWN_MERGE_METHODS)
 
 
-def test_method_rules_match_the_engine_registry():
-    methods = pytest.importorskip("workbench.merge.methods")
-    for name, m in methods.METHODS.items():
-        rule = MERGE_METHOD_RULES[name]
-        required = {p for p, s in m.params.items() if s.required}
-        if name == "block_weighted":  # the executor turns the recipe's `blocks` into alpha per key
-            required = required - {"alpha"} | {"blocks"}
-        assert rule.min_inputs == m.n_inputs, name
-        assert rule.max_inputs == (None if m.variadic else m.n_inputs), name
-        assert set(rule.required) == required, name
-        assert set(rule.optional) - {"blocks"} == {p for p, s in m.params.items() if not s.required}, name
+def test_method_rules_come_from_the_engine_registry():
+    from workbench.merge.methods import METHODS
+
+    assert set(MERGE_METHOD_RULES) == set(METHODS)
+    assert MERGE_METHOD_RULES["block_weighted"].required == ("blocks",)
+    assert MERGE_METHOD_RULES["ties"].max_inputs is None
+    assert MERGE_METHOD_RULES["add_difference"].required == ("alpha",)
+    assert "blocks" in MERGE_METHOD_RULES["weighted_sum"].optional
 
 
 # ---- dry run and runner ---------------------------------------------------------------------------

@@ -29,8 +29,6 @@ ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                "U8": torch.uint8, "BOOL": torch.bool}
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
-# recipe parameter name -> method parameter name, where the two vocabularies differ
-RECIPE_PARAM_NAMES = {"lambda": "alpha"}
 VAE_PREFIX = {"flux": "vae."}
 
 
@@ -114,10 +112,7 @@ def build_steps(recipe, inputs: dict[str, MergeInput], arch: str) -> tuple[dict[
     steps = []
     for step in recipe.steps:
         method = get_method("weighted_sum" if step.method == "block_weighted" else step.method)
-        static = {RECIPE_PARAM_NAMES.get(k, k): v for k, v in step.params().items()
-                  if k not in ("alpha", "blocks")}
-        if "density" in static:  # DARE keeps `density`, drops the rest: p = 1 - density
-            static["p"] = 1.0 - static.pop("density")
+        static = {k: v for k, v in step.params().items() if k not in ("alpha", "blocks")}
         alpha_of = _alpha_function(arch, step, method.name)
         probe = dict(static)
         if alpha_of is not None and "alpha" in method.params:

@@ -24,35 +24,17 @@ from workbench.recipes.common import (
     user_error,
 )
 
-# name -> one line for `workbench merge --list` (the engine's registry, workbench.merge.methods,
-# adds formulas and parameter docs when it is importable)
-KNOWN_MERGE_METHODS: dict[str, str] = {
-    "weighted_sum": "(1 - alpha)*A + alpha*B; alpha is the share of B",
-    "add_difference": "A + alpha*(B - C): add what B learned on top of its base C",
-    "block_weighted": "weighted sum of A toward B with one alpha per UNet block (`blocks`)",
-    "triple_sum": "(1 - alpha - beta)*A + alpha*B + beta*C",
-    "sum_twice": "(1 - beta)*((1 - alpha)*A + alpha*B) + beta*C",
-    "train_difference": "A + alpha*(B - C), damped where A is already close to B",
-    "add_cosine_a": "weighted sum gated by the cosine similarity of A and B (favours A's structure)",
-    "add_cosine_b": "weighted sum gated by the cosine similarity of A and B (favours B's structure)",
-    "ties": "TIES: trim each task vector to its top `k` share, elect signs, merge onto the base (first input)",
-    "dare": "DARE: A + alpha*(B - C) with each element of B - C dropped with probability `p`, rescaled",
-    "slerp": "spherical interpolation from A to B by alpha",
-    "model_stock": "Model Stock: average the fine-tunes, pulled toward the base (first input) by their angle",
-    "no_merge": "copy A unchanged (to prune, convert dtype or bake a VAE)",
-}
-
-# Parameters a step may give; which ones a method reads is in MERGE_METHOD_RULES.
-STEP_PARAMS = ("alpha", "beta", "k", "p", "seed", "sim_min", "sim_max", "blocks", "lambda", "density")
+# Parameters a step may give; which ones a method reads comes from the engine's registry.
+STEP_PARAMS = ("alpha", "beta", "k", "p", "seed", "sim_min", "sim_max", "blocks")
 
 
 @dataclass(frozen=True)
 class MethodRule:
     """How many inputs a method takes and which step parameters it reads.
 
-    Mirrors the engine's registry (workbench.merge.methods; a test keeps them in step) so that a
-    recipe is checked without importing torch. `blocks` goes with every method that reads alpha:
-    it gives alpha per block.
+    Derived from the merge engine's registry (workbench.merge.methods), the one place where a
+    method declares its inputs and parameters. `blocks` goes with every method that reads alpha:
+    it gives alpha per block; `block_weighted` requires it instead of alpha.
     """
 
     min_inputs: int
@@ -61,21 +43,24 @@ class MethodRule:
     optional: tuple[str, ...] = ()
 
 
-MERGE_METHOD_RULES: dict[str, MethodRule] = {
-    "weighted_sum": MethodRule(2, 2, ("alpha",), ("blocks",)),
-    "add_difference": MethodRule(3, 3, ("alpha",), ("blocks",)),
-    "block_weighted": MethodRule(2, 2, ("blocks",)),
-    "triple_sum": MethodRule(3, 3, ("alpha", "beta")),
-    "sum_twice": MethodRule(3, 3, ("alpha", "beta")),
-    "train_difference": MethodRule(3, 3, ("alpha",), ("blocks",)),
-    "add_cosine_a": MethodRule(2, 2, ("alpha",), ("sim_min", "sim_max")),
-    "add_cosine_b": MethodRule(2, 2, ("alpha",), ("sim_min", "sim_max")),
-    "ties": MethodRule(2, None, (), ("k", "alpha")),
-    "dare": MethodRule(3, 3, (), ("p", "alpha", "seed")),
-    "slerp": MethodRule(2, 2, ("alpha",), ("blocks",)),
-    "model_stock": MethodRule(3, None),
-    "no_merge": MethodRule(1, 1),
-}
+def _rules_from_registry() -> tuple[dict[str, str], dict[str, MethodRule]]:
+    from workbench.merge.methods import METHODS
+
+    descriptions, rules = {}, {}
+    for name, m in METHODS.items():
+        required = tuple(p for p, spec in m.params.items() if spec.required)
+        optional = tuple(p for p, spec in m.params.items() if not spec.required)
+        if name == "block_weighted":
+            required = tuple(p for p in required if p != "alpha") + ("blocks",)
+        elif "alpha" in m.params:
+            optional += ("blocks",)
+        rules[name] = MethodRule(m.n_inputs, None if m.variadic else m.n_inputs, required, optional)
+        descriptions[name] = m.description
+    return descriptions, rules
+
+
+# name -> one line for `workbench merge --list`; name -> inputs and parameters
+KNOWN_MERGE_METHODS, MERGE_METHOD_RULES = _rules_from_registry()
 
 OUTPUT_DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn")
 
@@ -181,14 +166,12 @@ class MergeStep(StrictModel):
     sim_min: float | None = None
     sim_max: float | None = None
     blocks: BlockWeights | None = None
-    lambda_: float | None = Field(default=None, alias="lambda")
-    density: Fraction | None = None
 
     def params(self) -> dict[str, Any]:
         """The method parameters that were given, by their YAML names."""
         out = {}
         for name in STEP_PARAMS:
-            value = getattr(self, "lambda_" if name == "lambda" else name)
+            value = getattr(self, name)
             if value is not None:
                 out[name] = value
         return out

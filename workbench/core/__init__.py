@@ -1,0 +1,1 @@
+"""Generation core: loading pipelines, precision, memory planning, samplers."""
