@@ -74,7 +74,9 @@ def render_previews(models: dict[str, Path], out_dir: Path) -> list[tuple[str, P
     from workbench.core.load import load_pipeline
     from workbench.provenance import Provenance
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
     written = []
     for name, (arch, _) in DEMO_MODELS.items():
         if name.startswith("sd15_") and name != "sd15_a.safetensors":
@@ -83,6 +85,7 @@ def render_previews(models: dict[str, Path], out_dir: Path) -> list[tuple[str, P
         prov.add_input("model", models[name])
         with prov.timed("load"):
             pipe = load_pipeline(models[name], arch)
+        pipe.set_progress_bar_config(disable=True)
         size = 64
         kwargs = dict(prompt=PREVIEW_PROMPT, num_inference_steps=2, height=size, width=size,
                       generator=torch.Generator("cpu").manual_seed(1), output_type="pil")
@@ -90,12 +93,13 @@ def render_previews(models: dict[str, Path], out_dir: Path) -> list[tuple[str, P
             kwargs["guidance_scale"] = 5.0
         with prov.timed("generate"), torch.inference_mode():
             image = pipe(**kwargs).images[0]
-        target = out_dir / f"{arch}.png"
+        target = out_dir / arch / "preview.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
         image.save(target)
         prov.seeds["generator"] = 1
         prov.outputs.append(str(target))
         prov.extra = {"prompt": PREVIEW_PROMPT, "steps": 2, "size": size}
-        prov.write(out_dir / arch)
+        prov.write(target.parent)
         written.append((arch, target))
         print(f"  preview {arch:5s} -> {target}  ({prov.timings['load']:.1f}s load, "
               f"{prov.timings['generate']:.1f}s generate)")
@@ -123,7 +127,7 @@ def main(args: argparse.Namespace | None = None) -> int:
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Results:")
     print(f"  tiny models:   {root / 'models'}")
     for arch, path in previews:
-        print(f"  preview {arch:5s} {path}  (+ {path.parent / arch / 'provenance.json'})")
+        print(f"  preview {arch:5s} {path}  (+ provenance.json beside it)")
     for recipe, outcome in outcomes:
         print(f"  {recipe:20s} {outcome}")
     return 0
