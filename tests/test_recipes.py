@@ -384,7 +384,7 @@ def test_known_merge_methods():
     assert sorted(KNOWN_MERGE_METHODS) == sorted([
         "weighted_sum", "add_difference", "block_weighted", "triple_sum", "sum_twice",
         "train_difference", "add_cosine_a", "add_cosine_b", "ties", "dare", "slerp", "model_stock",
-        "no_merge"])
+        "no_merge", "add_lora"])
     assert set(MERGE_METHOD_RULES) == set(KNOWN_MERGE_METHODS)
 
 

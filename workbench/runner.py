@@ -43,6 +43,7 @@ ENGINES: dict[str, Engine] = {
     "generate": Engine("workbench.core.runner", "run", 4, "the generation core"),
     "train": Engine("workbench.train.runner", "run", 5, "LoRA training"),
     "grid": Engine("workbench.compare.runner", "run", 6, "the grid engine"),
+    "extract_lora": Engine("workbench.merge.extract", "run", 3, "LoRA extraction"),
 }
 _HANDLERS: dict[str, Callable[..., Any]] = {}  # set by register_handler (tests, plug-ins)
 
@@ -370,6 +371,17 @@ def _generate_plan(recipe: GenerateRecipe, plan: Plan, overwrite: bool) -> None:
     plan.outputs.append(recipe.output.dir)
 
 
+def _extract_plan(recipe, plan: Plan, overwrite: bool) -> None:
+    """kind extract_lora: both models must exist; the engine's describe adds modules and ranks."""
+    check_input(plan, "tuned", recipe.tuned)
+    check_input(plan, "base", recipe.base)
+    plan.lines.append(f"extract LoRA: rank {recipe.rank}"
+                      + (f", conv rank {recipe.conv_rank}" if recipe.conv_rank else "")
+                      + f", components {', '.join(recipe.components)}, {recipe.output.dtype}")
+    _output_file(plan, recipe.output.path, overwrite or recipe.output.overwrite,
+                 "pass --overwrite or set `output.overwrite: true` to replace it")
+
+
 def _short(value: Any) -> str:
     if isinstance(value, Path):
         return value.name
@@ -383,6 +395,7 @@ PLANNERS: dict[str, Callable[[Any, Plan, bool], None]] = {
     "train": _train_plan,
     "grid": _grid_plan,
     "generate": _generate_plan,
+    "extract_lora": _extract_plan,
 }
 
 

@@ -7,11 +7,13 @@ memory-mapped through `safetensors.safe_open`, so a merge holds only the tensors
 
 from __future__ import annotations
 
+import mmap
 import pickle
+import warnings
 from pathlib import Path
 
 from workbench.errors import FormatError
-from workbench.formats.safetensors_io import SafetensorsHeader, TensorInfo, read_header
+from workbench.formats.safetensors_io import SafetensorsHeader, TensorInfo, read_header, torch_dtype
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -23,6 +25,7 @@ class LazySafetensors:
         self.path = Path(path)
         self.header: SafetensorsHeader = read_header(self.path)
         self._handle = None
+        self._map: mmap.mmap | None = None
 
     def __enter__(self) -> "LazySafetensors":
         from safetensors import safe_open
@@ -37,8 +40,15 @@ class LazySafetensors:
         self.close()
 
     def close(self) -> None:
-        """Release the memory map (tensors already returned stay valid)."""
+        """Release the memory maps (tensors from `get` stay valid; views from `view` must be
+        dropped before closing)."""
         self._handle = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still alive; the map goes when it is collected
+                pass
+            self._map = None
 
     def keys(self) -> list[str]:
         return self.header.keys()
@@ -69,6 +79,29 @@ class LazySafetensors:
             return self._handle.get_tensor(key)
         except Exception as e:
             raise FormatError(f"{self.path}: cannot read tensor {key!r} ({e})") from e
+
+
+    def view(self, key: str):
+        """One tensor as a zero-copy, read-only view into the file's memory map.
+
+        Unlike `get`, nothing is copied: the bytes stay page cache (file-backed memory the kernel
+        can drop) instead of becoming process memory. This is what lets a merge stream a 7 GB
+        model with a few hundred MB of RAM. Never write to the view.
+        """
+        import torch
+
+        info = self.info(key)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        dtype = torch_dtype(info.dtype)
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        with warnings.catch_warnings():  # the map is read-only by design
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._map, dtype=dtype, count=info.numel,
+                                    offset=self.header.data_offset + info.begin)
+        return flat.view(info.shape)
 
 
 def open_lazy(path: str | Path) -> LazySafetensors:

@@ -16,19 +16,17 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.formats.blocks import block_of, component_of, parse_block_values
 from workbench.formats.detect import ModelInfo, detect
-from workbench.formats.safetensors_io import DTYPE_SIZES, SafetensorsHeader, read_header
-from workbench.merge.executor import OutputKey
-from workbench.merge.graph import InputNode, Node, Policy, StepNode, count_policies, is_prunable, leaf, steps_of
+from workbench.formats.safetensors_io import SafetensorsHeader, read_header, torch_dtype
+from workbench.formats.writer import st_dtype
+from workbench.merge.executor import CHUNK, OutputKey
+from workbench.merge.graph import (InputNode, Node, Policy, StepNode, chunkable, count_policies, is_prunable,
+                                   leaf, steps_of)
 from workbench.merge.methods import get_method, validate_params
 
 MERGEABLE_KINDS = {"checkpoint", "unet", "transformer", "vae", "text_encoder"}
 OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
                  "fp8_e4m3fn": torch.float8_e4m3fn}
-ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-               "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-               "U8": torch.uint8, "BOOL": torch.bool}
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+
 VAE_PREFIX = {"flux": "vae."}
 
 
@@ -77,19 +75,44 @@ def read_inputs(models: dict[str, Path]) -> dict[str, MergeInput]:
             raise WorkbenchError(f"model {name}: {path}: file not found")
         header = read_header(path)
         info = detect(header)
-        if info.kind not in MERGEABLE_KINDS:
+        if info.kind not in MERGEABLE_KINDS and info.kind != "lora":  # LoRAs: see merge/lora.py
             raise WorkbenchError(f"model {name}: {path} is a {info.arch} {info.kind}; merge steps take "
-                                 "checkpoints or model components (merge LoRAs with `lora_merge`)")
+                                 "checkpoints, model components or LoRAs (method add_lora)")
         inputs[name] = MergeInput(name, Path(path), header, info)
     archs = {}
     for inp in inputs.values():
         archs.setdefault(inp.info.arch, inp)
     if len(archs) > 1:
         (a1, i1), (a2, i2) = list(archs.items())[:2]
+        kind = lambda i: " LoRA" if i.info.kind == "lora" else ""  # noqa: E731
         raise WorkbenchError(
-            f"cannot merge models of different architectures: {i1.name} ({i1.path.name}) is {a1}, "
-            f"{i2.name} ({i2.path.name}) is {a2}; every input of a merge must be the same architecture")
+            f"cannot merge models of different architectures: {i1.name} ({i1.path.name}) is {a1}{kind(i1)}, "
+            f"{i2.name} ({i2.path.name}) is {a2}{kind(i2)}; every input of a merge must be the same "
+            "architecture")
     return inputs
+
+
+def _step_inputs(step, nodes: dict[str, Node], inputs: dict[str, MergeInput], arch: str,
+                 lora_nodes: dict) -> list[Node]:
+    """The step's input nodes; a LoRA input becomes a LoraInputNode bound to the layout of the
+    step's first input (LoRA modules are looked up in that checkpoint's key table)."""
+    loras = [i for i in step.inputs if i in inputs and inputs[i].info.kind == "lora"]
+    if not loras:
+        return [nodes[i] for i in step.inputs]
+    if step.method != "add_lora" or step.inputs[0] in loras or len(step.inputs) != 2:
+        raise WorkbenchError(f"step {step.id}: {', '.join(loras)} is a LoRA; LoRAs are merged with "
+                             "method add_lora, inputs [model or step, LoRA]")
+    from workbench.merge.lora import lora_node
+
+    base = leaf(nodes[step.inputs[0]])
+    name = step.inputs[1]
+    if (name, id(base)) not in lora_nodes:
+        inp = inputs[name]
+        try:
+            lora_nodes[(name, id(base))] = lora_node(name, inp.path, inp.header, arch, base)
+        except WorkbenchError as e:
+            raise type(e)(f"step {step.id}: {e}") from None
+    return [nodes[step.inputs[0]], lora_nodes[(name, id(base))]]
 
 
 def _alpha_function(arch: str, step, method_name: str):
@@ -109,6 +132,7 @@ def _alpha_function(arch: str, step, method_name: str):
 
 def build_steps(recipe, inputs: dict[str, MergeInput], arch: str) -> tuple[dict[str, Node], list[StepNode]]:
     nodes: dict[str, Node] = {n: InputNode(n, i.path, i.header) for n, i in inputs.items()}
+    lora_nodes: dict = {}  # (LoRA name, id of base leaf) -> LoraInputNode
     steps = []
     for step in recipe.steps:
         method = get_method("weighted_sum" if step.method == "block_weighted" else step.method)
@@ -125,7 +149,11 @@ def build_steps(recipe, inputs: dict[str, MergeInput], arch: str) -> tuple[dict[
             params_for = (lambda key, s=static, f=alpha_of: {**s, "alpha": f(key)})
         else:
             params_for = (lambda key, s=static: s)
-        node = StepNode(step.id, method, [nodes[i] for i in step.inputs], params_for)
+        if step.method == "add_lora" and not (step.inputs[-1] in inputs
+                                              and inputs[step.inputs[-1]].info.kind == "lora"):
+            raise WorkbenchError(f"step {step.id}: add_lora's second input must be a LoRA file "
+                                 f"({step.inputs[-1]} is not); to add a model difference use add_difference")
+        node = StepNode(step.id, method, _step_inputs(step, nodes, inputs, arch, lora_nodes), params_for)
         nodes[step.id] = node
         steps.append(node)
     return nodes, steps
@@ -170,12 +198,14 @@ def build_plan(recipe) -> MergePlan:
     for name in names:
         info = base.header.tensors[name]
         src, src_key = (vae_node, vae_map[name]) if name in vae_map else (final, name)
-        dtype = ST_TO_TORCH[src.header.tensors[src_key].dtype if src is vae_node else info.dtype]
+        dtype = torch_dtype(src.header.tensors[src_key].dtype if src is vae_node else info.dtype)
         if out_dtype is not None and dtype.is_floating_point:
             dtype = out_dtype
         shape = src.header.tensors[src_key].shape if src is vae_node else info.shape
-        work = _numel(shape) * 4 * (n_leaves + 2)
-        keys.append(OutputKey(name, src, src_key, dtype, tuple(shape), work))
+        sliced = chunkable(src, src_key) if src is final else True
+        out_bytes = _numel(shape) * dtype.itemsize
+        work = (out_bytes + CHUNK * 4 * (n_leaves + 2)) if sliced else _numel(shape) * 4 * (n_leaves + 2)
+        keys.append(OutputKey(name, src, src_key, dtype, tuple(shape), work, sliced))
     policies = {s.id: count_policies(s, [k.source_key for k in keys if k.source is final])
                 for s in steps_of(final)}
     return MergePlan(arch, inputs, steps, final, keys, policies, pruned, len(vae_map))
@@ -183,4 +213,4 @@ def build_plan(recipe) -> MergePlan:
 
 def output_plan(plan: MergePlan) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The writer's plan: name -> (safetensors dtype, shape), in write order."""
-    return {k.name: (TORCH_TO_ST[k.dtype], k.shape) for k in plan.keys}
+    return {k.name: (st_dtype(torch.empty(0, dtype=k.dtype)), k.shape) for k in plan.keys}

@@ -38,6 +38,9 @@ DDPM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_c
                 "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
                 "logvar"}
 CONV_IN_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "input_blocks.0.0.weight")
+# Methods whose result at each element depends only on the inputs at that element: the executor
+# may evaluate them on cache-sized slices of a tensor (same bits, far less memory traffic).
+ELEMENTWISE = frozenset({"weighted_sum", "add_difference", "triple_sum", "sum_twice", "no_merge"})
 
 
 class Policy(str, enum.Enum):
@@ -116,25 +119,41 @@ def classify(step: StepNode, key: str) -> Policy:
     return Policy.SHAPE_MISMATCH
 
 
-def evaluate(node: Node, key: str, memo: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """The value of `node` for `key`. Merged results are fp32; copied tensors keep their dtype."""
+def chunkable(node: Node, key: str) -> bool:
+    """Whether `node`'s value for `key` can be computed slice by slice of the flattened tensor."""
+    if isinstance(node, InputNode):
+        return getattr(node, "sliceable", True)
+    policy = classify(node, key)
+    if policy is Policy.CONV_IN:
+        return False
+    if policy is not Policy.MERGE:
+        return chunkable(node.inputs[0], key)
+    return node.method.name in ELEMENTWISE and all(chunkable(n, key) for n in node.inputs)
+
+
+def evaluate(node: Node, key: str, memo: dict[int, torch.Tensor] | None = None,
+             chunk: slice | None = None) -> torch.Tensor:
+    """The value of `node` for `key` (or for a slice of its flattened elements, when `chunkable`).
+    Merged results are fp32; copied tensors keep their dtype."""
     memo = {} if memo is None else memo
     if id(node) in memo:
         return memo[id(node)]
     if isinstance(node, InputNode):
         value = node.reader(key)
+        if chunk is not None:
+            value = value.reshape(-1)[chunk]
     else:
-        value = _evaluate_step(node, key, memo)
+        value = _evaluate_step(node, key, memo, chunk)
     memo[id(node)] = value
     return value
 
 
-def _evaluate_step(step: StepNode, key: str, memo: dict) -> torch.Tensor:
+def _evaluate_step(step: StepNode, key: str, memo: dict, chunk: slice | None) -> torch.Tensor:
     policy = classify(step, key)
-    first = evaluate(step.inputs[0], key, memo)
+    first = evaluate(step.inputs[0], key, memo, chunk)
     if policy not in (Policy.MERGE, Policy.CONV_IN):
         return first
-    tensors = [first] + [evaluate(n, key, memo) for n in step.inputs[1:]]
+    tensors = [first] + [evaluate(n, key, memo, chunk) for n in step.inputs[1:]]
     tensors = [t.float() for t in tensors]
     params = step.params_for(key)
     if policy is Policy.MERGE:

@@ -484,3 +484,11 @@ def model_stock(base: torch.Tensor, *models: torch.Tensor) -> torch.Tensor:
     t = n * cos / (1 + (n - 1) * cos)
     mean = sum(models[1:], models[0].clone()) / n  # running sum: one extra tensor, not N
     return t * mean + (1 - t) * base
+
+
+# --- LoRA merging (workbench/merge/lora.py): the second input is a LoRA exposed as ΔW per key -------
+@merge_method("add_lora", inputs=2, params={"alpha": ParamSpec(1.0, "LoRA strength (multiplier of ΔW)")},
+              formula="a + alpha*delta, delta = (lora_alpha/rank)*up@down of the LoRA (b)",
+              description="Merge a LoRA (b: kohya or diffusers/PEFT file) into a at strength alpha.")
+def add_lora(a: torch.Tensor, delta: torch.Tensor, *, alpha: float) -> torch.Tensor:
+    return a + alpha * delta

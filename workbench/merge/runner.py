@@ -99,7 +99,7 @@ def run(recipe, *, overwrite: bool = False, progress: bool = True,
     for node in _input_nodes(plan):
         lazy = open_lazy(node.path).__enter__()
         readers.append(lazy)
-        node.reader = lazy.get
+        node.reader = lazy.view
     bar = _progress_bar(out_bytes, len(plan.keys), enabled=progress)
     try:
         with SafetensorsWriter(target, output_plan(plan), metadata, overwrite=overwrite) as writer:

@@ -20,6 +20,7 @@ from workbench.errors import RecipeError
 from workbench.recipes.common import RecipeBase, did_you_mean
 from workbench.recipes.generate import GenerateRecipe
 from workbench.recipes.grid import AXIS_NAMES, GridRecipe
+from workbench.recipes.extract import ExtractLoraRecipe
 from workbench.recipes.merge import MergeRecipe
 from workbench.recipes.train import TrainRecipe
 
@@ -28,8 +29,9 @@ RECIPE_KINDS: dict[str, type[RecipeBase]] = {
     "train": TrainRecipe,
     "grid": GridRecipe,
     "generate": GenerateRecipe,
+    "extract_lora": ExtractLoraRecipe,
 }
-Recipe = Union[MergeRecipe, TrainRecipe, GridRecipe, GenerateRecipe]
+Recipe = Union[MergeRecipe, TrainRecipe, GridRecipe, GenerateRecipe, ExtractLoraRecipe]
 Loc = tuple[Union[str, int], ...]
 
 

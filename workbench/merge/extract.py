@@ -1,0 +1,230 @@
+"""Extract a kohya LoRA from a fine-tune: ΔW = tuned − base, one module's SVD at a time.
+
+Method (kohya sd-scripts `networks/extract_lora_from_models.py`, reimplemented from its description):
+per module, ΔW (fp32; k×k convs flattened to [out, in·k·k]) is factored by SVD, U·diag(S) truncated
+to `rank` columns becomes `lora_up`, Vh truncated to `rank` rows becomes `lora_down`; both are
+clamped to ±(the `clamp_quantile` quantile of their joined values), which trims rare outliers so
+fp16 storage stays safe. alpha = the module's rank, so the scale alpha/rank is 1. Rank is capped at
+min(out, in·k·k). `clamp_quantile=None` skips the clamp (exact truncated SVD).
+
+Streaming: both inputs are memory-mapped; weights are read per module, and every module whose two
+weights are bit-identical is left out (a frozen text encoder yields no modules). That check runs
+first, so the output file's plan (names, shapes) is known before the first SVD; the atomic writer
+then receives each module's three tensors right after its SVD.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.formats.detect import detect
+from workbench.formats.lazy import open_lazy
+from workbench.formats.lora_keys import Target, kohya_modules, module_table
+from workbench.formats.safetensors_io import read_header
+from workbench.formats.writer import SafetensorsWriter
+
+DTYPES = {"fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16"), "fp32": (torch.float32, "F32")}
+BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
+NETWORK_MODULE = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
+CLAMP_QUANTILE = 0.99
+
+
+@dataclass
+class ExtractPlan:
+    """Everything extraction will do, from headers and an identity check of each module."""
+
+    arch: str
+    modules: dict[str, tuple[Target, int]]  # name -> (target, rank)
+    unchanged: int
+    missing: list[str]
+
+    def tensor_plan(self, st_dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        plan = {}
+        for name, (t, r) in self.modules.items():
+            plan[f"{name}.alpha"] = (st_dtype, ())
+            plan[f"{name}.lora_down.weight"] = (st_dtype, (r, t.in_features, *t.kernel))
+            plan[f"{name}.lora_up.weight"] = (st_dtype, (t.out_features, r, *(1 for _ in t.kernel)))
+        return plan
+
+
+def _weight(raw: Callable[[str], torch.Tensor], target: Target) -> torch.Tensor:
+    t = raw(target.key)
+    a, b = target.row_range()
+    return t[a:b] if target.rows else t
+
+
+def plan_extraction(tuned: Path, base: Path, rank: int, conv_rank: int | None,
+                    components: tuple[str, ...], check_identical: bool = True) -> ExtractPlan:
+    """Modules and ranks, from headers (and, when `check_identical`, one pass over both files)."""
+    th, bh = read_header(tuned), read_header(base)
+    ti, bi = detect(th), detect(bh)
+    for label, path, info in (("tuned", tuned, ti), ("base", base, bi)):
+        if info.kind == "lora":
+            raise WorkbenchError(f"{label}: {path} is a LoRA; extraction needs two full models")
+    if ti.arch != bi.arch:
+        raise WorkbenchError(f"cannot extract a LoRA between different architectures: tuned "
+                             f"({tuned.name}) is {ti.arch}, base ({base.name}) is {bi.arch}")
+    table = module_table(bi.arch, bh.shapes())
+    wanted = kohya_modules(table, set(components), conv=conv_rank is not None)
+    modules, missing = {}, []
+    tshapes = th.shapes()
+    for name, t in wanted.items():
+        if tuple(tshapes.get(t.key, ())) != t.shape:
+            missing.append(name)
+            continue
+        limit = conv_rank if (t.is_conv and any(k > 1 for k in t.kernel)) else rank
+        cap = t.in_features
+        for k in t.kernel:
+            cap *= k
+        modules[name] = (t, max(1, min(limit, t.out_features, cap)))
+    unchanged = 0
+    if check_identical and modules:
+        with open_lazy(tuned) as ft, open_lazy(base) as fb:
+            for name in list(modules):
+                t = modules[name][0]
+                if torch.equal(_weight(ft.get, t), _weight(fb.get, t)):
+                    del modules[name]
+                    unchanged += 1
+    if not modules:
+        raise WorkbenchError(f"{tuned}: no weight differs from {base} in the modules a LoRA covers "
+                             f"(components: {', '.join(components)}); nothing to extract")
+    return ExtractPlan(bi.arch, modules, unchanged, missing)
+
+
+@torch.no_grad()
+def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float | None = CLAMP_QUANTILE
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up [out, rank], down [rank, in]) with up @ down ≈ delta (2-D fp32), kohya-style clamp."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    up = u[:, :rank] * s[:rank]
+    down = vh[:rank, :]
+    if clamp_quantile is not None and clamp_quantile < 1.0:
+        joined = torch.cat([up.flatten(), down.flatten()])
+        if joined.numel() > 16_000_000:  # torch.quantile's input limit: estimate from a sample
+            joined = joined[torch.randperm(joined.numel(), generator=torch.Generator().manual_seed(0))[:16_000_000]]
+        hi = torch.quantile(joined, clamp_quantile)
+        up = up.clamp(-hi, hi)
+        down = down.clamp(-hi, hi)
+    return up.contiguous(), down.contiguous()
+
+
+def extraction_metadata(plan: ExtractPlan, rank: int, conv_rank: int | None, tuned: Path, base: Path,
+                        hashes: dict[str, str] | None = None) -> dict[str, str]:
+    from workbench import __version__
+
+    meta = {"ss_network_module": NETWORK_MODULE.get(plan.arch, "networks.lora"),
+            "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+            "ss_base_model_version": BASE_MODEL_VERSION.get(plan.arch, plan.arch),
+            "ss_v2": str(plan.arch == "sd2"),
+            "ss_training_comment": "extracted by workbench (SVD of tuned - base)",
+            "workbench_version": __version__}
+    if conv_rank is not None:
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)})
+    if hashes is not None:
+        meta["workbench_extracted_from"] = json.dumps({
+            "tuned": {"path": str(tuned), "sha256": hashes["tuned"]},
+            "base": {"path": str(base), "sha256": hashes["base"]}})
+    return meta
+
+
+def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, rank: int,
+                 conv_rank: int | None = None, dtype: str = "fp16",
+                 components: tuple[str, ...] = ("unet", "text_encoder"), overwrite: bool = False,
+                 progress: bool = True, clamp_quantile: float | None = CLAMP_QUANTILE) -> Path:
+    """Write a kohya-format LoRA approximating `tuned − base`; returns the output path."""
+    from workbench.formats.hashes import sha256_file
+
+    tuned, base, out = Path(tuned), Path(base), Path(out)
+    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+        raise WorkbenchError(f"rank and conv_rank must be at least 1 (got {rank}, {conv_rank})")
+    if dtype not in DTYPES:
+        raise WorkbenchError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    torch_dtype, st = DTYPES[dtype]
+    plan = plan_extraction(tuned, base, rank, conv_rank, components)
+    meta = extraction_metadata(plan, rank, conv_rank, tuned, base,
+                               {"tuned": sha256_file(tuned), "base": sha256_file(base)})
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(plan.modules), desc="extracting LoRA modules", dynamic_ncols=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open_lazy(tuned) as ft, open_lazy(base) as fb, \
+                SafetensorsWriter(out, plan.tensor_plan(st), meta, overwrite=overwrite) as writer:
+            for name, (t, r) in plan.modules.items():
+                delta = _weight(ft.get, t).float() - _weight(fb.get, t).float()
+                up, down = low_rank(delta.reshape(t.out_features, -1), r, clamp_quantile)
+                writer.write(f"{name}.alpha", torch.tensor(float(r), dtype=torch_dtype))
+                writer.write(f"{name}.lora_down.weight", down.reshape(r, t.in_features, *t.kernel).to(torch_dtype))
+                writer.write(f"{name}.lora_up.weight",
+                             up.reshape(t.out_features, r, *(1 for _ in t.kernel)).to(torch_dtype))
+                del delta, up, down
+                if bar:
+                    bar.update(1)
+    finally:
+        if bar:
+            bar.close()
+    return out
+
+
+# ------------------------------------------------------------------------------- recipe engine
+
+def describe(recipe, overwrite: bool = False) -> tuple[list[str], list[str]]:
+    """Dry-run lines: architecture, module counts per component and ranks (headers only)."""
+    try:
+        plan = plan_extraction(Path(recipe.tuned), Path(recipe.base), recipe.rank, recipe.conv_rank,
+                               tuple(recipe.components), check_identical=False)
+    except WorkbenchError as e:
+        return [], [str(e)]
+    by_comp: dict[str, int] = {}
+    for t, _ in plan.modules.values():
+        by_comp[t.component] = by_comp.get(t.component, 0) + 1
+    n_bytes = sum(_numel(s) for _, s in plan.tensor_plan("F16").values()) * DTYPES[recipe.output.dtype][0].itemsize
+    lines = [f"architecture: {plan.arch}; {len(plan.modules)} modules at most "
+             f"({', '.join(f'{c}: {n}' for c, n in sorted(by_comp.items()))}); modules whose weights "
+             "are identical in both files are left out",
+             f"rank {recipe.rank}" + (f", conv rank {recipe.conv_rank}" if recipe.conv_rank else "")
+             + f"; alpha = rank (scale 1); at most {n_bytes / 1024**2:.1f} MiB as {recipe.output.dtype}"]
+    if plan.missing:
+        lines.append(f"  {len(plan.missing)} modules absent from the tuned model, e.g. {plan.missing[0]}")
+    return lines, []
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def run(recipe, *, overwrite: bool = False, progress: bool = True):
+    """The `extract_lora` recipe kind: extract, then write provenance next to the LoRA."""
+    from workbench.provenance import Provenance
+    from workbench.runner import RunResult
+
+    started = time.perf_counter()
+    target = Path(recipe.output.path)
+    extract_lora(recipe.tuned, recipe.base, target, recipe.rank, recipe.conv_rank, recipe.output.dtype,
+                 tuple(recipe.components), overwrite or recipe.output.overwrite, progress,
+                 recipe.clamp_quantile)
+    elapsed = time.perf_counter() - started
+    meta = read_header(target).metadata
+    prov = Provenance(kind="extract_lora", name=recipe.name,
+                      recipe_path=str(recipe.source_path) if recipe.source_path else None,
+                      recipe_text=recipe.source_text)
+    src = json.loads(meta["workbench_extracted_from"])
+    for label in ("tuned", "base"):
+        prov.inputs[label] = src[label]
+    prov.timings["extract"] = round(elapsed, 3)
+    prov.outputs.append(str(target))
+    prov_path = prov.write(target.parent, f"{target.stem}.provenance.json")
+    n = len(read_header(target).tensors) // 3
+    return RunResult("extract_lora", recipe.name, False, None, [target, prov_path],
+                     summary=f"extract_lora '{recipe.name}': wrote {target} ({n} modules, {elapsed:.1f} s)")
