@@ -36,18 +36,19 @@ if len(paths) > 2:
     models["model_c"] = paths[2]
 a = float(alpha)
 merged = merge_models(models, {"alpha": [a] * 25}, {"alpha": a}, method, precision=16, threads=1)
-save_model(merged, out, "safetensors")
+save_model(merged, out.removesuffix(".safetensors"), "safetensors")  # meh appends the suffix
 """
 
 MECHA = """
 import sys, torch, sd_mecha
-method, out, alpha, *paths = sys.argv[1:]
+method, out, alpha, *paths = sys.argv[1:-1]
 models = [sd_mecha.model(p) for p in paths]
 if method == "weighted_sum":
     r = sd_mecha.weighted_sum(models[0], models[1], alpha=float(alpha))
 else:
     r = sd_mecha.add_difference(models[0], models[1], models[2], alpha=float(alpha))
-sd_mecha.merge(r, output=out, threads=2, merge_dtype=torch.float32, output_dtype=torch.float16)
+sd_mecha.merge(r, output=out, threads=int(sys.argv[-1]), merge_dtype=torch.float32,
+               output_dtype=torch.float16)
 """
 
 
@@ -70,21 +71,29 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
-def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run `cmd`, polling its memory; wall time, peaks and exit status."""
+def measure(cmd: list[str], env: dict | None = None, timeout: float = 600) -> dict:
+    """Run `cmd`, polling its memory; wall time, peaks and exit status (killed after `timeout`)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "merge_speed_tool.log", "w+b")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     peak_rss = peak_anon = 0
     while proc.poll() is None:
+        if time.perf_counter() - start > timeout:
+            proc.kill()
+            proc.wait()
+            break
         rss, anon = tree_memory(proc.pid)
         peak_rss, peak_anon = max(peak_rss, rss), max(peak_anon, anon)
         time.sleep(0.02)
     wall = time.perf_counter() - start
-    out = proc.stdout.read().decode(errors="replace")
+    log.seek(0)
+    out = log.read().decode(errors="replace")
+    log.close()
     if proc.returncode != 0:
-        print(out[-3000:], file=sys.stderr)
+        print(out[-2000:], file=sys.stderr)
     return {"wall_s": round(wall, 2), "peak_rss_gib": round(peak_rss / 2**30, 3),
-            "peak_anon_gib": round(peak_anon / 2**30, 3), "rc": proc.returncode}
+            "peak_anon_gib": round(peak_anon / 2**30, 3), "rc": proc.returncode,
+            **({"timed_out": True} if wall > timeout else {})}
 
 
 def make_inputs(arch: str, folder: Path, tiny: bool) -> list[Path]:
@@ -147,7 +156,11 @@ def main() -> int:
     ap.add_argument("--tools", default="ours,meh,mecha")
     ap.add_argument("--methods", default="weighted_sum,add_difference")
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="our worker threads")
+    ap.add_argument("--mecha-threads", type=int, default=0,
+                    help="sd-mecha threads (0 = its main thread; with 2 threads sd-mecha 1.1.8 "
+                         "stalled for minutes on the reference machine with torch 2.14)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds before a run is killed")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -173,8 +186,10 @@ def main() -> int:
                 else:
                     script = MEH if tool == "meh" else MECHA
                     cmd = [args.peers, "-c", script, method, str(out), str(alphas[method]), *map(str, paths)]
+                    if tool == "mecha":
+                        cmd.append(str(args.mecha_threads))
                     env = None
-                m = measure(cmd, env)
+                m = measure(cmd, env, args.timeout)
                 results["runs"].setdefault(method, {}).setdefault(tool, []).append(m)
                 print(f"{method:15s} {tool:6s} run {r + 1}: {m}", flush=True)
         if "ours" in tools:
@@ -185,7 +200,9 @@ def main() -> int:
                     results["runs"][method][f"max_abs_diff_vs_{peer}"] = max_abs_diff(ours, other)
     summary = {}
     for method, runs in results["runs"].items():
-        best = {t: min(v, key=lambda m: m["wall_s"]) for t, v in runs.items() if isinstance(v, list)}
+        best = {t: min(v, key=lambda m: m["wall_s"]) for t, v in runs.items()
+                if isinstance(v, list) and any(m["rc"] == 0 for m in v)}
+        best = {t: min((m for m in runs[t] if m["rc"] == 0), key=lambda m: m["wall_s"]) for t in best}
         if "ours" not in best:
             continue
         for peer in ("meh", "mecha"):

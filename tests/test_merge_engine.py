@@ -226,3 +226,121 @@ def test_dry_run_reports_policies_ram_size_and_time(tmp_path, tiny_sd15):
     assert "1130 merged" in text and "1 non-float tensor" in text
     assert "estimated peak RAM" in text and "output size" in text and "estimated time" in text
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_rerun_from_metadata_reproduces_and_checks_hashes(tmp_path, tiny_sd15, capsys):
+    import shutil
+
+    from workbench.cli import main
+
+    models = {n: shutil.copy(tiny_sd15[n], tmp_path / f"{n}.safetensors") for n in "AB"}
+    body = recipe_text(models, "  - {id: m, method: weighted_sum, inputs: [A, B], alpha: 0.4}")
+    first, out = merge(tmp_path, body)
+    again = tmp_path / "again.safetensors"
+    assert main(["run", "--from-metadata", str(out), "--output", str(again), "--no-progress"]) == 0
+    assert Path(again).read_bytes()[:8] and load_file(again).keys() == first.keys()
+    assert all(torch.equal(load_file(again)[k], v) for k, v in first.items())
+    # replace input B by another model: the re-run refuses and says which input changed
+    shutil.copy(tiny_sd15["C"], models["B"])
+    capsys.readouterr()
+    assert main(["run", "--from-metadata", str(out), "--output", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "input B" in err and "different file" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+METHOD_CASES = {
+    "weighted_sum": ("A, B", "alpha: 0.3", {"alpha": 0.3}),
+    "add_difference": ("A, B, C", "alpha: 0.6", {"alpha": 0.6}),
+    "triple_sum": ("A, B, C", "alpha: 0.2, beta: 0.3", {"alpha": 0.2, "beta": 0.3}),
+    "sum_twice": ("A, B, C", "alpha: 0.2, beta: 0.3", {"alpha": 0.2, "beta": 0.3}),
+    "train_difference": ("A, B, C", "alpha: 0.5", {"alpha": 0.5}),
+    "add_cosine_a": ("A, B", "alpha: 0.2", {"alpha": 0.2}),
+    "add_cosine_b": ("A, B", "alpha: 0.2", {"alpha": 0.2}),
+    "ties": ("A, B, C", "k: 0.3, alpha: 0.8", {"k": 0.3, "alpha": 0.8}),
+    "dare": ("A, B, C", "p: 0.4, alpha: 1.0, seed: 7", {"p": 0.4, "alpha": 1.0, "seed": 7}),
+    "slerp": ("A, B", "alpha: 0.35", {"alpha": 0.35}),
+    "model_stock": ("A, B, C", "", {}),
+    "no_merge": ("A", "", {}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CASES))
+def test_every_method_through_the_engine_equals_the_method_on_each_key(tmp_path, tiny_sd15, method):
+    from workbench.merge.graph import is_marker
+    from workbench.merge.methods import METHODS
+
+    inputs, params_yaml, params = METHOD_CASES[method]
+    step = f"  - {{id: m, method: {method}, inputs: [{inputs}]{', ' + params_yaml if params_yaml else ''}}}"
+    out, _ = merge(tmp_path, recipe_text(tiny_sd15, step, extra="  dtype: fp32\n"))
+    tensors = {n: load_file(tiny_sd15[n]) for n in "ABC"}
+    names = [n.strip() for n in inputs.split(",")]
+    checked = 0
+    # the engine computes with one intra-op thread (reductions then sum in one fixed order, the
+    # same on every machine); compute the expectation the same way
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _compare_every_key(method, params, names, tensors, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_every_key(method, params, names, tensors, out):
+    from workbench.merge.graph import is_marker
+    from workbench.merge.methods import METHODS
+
+    checked = 0
+    for key, ta in tensors["A"].items():
+        if not ta.is_floating_point() or is_marker(key):
+            assert torch.equal(out[key], ta), key
+            continue
+        expected = METHODS[method](*(tensors[n][key].float() for n in names), key=key, **params)
+        assert torch.equal(out[key], expected), (method, key)
+        checked += 1
+    assert checked > 1100
+
+
+def test_flux_block_mapping_merge(tmp_path, tiny_model):
+    a_path, b_path = tiny_model("flux", 1), tiny_model("flux", 2)
+    body = recipe_text({"A": a_path, "B": b_path},
+                       "  - {id: m, method: block_weighted, inputs: [A, B], blocks: {BASE: 0, D00: 1, S05: 0.5}}",
+                       extra="  dtype: fp32\n")
+    out, _ = merge(tmp_path, body)
+    a, b = load_file(a_path), load_file(b_path)
+    weights = {"D00": 1.0, "S05": 0.5}
+    seen = set()
+    for key, ta in a.items():
+        if not ta.is_floating_point():
+            continue
+        w = weights.get(block_of("flux", key), 0.0)  # ids left out of the mapping keep A (0)
+        seen.add(w)
+        assert torch.equal(out[key], (1 - w) * ta.float() + w * b[key].float()), key
+    assert seen == {0.0, 0.5, 1.0}
+
+
+def test_fp8_output(tmp_path, tiny_sd15):
+    out, _ = merge(tmp_path, recipe_text(tiny_sd15, "  - {id: m, method: weighted_sum, inputs: [A, B], alpha: 0.5}",
+                                         extra="  dtype: fp8_e4m3fn\n"))
+    a, b = load_file(tiny_sd15["A"]), load_file(tiny_sd15["B"])
+    key = "model.diffusion_model.middle_block.1.proj_in.weight"
+    assert out[key].dtype == torch.float8_e4m3fn
+    assert torch.equal(out[key], (0.5 * a[key].float() + 0.5 * b[key].float()).to(torch.float8_e4m3fn))
+    assert out[POSITION_IDS].dtype == torch.int64
+
+
+def test_dry_run_shows_hashes_and_refuses_a_full_disk(tmp_path, tiny_sd15, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    body = recipe_text(tiny_sd15, "  - {id: m, method: weighted_sum, inputs: [A, B], alpha: 0.5}")
+    recipe = parse_recipe(body, tmp_path / "r.yaml")
+    text = run_recipe(recipe, dry_run=True).plan.render()
+    assert sha256_file(tiny_sd15["A"])[:10] in text and sha256_file(tiny_sd15["B"])[:10] in text
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    plan = run_recipe(recipe, dry_run=True).plan
+    assert any("not enough disk space" in p for p in plan.problems)
+    with pytest.raises(WorkbenchError, match="not enough disk space"):
+        run_recipe(recipe, progress=False)
+    assert not (tmp_path / "out.safetensors").exists()

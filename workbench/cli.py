@@ -77,8 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a recipe file of any kind. With --dry-run, print the "
                        "plan and its problems instead.", formatter_class=fmt,
                        epilog="examples:\n  workbench run recipes/merge-demo.yaml --dry-run\n"
-                       "  workbench run recipes/train-demo.yaml")
-    _add_recipe_args(p)
+                       "  workbench run recipes/train-demo.yaml\n"
+                       "  workbench run --from-metadata merged.safetensors --output again.safetensors")
+    _add_recipe_args(p, optional=True)
+    p.add_argument("--from-metadata", metavar="MODEL.safetensors", default=None,
+                   help="re-run the merge recorded in a merged model's metadata, after checking "
+                        "that every input is the same file (sha256) as when it was made")
+    p.add_argument("--output", metavar="PATH", default=None,
+                   help="with --from-metadata: write the result here instead of the recorded path")
 
     for kind, (short, long) in KIND_HELP.items():
         p = sub.add_parser(kind, help=short, description=long + f" Same as `workbench run`, but "
@@ -126,7 +132,17 @@ def _cmd_recipe(args: argparse.Namespace, kind: str | None) -> int:
     from workbench.recipes import load_recipe
     from workbench.runner import run_recipe
 
-    recipe = load_recipe(args.recipe)
+    if getattr(args, "from_metadata", None):
+        if args.recipe:
+            raise WorkbenchError("give either RECIPE.yaml or --from-metadata MODEL, not both")
+        from workbench.merge.metadata import rerun_recipe
+
+        recipe = rerun_recipe(args.from_metadata, args.output)
+    elif not args.recipe:
+        raise WorkbenchError(f"workbench {kind or 'run'}: give a RECIPE.yaml"
+                             + ("" if kind else " (or --from-metadata MODEL.safetensors)"))
+    else:
+        recipe = load_recipe(args.recipe)
     if kind is not None and recipe.kind != kind:
         raise RecipeError(f"{args.recipe}: is a {recipe.kind} recipe, not a {kind} recipe; use "
                           f"`workbench {recipe.kind} {args.recipe}` or `workbench run {args.recipe}`")

@@ -103,6 +103,32 @@ def input_hashes(plan) -> dict[str, str]:
     return {name: sha256_file(inp.path) for name, inp in plan.inputs.items()}
 
 
+def rerun_recipe(model: str | Path, output: str | Path | None = None):
+    """The merge recipe stored in `model`'s metadata, with every input checked against the sha256
+    recorded when the model was made. `output` replaces the recipe's output path (by default the
+    recipe would write over `model` itself, which needs --overwrite)."""
+    from workbench.errors import WorkbenchError
+    from workbench.recipes import parse_recipe
+
+    text, recipe_path, inputs = recipe_from_metadata(model)
+    origin = Path(recipe_path) if recipe_path else Path(model).with_name("recipe.yaml")
+    recipe = parse_recipe(text, origin)
+    problems = []
+    for name, path in recipe.models.items():
+        want = inputs.get(name, {}).get("sha256")
+        if not Path(path).is_file():
+            problems.append(f"input {name}: {path} not found (expected sha256 {want})")
+        elif want and sha256_file(path) != want:
+            problems.append(f"input {name}: {path} has sha256 {sha256_file(path)}, but the merge "
+                            f"was made from {want}: a different file")
+    if problems:
+        raise WorkbenchError(f"{model}: cannot re-run its merge:\n" + "\n".join(f"  - {p}" for p in problems))
+    if output is not None:
+        out = recipe.output.model_copy(update={"path": Path(output).absolute()})
+        recipe = recipe.model_copy(update={"output": out})
+    return recipe
+
+
 def recipe_from_metadata(path: str | Path) -> tuple[str, str, dict[str, dict]]:
     """(recipe text, original recipe path, inputs by name) stored in a merged model's header."""
     from workbench.errors import WorkbenchError

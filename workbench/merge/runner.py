@@ -43,7 +43,12 @@ def describe(recipe, overwrite: bool = False) -> tuple[list[str], list[str]]:
         plan = build_plan(recipe)
     except WorkbenchError as e:
         return [], [str(e)]
-    lines = [f"architecture: {plan.arch} ({len(plan.keys)} output tensors)"]
+    from workbench.formats.hashes import sha256_file
+
+    lines = [f"architecture: {plan.arch} ({len(plan.keys)} output tensors)", "input hashes (sha256):"]
+    for name, inp in plan.inputs.items():
+        lines.append(f"  {name}: {sha256_file(inp.path)[:10]}  {inp.info.arch} {inp.info.kind}"
+                     + (f" ({inp.info.variant})" if inp.info.variant else ""))
     for step, groups in plan.policies.items():
         lines.append(f"  step {step}:")
         for policy in Policy:
