@@ -115,6 +115,14 @@ class RecipeBase(StrictModel):
         return []
 
     @model_validator(mode="after")
+    def _name_from_file(self, info: ValidationInfo) -> "RecipeBase":
+        """Kinds whose `name` is optional are named after their recipe file (else their kind)."""
+        if "name" in type(self).model_fields and getattr(self, "name", "") is None:
+            ctx = info.context if isinstance(info.context, dict) else {}
+            self.name = ctx.get("stem") or self.KIND
+        return self
+
+    @model_validator(mode="after")
     def _check_references(self, info: ValidationInfo) -> "RecipeBase":
         # The loader asks to defer these (context "defer_checks") so it can place each on its line.
         if isinstance(info.context, dict) and info.context.get("defer_checks"):

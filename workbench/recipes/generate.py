@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationInfo, model_validator
+from pydantic import Field
 
 from workbench.recipes.common import (
     LoraSpec,
@@ -57,10 +57,3 @@ class GenerateRecipe(RecipeBase):
     loras: list[LoraSpec] = Field(default_factory=list)
     memory: MemorySpec = Field(default_factory=MemorySpec)
     output: GenerateOutput
-
-    @model_validator(mode="after")
-    def _default_name(self, info: ValidationInfo) -> "GenerateRecipe":
-        if self.name is None:
-            ctx = info.context if isinstance(info.context, dict) else {}
-            self.name = ctx.get("stem") or self.KIND
-        return self

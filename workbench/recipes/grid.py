@@ -10,7 +10,7 @@ import math
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, Discriminator, Field, Tag, ValidationInfo, model_validator
+from pydantic import AfterValidator, Discriminator, Field, Tag
 
 from workbench.recipes.common import (
     LoraSpec,
@@ -240,13 +240,6 @@ class GridRecipe(RecipeBase):
     seeds: list[int] | None = Field(default=None, min_length=1)
     scores: Scores | None = None
     output: GridOutput
-
-    @model_validator(mode="after")
-    def _default_name(self, info: ValidationInfo) -> "GridRecipe":
-        if self.name is None:
-            ctx = info.context if isinstance(info.context, dict) else {}
-            self.name = ctx.get("stem") or self.KIND
-        return self
 
     def axes(self) -> list[tuple[str, object]]:
         """The axes that are set, as (letter, axis)."""
