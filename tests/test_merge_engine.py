@@ -154,11 +154,11 @@ def test_cancel_midway_leaves_no_file(tmp_path, tiny_sd15):
     seen = []
     original = executor._compute
 
-    def compute(item, dest):
+    def compute(item):
         seen.append(item.name)
         if len(seen) == 200:
             cancel.set()
-        return original(item, dest)
+        return original(item)
 
     executor._compute = compute
     try:

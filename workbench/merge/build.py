@@ -203,8 +203,9 @@ def build_plan(recipe) -> MergePlan:
             dtype = out_dtype
         shape = src.header.tensors[src_key].shape if src is vae_node else info.shape
         sliced = chunkable(src, src_key) if src is final else True
-        # sliced keys hold only a few CHUNK-sized fp32 operands; the output goes to the file
-        work = CHUNK * 4 * (n_leaves + 2) if sliced else _numel(shape) * 4 * (n_leaves + 2)
+        # sliced keys hold the output tensor and a few CHUNK-sized fp32 operands
+        work = (_numel(shape) * dtype.itemsize + CHUNK * 4 * (n_leaves + 2)) if sliced \
+            else _numel(shape) * 4 * (n_leaves + 2)
         keys.append(OutputKey(name, src, src_key, dtype, tuple(shape), work, sliced))
     policies = {s.id: count_policies(s, [k.source_key for k in keys if k.source is final])
                 for s in steps_of(final)}
