@@ -26,6 +26,7 @@ class LazySafetensors:
         self.header: SafetensorsHeader = read_header(self.path)
         self._handle = None
         self._map: mmap.mmap | None = None
+        self._populated: set[str] = set()
 
     def __enter__(self) -> "LazySafetensors":
         from safetensors import safe_open
@@ -97,11 +98,31 @@ class LazySafetensors:
         dtype = torch_dtype(info.dtype)
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
+        if key not in self._populated:  # the executor asks once per slice of a large tensor
+            self._populated.add(key)
+            self._populate(self.header.data_offset + info.begin, info.nbytes)
         with warnings.catch_warnings():  # the map is read-only by design
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(self._map, dtype=dtype, count=info.numel,
                                     offset=self.header.data_offset + info.begin)
+        # (views are not cached: keeping ~1000 of them alive measurably raised anonymous memory)
         return flat.view(info.shape)
+
+
+    def _populate(self, offset: int, length: int) -> None:
+        """Map a large tensor's pages in one call (Linux MADV_POPULATE_READ) rather than by one
+        page fault per few KiB as the computation touches them; for a file not yet in the page
+        cache this is also the read. Small tensors and other systems use plain faults."""
+        if length < (1 << 20):
+            return
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            self._map.madvise(_MADV_POPULATE_READ, start, offset + length - start)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 
 
 def open_lazy(path: str | Path) -> LazySafetensors:
