@@ -230,3 +230,11 @@ def test_tiny_builders_if_present(tmp_path, arch):
     assert (info.arch, info.kind) == (arch, "checkpoint")
     assert info.components == COMPONENTS[arch]
     assert not any("does not belong" in n or "not in the file" in n for n in info.notes)
+
+
+def test_open_clip_scoring_model_is_recognised(tmp_path):
+    from workbench.testing import clip as tiny_clip
+
+    folder = tiny_clip.build(tmp_path / "clip")
+    info = detect(folder / "open_clip_model.safetensors")
+    assert (info.arch, info.kind, info.layout) == ("clip", "scorer", "open_clip")

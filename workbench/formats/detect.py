@@ -111,6 +111,10 @@ def detect_keys(shapes: Shapes, metadata: Mapping[str, str], label: str) -> Mode
         raise UnknownModelError(f"{label}: the file holds no tensors; {EXPECTED}")
     if is_lora(shapes):
         return detect_lora(shapes, metadata, label, unknown=_unknown)
+    if _is_open_clip_model(shapes):
+        return ModelInfo(arch="clip", variant=None, kind="scorer", layout="open_clip",
+                         notes=("open_clip image+text model (for CLIP/style scores), not a "
+                                "diffusion component",), key_count=len(shapes))
     groups, extras, unknown = _split_groups(shapes)
     diffusion = groups.pop("diffusion", None)
     vae = groups.pop("vae", None)
@@ -125,6 +129,13 @@ def detect_keys(shapes: Shapes, metadata: Mapping[str, str], label: str) -> Mode
     if unknown and not tes and vae is None:
         raise _unknown(label, shapes, "no diffusion model, text encoder or VAE keys found")
     return _component_only(tes, vae, notes, label, len(shapes))
+
+
+def _is_open_clip_model(shapes: Shapes) -> bool:
+    """A whole open_clip CLIP (image tower `visual.*` beside a text tower): a scoring model."""
+    keys = set(shapes)
+    return any(k.startswith("visual.") for k in keys) and bool(
+        keys & {"token_embedding.weight", "text.token_embedding.weight", "logit_scale"})
 
 
 def _unknown(label: str, shapes: Shapes, why: str) -> UnknownModelError:
