@@ -77,6 +77,7 @@ def render_previews(models: dict[str, Path], out_dir: Path) -> list[tuple[str, P
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
     written = []
     for name, (arch, _) in DEMO_MODELS.items():
         if name.startswith("sd15_") and name != "sd15_a.safetensors":
