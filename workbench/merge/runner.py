@@ -64,22 +64,22 @@ def describe(recipe, overwrite: bool = False) -> tuple[list[str], list[str]]:
     lines += [f"estimated peak RAM: {_gib(estimated_peak_ram(plan))} (inputs are memory-mapped)",
               f"output size: {_gib(out_bytes)}; estimated time: "
               f"{max(1.0, out_bytes / EST_OUTPUT_BYTES_PER_S):.0f} s"]
-    problems = []
-    free = _free_bytes(Path(recipe.output.path))
-    if free is not None and free < out_bytes * 1.05:
-        problems.append(f"not enough disk space for {recipe.output.path}: needs {_gib(out_bytes)}, "
-                        f"{_gib(free)} free")
-    return lines, problems
+    problem = _disk_problem(Path(recipe.output.path), out_bytes)
+    return lines, [problem] if problem else []
 
 
-def _free_bytes(target: Path) -> int | None:
+def _disk_problem(target: Path, needed: int) -> str | None:
+    """'not enough disk space ...' when the output's file system lacks room (5 % margin)."""
     folder = target.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        return shutil.disk_usage(folder).free
+        free = shutil.disk_usage(folder).free
     except OSError:
         return None
+    if free < needed * 1.05:
+        return f"not enough disk space for {target}: needs {_gib(needed)}, {_gib(free)} free"
+    return None
 
 
 def run(recipe, *, overwrite: bool = False, progress: bool = True,
@@ -92,10 +92,9 @@ def run(recipe, *, overwrite: bool = False, progress: bool = True,
     plan = build_plan(recipe)
     target = Path(recipe.output.path)
     out_bytes = plan.output_bytes
-    free = _free_bytes(target)
-    if free is not None and free < out_bytes * 1.05:
-        raise WorkbenchError(f"{target}: not enough disk space: needs {_gib(out_bytes)}, "
-                             f"{_gib(free)} free")
+    problem = _disk_problem(target, out_bytes)
+    if problem:
+        raise WorkbenchError(problem)
     target.parent.mkdir(parents=True, exist_ok=True)
     hashes = input_hashes(plan)
     metadata = merge_metadata(recipe, plan, hashes)
