@@ -31,6 +31,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from workbench.core.samplers import SCHEDULERS, UNAVAILABLE
+
 # --------------------------------------------------------------------------------------------------
 # choices and "did you mean"
 
@@ -249,12 +251,9 @@ LoraSpec = Annotated[LoraRef, BeforeValidator(_parse_lora), PlainSerializer(_dum
 # --------------------------------------------------------------------------------------------------
 # samplers (A1111 names; the generation core maps them to schedulers)
 
-SAMPLERS: tuple[str, ...] = (
-    "Euler", "Euler a", "LMS", "LMS Karras", "Heun", "DPM2", "DPM2 Karras", "DPM2 a",
-    "DPM2 a Karras", "DPM++ 2S a", "DPM++ 2S a Karras", "DPM++ 2M", "DPM++ 2M Karras",
-    "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ 3M SDE",
-    "DPM++ 3M SDE Karras", "DDIM", "DDPM", "PLMS", "UniPC", "LCM",
-)
+# A1111 sampler names: those the generation core maps to a diffusers scheduler, and those it
+# explains it cannot run (workbench.core.samplers is the one table of both).
+SAMPLERS: tuple[str, ...] = (*SCHEDULERS, *UNAVAILABLE)
 _SAMPLER_BY_KEY = {s.lower().replace(" ", ""): s for s in SAMPLERS}
 
 
