@@ -136,7 +136,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
                              data_offset=data_offset, file_size=size)
 
 
-_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64",
                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
                 "U16": "uint16", "U32": "uint32", "U64": "uint64"}
@@ -146,4 +146,4 @@ def torch_dtype(name: str):
     """The torch dtype of a safetensors dtype string ('F16' -> torch.float16)."""
     import torch
 
-    return getattr(torch, _TORCH_NAMES[name])
+    return getattr(torch, TORCH_NAMES[name])

@@ -21,18 +21,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from workbench.errors import FormatError, OutputExistsError, WorkbenchError
-from workbench.formats.safetensors_io import DTYPE_SIZES, read_header
+from workbench.formats.safetensors_io import DTYPE_SIZES, TORCH_NAMES, read_header
 
-TORCH_TO_ST = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-}
+TORCH_TO_ST = {torch_name: st for st, torch_name in TORCH_NAMES.items()}
 
 
 def st_dtype(tensor) -> str:
     """The safetensors dtype string of a torch tensor ('F16', 'BF16', 'F8_E4M3', ...)."""
-    name = str(tensor.dtype).removeprefix("torch.")
+    return st_dtype_of(tensor.dtype)
+
+
+def st_dtype_of(dtype) -> str:
+    """The safetensors dtype string of a torch dtype."""
+    name = str(dtype).removeprefix("torch.")
     if name not in TORCH_TO_ST:
         raise WorkbenchError(f"cannot write dtype {name} to safetensors; supported: "
                              f"{', '.join(TORCH_TO_ST)}")

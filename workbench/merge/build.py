@@ -8,6 +8,7 @@ streams it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from workbench.errors import WorkbenchError
 from workbench.formats.blocks import block_of, component_of, parse_block_values
 from workbench.formats.detect import ModelInfo, detect
 from workbench.formats.safetensors_io import SafetensorsHeader, read_header, torch_dtype
-from workbench.formats.writer import st_dtype
+from workbench.formats.writer import st_dtype_of
 from workbench.merge.executor import CHUNK, OutputKey
 from workbench.merge.graph import (InputNode, Node, Policy, StepNode, chunkable, count_policies, is_prunable,
                                    leaf, steps_of)
@@ -53,18 +54,11 @@ class MergePlan:
 
     @property
     def output_bytes(self) -> int:
-        return sum(_numel(k.shape) * k.dtype.itemsize for k in self.keys)
+        return sum(k.nbytes for k in self.keys)
 
     @property
     def input_bytes(self) -> int:
         return sum(i.header.data_bytes for i in self.inputs.values())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def read_inputs(models: dict[str, Path]) -> dict[str, MergeInput]:
@@ -204,8 +198,8 @@ def build_plan(recipe) -> MergePlan:
         shape = src.header.tensors[src_key].shape if src is vae_node else info.shape
         sliced = chunkable(src, src_key) if src is final else True
         # sliced keys hold the output tensor and a few CHUNK-sized fp32 operands
-        work = (_numel(shape) * dtype.itemsize + CHUNK * 4 * (n_leaves + 2)) if sliced \
-            else _numel(shape) * 4 * (n_leaves + 2)
+        work = (math.prod(shape) * dtype.itemsize + CHUNK * 4 * (n_leaves + 2)) if sliced \
+            else math.prod(shape) * 4 * (n_leaves + 2)
         keys.append(OutputKey(name, src, src_key, dtype, tuple(shape), work, sliced))
     policies = {s.id: count_policies(s, [k.source_key for k in keys if k.source is final])
                 for s in steps_of(final)}
@@ -214,4 +208,4 @@ def build_plan(recipe) -> MergePlan:
 
 def output_plan(plan: MergePlan) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The writer's plan: name -> (safetensors dtype, shape), in write order."""
-    return {k.name: (st_dtype(torch.empty(0, dtype=k.dtype)), k.shape) for k in plan.keys}
+    return {k.name: (st_dtype_of(k.dtype), k.shape) for k in plan.keys}

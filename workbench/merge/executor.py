@@ -13,6 +13,7 @@ Math is fp32 (graph.evaluate); the one cast to the output dtype happens here, on
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import threading
 from collections import deque
@@ -43,12 +44,18 @@ class OutputKey:
     work_bytes: int         # estimated peak memory while computing it
     sliced: bool = False    # element-wise all the way down: computed CHUNK elements at a time
 
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
 
 def _compute(item: OutputKey) -> torch.Tensor:
     """The key's value in the output dtype and shape."""
-    numel = 1
-    for d in item.shape:
-        numel *= d
+    numel = item.numel
     if item.sliced and numel > CHUNK:
         out = torch.empty(numel, dtype=item.dtype)
         for start in range(0, numel, CHUNK):

@@ -16,6 +16,7 @@ then receives each module's three tensors right after its SVD.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +187,7 @@ def describe(recipe, overwrite: bool = False) -> tuple[list[str], list[str]]:
     by_comp: dict[str, int] = {}
     for t, _ in plan.modules.values():
         by_comp[t.component] = by_comp.get(t.component, 0) + 1
-    n_bytes = sum(_numel(s) for _, s in plan.tensor_plan("F16").values()) * DTYPES[recipe.output.dtype][0].itemsize
+    n_bytes = sum(math.prod(s) for _, s in plan.tensor_plan("F16").values()) * DTYPES[recipe.output.dtype][0].itemsize
     lines = [f"architecture: {plan.arch}; {len(plan.modules)} modules at most "
              f"({', '.join(f'{c}: {n}' for c, n in sorted(by_comp.items()))}); modules whose weights "
              "are identical in both files are left out",
@@ -197,11 +198,6 @@ def describe(recipe, overwrite: bool = False) -> tuple[list[str], list[str]]:
     return lines, []
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def run(recipe, *, overwrite: bool = False, progress: bool = True):

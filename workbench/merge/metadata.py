@@ -118,8 +118,8 @@ def rerun_recipe(model: str | Path, output: str | Path | None = None):
         want = inputs.get(name, {}).get("sha256")
         if not Path(path).is_file():
             problems.append(f"input {name}: {path} not found (expected sha256 {want})")
-        elif want and sha256_file(path) != want:
-            problems.append(f"input {name}: {path} has sha256 {sha256_file(path)}, but the merge "
+        elif want and (found := sha256_file(path)) != want:
+            problems.append(f"input {name}: {path} has sha256 {found}, but the merge "
                             f"was made from {want}: a different file")
     if problems:
         raise WorkbenchError(f"{model}: cannot re-run its merge:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -108,7 +108,7 @@ def run(recipe, *, overwrite: bool = False, progress: bool = True,
     try:
         with SafetensorsWriter(target, output_plan(plan), metadata, overwrite=overwrite) as writer:
             stream(plan.keys, writer, threads=threads, cancel=cancel,
-                   on_written=(lambda k: bar.update(_nbytes(k))) if bar else None)
+                   on_written=(lambda k: bar.update(k.nbytes)) if bar else None)
     finally:
         if bar:
             bar.close()
@@ -143,13 +143,6 @@ def _input_nodes(plan: MergePlan) -> list[InputNode]:
             if isinstance(n, InputNode):
                 nodes[id(n)] = n
     return list(nodes.values())
-
-
-def _nbytes(k) -> int:
-    n = k.dtype.itemsize
-    for d in k.shape:
-        n *= d
-    return n
 
 
 def _progress_bar(total_bytes: int, n_keys: int, enabled: bool):

@@ -9,11 +9,12 @@ a 7 GB SDXL file needs a few hundred MB of RAM.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
-from workbench.formats.writer import SafetensorsWriter, st_dtype
+from workbench.formats.writer import SafetensorsWriter, st_dtype_of
 from workbench.testing import ldm_keys
 
 DATA = Path(__file__).resolve().parent.parent / "formats" / "data"
@@ -53,13 +54,11 @@ def write_random(path: str | Path, arch: str, seed: int = 0, overwrite: bool = F
     """A full-size fp16 checkpoint of `arch` with N(0, 0.02²) weights (integer tensors: arange)."""
     layout = real_layout(arch)
     gen = torch.Generator().manual_seed(seed)
-    plan = {k: (st_dtype(torch.empty(0, dtype=dt)), shape) for k, (dt, shape) in layout.items()}
+    plan = {k: (st_dtype_of(dt), shape) for k, (dt, shape) in layout.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with SafetensorsWriter(path, plan, {"format": "pt"}, overwrite=overwrite) as writer:
         for key, (dtype, shape) in layout.items():
-            numel = 1
-            for d in shape:
-                numel *= d
+            numel = math.prod(shape)
             if not dtype.is_floating_point:
                 tensor = torch.arange(shape[-1], dtype=dtype).expand(shape).contiguous()
             else:
