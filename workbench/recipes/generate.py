@@ -28,6 +28,7 @@ class MemorySpec(StrictModel):
 
     vram_budget_mb: Annotated[int, Field(ge=256)] | None = None  # None: measure the card
     weights: Literal["auto", "fp16", "bf16", "fp8", "nf4"] = "auto"
+    device: str | None = None  # "cuda", "cuda:1", "cpu"; None: the first GPU, else the CPU
 
 
 class GenerateOutput(StrictModel):
@@ -55,5 +56,8 @@ class GenerateRecipe(RecipeBase):
     batch_size: Annotated[int, Field(gt=0)] = 1
     clip_skip: Annotated[int, Field(gt=0)] | None = None
     loras: list[LoraSpec] = Field(default_factory=list)
+    # a tiny autoencoder (TAESD / TAESDXL) used to decode instead of the full VAE: much faster on a
+    # CPU at a small cost in detail; a diffusers AutoencoderTiny folder or .safetensors file
+    tiny_vae: RecipePath | None = None
     memory: MemorySpec = Field(default_factory=MemorySpec)
     output: GenerateOutput

@@ -1,0 +1,176 @@
+"""The generation core on tiny real-layout models: same seed, same image as plain diffusers."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.core.generate import (
+    ImageSettings,
+    LoraUse,
+    Model,
+    generate,
+    load_model,
+)
+from workbench.errors import WorkbenchError
+
+
+def _pixels(img) -> np.ndarray:
+    return np.asarray(img.image if hasattr(img, "image") else img).astype(np.int16)
+
+
+SAMPLER = {"sd15": "Euler a", "sdxl": "DPM++ 2M Karras", "sd3": "Euler", "flux": "Euler"}
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux"])
+def test_same_seed_same_image_as_plain_diffusers(tiny_model, arch):
+    from workbench.core.load import load_pipeline
+    from workbench.core.samplers import make_scheduler
+
+    path = tiny_model(arch)
+    settings = ImageSettings("a lighthouse at dusk", "", SAMPLER[arch], 2, 4.0, 64, 64)
+    model = load_model(path, device="cpu")
+    ours = generate(model, settings, [7])[0]
+
+    pipe = load_pipeline(path, arch, torch.float32)  # an independent pipeline, plain diffusers call
+    pipe.scheduler = make_scheduler(SAMPLER[arch], pipe.scheduler.config, arch)
+    extra = {} if arch == "flux" else {"negative_prompt": None}
+    plain = pipe("a lighthouse at dusk", num_inference_steps=2, guidance_scale=4.0, width=64,
+                 height=64, generator=torch.Generator("cpu").manual_seed(7), **extra).images[0]
+    assert np.array_equal(_pixels(ours), _pixels(plain))
+    assert ours.image.size == (64, 64)
+    assert f"Seed: 7, Size: 64x64, Model hash: {model.model_hash}" in ours.parameters
+
+
+def test_seed_order_and_batching_do_not_change_images(tiny_model):
+    model = load_model(tiny_model("sd15"), device="cpu")
+    s = ImageSettings("a cat", "ugly", "Euler a", 2, 5.0, 64, 64)
+    first = generate(model, s, [1, 2], batch_size=1)
+    swapped = generate(model, s, [2, 1], batch_size=1)
+    batched = generate(model, s, [1, 2], batch_size=2)
+    assert np.array_equal(_pixels(first[0]), _pixels(swapped[1]))
+    assert np.array_equal(_pixels(first[1]), _pixels(swapped[0]))
+    assert not np.array_equal(_pixels(first[0]), _pixels(first[1]))
+    # a batch computes the same noise; batched matmuls may round the last bit differently
+    assert np.abs(_pixels(first[0]) - _pixels(batched[0])).max() <= 2
+
+
+def test_clip_skip_uses_a1111_numbering(tiny_model):
+    model = load_model(tiny_model("sd15"), device="cpu")
+    base = ImageSettings("a cat", "", "Euler", 2, 5.0, 64, 64)
+    one = generate(model, base, [3])[0]
+    unset = generate(model, dataclasses.replace(base, clip_skip=None), [3])[0]
+    two = generate(model, dataclasses.replace(base, clip_skip=2), [3])[0]
+    assert np.array_equal(_pixels(one), _pixels(unset))
+    assert not np.array_equal(_pixels(one), _pixels(two))
+    assert "Clip skip: 2" in two.parameters
+
+
+@pytest.mark.parametrize("arch,settings,words", [
+    ("sd15", dict(width=60), "multiple of 8"),
+    ("sd3", dict(height=72), "multiple of 16"),
+    ("flux", dict(negative_prompt="blurry"), "negative"),
+    ("flux", dict(clip_skip=2), "clip"),
+    ("flux", dict(sampler="DPM++ 2M Karras"), "flow-matching"),
+])
+def test_settings_the_architecture_cannot_take_are_refused(arch, settings, words):
+    from workbench.core.generate import check_settings
+    from workbench.core.samplers import scheduler_spec
+
+    s = ImageSettings(**{"prompt": "x", "width": 64, "height": 64, "sampler": "Euler", **settings})
+    with pytest.raises(WorkbenchError, match=words):
+        check_settings(arch, s)
+        scheduler_spec(s.sampler, arch)
+
+
+def test_a_lora_is_refused_as_a_model(tmp_path, tiny_sd15):
+    from workbench.merge.extract import extract_lora
+
+    lora = extract_lora(tiny_sd15["A"], tiny_sd15["C"], tmp_path / "l.safetensors", rank=4)
+    with pytest.raises(WorkbenchError, match="not a checkpoint"):
+        load_model(lora, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def extracted_lora(tmp_path_factory, tiny_sd15):
+    from workbench.merge.extract import extract_lora
+
+    out = tmp_path_factory.mktemp("lora") / "a-minus-c.safetensors"
+    return extract_lora(tiny_sd15["A"], tiny_sd15["C"], out, rank=8, dtype="fp32")
+
+
+def test_lora_at_generation_time_equals_the_baked_merge(tmp_path, tiny_sd15, extracted_lora):
+    """A kohya LoRA applied at weight w gives the image of base + w·(up·down·alpha/rank) baked by
+    the merge engine, and the base is left untouched afterwards."""
+    from workbench.recipes import parse_recipe
+    from workbench.runner import run_recipe
+
+    baked = tmp_path / "baked.safetensors"
+    recipe = parse_recipe(
+        f"kind: merge\nname: baked\nmodels: {{A: {tiny_sd15['B']}, L: {extracted_lora}}}\n"
+        f"steps:\n  - {{id: out, method: add_lora, inputs: [A, L], alpha: 0.7}}\n"
+        f"output: {{path: {baked}, dtype: fp32}}\n", tmp_path / "baked.yaml")
+    run_recipe(recipe, progress=False)
+
+    s = ImageSettings("a cat", "", "Euler", 2, 5.0, 64, 64)
+    model = load_model(tiny_sd15["B"], device="cpu")
+    plain = generate(model, s, [5])[0]
+    with_lora = generate(model, s, [5], loras=[LoraUse(extracted_lora, 0.7)])[0]
+    after = generate(model, s, [5])[0]
+    merged = generate(load_model(baked, device="cpu"), s, [5])[0]
+
+    assert np.array_equal(_pixels(plain), _pixels(after))
+    assert np.abs(_pixels(plain) - _pixels(with_lora)).max() > 20
+    assert np.abs(_pixels(with_lora) - _pixels(merged)).max() <= 2
+    assert "<lora:a-minus-c:0.7>" in with_lora.parameters
+    assert "Lora hashes:" in with_lora.parameters
+
+
+def test_lora_of_another_architecture_is_refused(tiny_model, extracted_lora):
+    model = load_model(tiny_model("sdxl"), device="cpu")
+    with pytest.raises(WorkbenchError, match="LoRA for sd15"):
+        generate(model, ImageSettings("x", width=64, height=64, steps=1), [1],
+                 loras=[LoraUse(extracted_lora, 1.0)])
+
+
+@pytest.mark.parametrize("naming", ["diffusers", "original"])
+def test_tiny_vae_decodes_instead_of_the_full_vae(tmp_path, tiny_model, naming):
+    from safetensors.torch import load_file
+
+    from workbench.core.tiny_vae import load_tiny_vae
+    from workbench.testing.taesd import build_tiny_taesd
+
+    ref = build_tiny_taesd(tmp_path / "ref.safetensors", seed=3)
+    f = build_tiny_taesd(tmp_path / f"{naming}.safetensors", seed=3, naming=naming)
+    vae = load_tiny_vae(f, "sd15")
+    expected = {k: v for k, v in load_file(ref).items() if k.startswith("decoder.")}
+    got = vae.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+    s = ImageSettings("a cat", "", "LCM", 2, 1.0, 64, 64)
+    full = generate(load_model(tiny_model("sd15"), device="cpu"), s, [1])[0]
+    fast = generate(load_model(tiny_model("sd15"), device="cpu", tiny_vae=f), s, [1])[0]
+    assert fast.image.size == (64, 64)
+    assert not np.array_equal(_pixels(full), _pixels(fast))
+
+
+def test_tiny_vae_rejects_wrong_files(tmp_path, tiny_model):
+    from workbench.core.tiny_vae import load_tiny_vae
+
+    with pytest.raises(WorkbenchError, match="TAESD"):
+        load_tiny_vae(tiny_model("sd15"), "flux")
+    with pytest.raises(WorkbenchError, match="no TAESD decoder|decoder tensors"):
+        load_tiny_vae(tiny_model("sd15"), "sd15")
+
+
+def test_model_from_pipeline_wraps_an_in_memory_pipeline(tiny_model):
+    from workbench.core.load import load_pipeline
+
+    pipe = load_pipeline(tiny_model("sd15"), "sd15", torch.float32)
+    model = Model.from_pipeline(pipe, "sd15", name="in-memory")
+    img = generate(model, ImageSettings("x", steps=1, width=64, height=64), [1])[0]
+    assert "Model: in-memory" in img.parameters and "Model hash" not in img.parameters

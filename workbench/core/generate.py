@@ -1,0 +1,385 @@
+"""The one place that makes images: load a model, then turn (settings, seeds) into images.
+
+Grids, training samples, the dashboard and `workbench generate` all call `generate`, so the same
+(model, settings, seed) gives the same picture everywhere:
+
+- initial noise (and an ancestral sampler's step noise) comes from one CPU `torch.Generator` per
+  image, seeded with that image's seed, so neither the batch size nor the device changes it;
+- A1111 sampler names map to diffusers schedulers built from the model's own scheduler config;
+- A1111's clip skip (1 = last layer) becomes diffusers' `clip_skip` (layers skipped, 0-based);
+- LoRAs are attached for one call with their weights and detached afterwards, so the loaded model
+  is left exactly as it was (grids switch LoRAs cell by cell without reloading the base).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from workbench.core.samplers import FLOW_MATCHING_ARCHS, make_scheduler
+from workbench.errors import WorkbenchError
+
+# Latent pixels per side and the multiple a side must be: VAE factor 8, times the patch size 2 of
+# the DiT models (SD3, FLUX pack 2x2 latent patches).
+SIZE_MULTIPLE = {"sd15": 8, "sd2": 8, "sdxl": 8, "sd3": 16, "flux": 16}
+MIN_SIDE = 64
+# Native training sizes: far from these, models repeat subjects or lose coherence (a warning only).
+NATIVE_SIDE = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Everything about one picture except the model, the LoRAs and the seed."""
+
+    prompt: str
+    negative_prompt: str = ""
+    sampler: str = "Euler a"
+    steps: int = 20
+    cfg: float = 7.0
+    width: int = 512
+    height: int = 512
+    clip_skip: int | None = None  # A1111 numbering: 1 = last layer (no skip), 2 = penultimate
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA file applied with `weight` (A1111's `<lora:name:weight>`)."""
+
+    path: Path
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+
+@dataclass
+class Model:
+    """A loaded pipeline plus what identifies it in image metadata and cache keys."""
+
+    pipe: Any
+    arch: str
+    path: Path | None = None
+    variant: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    model_hash: str = ""  # AutoV2, as A1111 writes "Model hash"
+    model_name: str = ""
+    memory_plan: Any = None  # workbench.core.memory_plan.MemoryPlan when one was applied
+    offload: Any = None  # the handle apply_plan returned (remove() undoes the hooks)
+
+    @classmethod
+    def from_pipeline(cls, pipe, arch: str, *, name: str = "", model_hash: str = "",
+                      device: str | torch.device | None = None) -> "Model":
+        """Wrap a pipeline built in memory (training samples, merge previews)."""
+        dev = torch.device(device) if device is not None else _module_device(pipe)
+        dtype = _denoiser(pipe).dtype
+        return cls(pipe, arch, None, None, dev, dtype, model_hash, name)
+
+
+@dataclass
+class GeneratedImage:
+    image: Any  # PIL.Image.Image
+    seed: int
+    parameters: str  # A1111 "parameters" text
+    provenance: dict[str, Any]
+
+
+@contextmanager
+def clip_skip_compat(pipe, active: bool) -> Iterator[None]:
+    """diffusers 0.42's SD1.5 clip skip reads `text_encoder.text_model.final_layer_norm`, which
+    transformers 5 moved to `text_encoder.final_layer_norm`. Alias the old path for the call only
+    (outside the module tree, so state_dict sees no cycle; LoRA loading must not see it either,
+    because diffusers then takes the alias for the old key layout)."""
+    te = getattr(pipe, "text_encoder", None)
+    alias = active and te is not None and hasattr(te, "final_layer_norm") \
+        and "text_model" not in te.__dict__ and "text_model" not in te._modules
+    if alias:
+        object.__setattr__(te, "text_model", te)
+    try:
+        yield
+    finally:
+        if alias:
+            del te.__dict__["text_model"]
+
+
+def _denoiser(pipe) -> torch.nn.Module:
+    return getattr(pipe, "unet", None) or pipe.transformer
+
+
+def _module_device(pipe) -> torch.device:
+    try:
+        return next(_denoiser(pipe).parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------- load
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`device` if given, else the first CUDA GPU, else the CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(arch: str, device: torch.device, weights: str = "auto") -> torch.dtype:
+    """The dtype the layers compute in.
+
+    GPU: bf16 where the card has it (FLUX/SD3 are trained in bf16 and overflow in fp16), fp16 on
+    older cards for the UNet models; `weights: fp16|bf16` forces it. CPU: fp32 unless bf16 is asked
+    for (`weights: bf16`), because fp16 kernels are slow on CPUs; fp8/nf4 storage still computes in
+    the dtype chosen here.
+    """
+    if weights == "fp16":
+        return torch.float16
+    if weights == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16 if arch in FLOW_MATCHING_ARCHS or weights in ("fp8", "nf4") \
+                else torch.float16
+        return torch.float16
+    return torch.float32
+
+
+def model_arch(path: Path) -> tuple[str, str | None]:
+    """(arch, variant) of a checkpoint file, a split-FLUX folder or a diffusers folder."""
+    from workbench.formats.detect import detect
+
+    if path.is_dir():
+        index = path / "model_index.json"
+        if index.is_file():
+            import json
+
+            cls = json.loads(index.read_text()).get("_class_name", "")
+            for name, arch in (("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"),
+                               ("Flux", "flux"), ("StableDiffusion", "sd15")):
+                if cls.startswith(name):
+                    return arch, None
+            raise WorkbenchError(f"{index}: pipeline class {cls!r} is not one the workbench runs; "
+                                 "expected a StableDiffusion, StableDiffusionXL, StableDiffusion3 or "
+                                 "Flux pipeline")
+        return "flux", None  # split files: flux_parts() names what is missing
+    info = detect(path)
+    if info.kind != "checkpoint" or info.arch not in SIZE_MULTIPLE:
+        raise WorkbenchError(f"{path}: is a {info.arch} {info.kind}, not a checkpoint that can make "
+                             "images; expected an SD1.5, SDXL, SD3.x or FLUX.1 checkpoint")
+    return info.arch, info.variant
+
+
+def load_model(path: str | os.PathLike, *, device: str | None = None, weights: str = "auto",
+               vram_budget_mb: int | None = None, arch: str | None = None,
+               tiny_vae: str | os.PathLike | None = None) -> Model:
+    """Load a checkpoint for generation on `device` within the memory plan for `vram_budget_mb`.
+
+    Offline always: configs and CLIP tokenizers ship with the package (see workbench.core.load).
+    `tiny_vae` swaps in a TAESD decoder (workbench.core.tiny_vae) for fast CPU previews.
+    """
+    from workbench.core.load import load_pipeline
+
+    path = Path(path)
+    if not path.exists():
+        raise WorkbenchError(f"{path}: model not found")
+    dev = pick_device(device)
+    variant = None
+    if arch is None:
+        arch, variant = model_arch(path)
+    dtype = compute_dtype(arch, dev, weights)
+    _quiet_diffusers()
+    if path.is_dir() and (path / "model_index.json").is_file():
+        pipe = _load_diffusers_folder(path, dtype)
+    else:
+        pipe = load_pipeline(path, arch, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if tiny_vae is not None:
+        from workbench.core.tiny_vae import load_tiny_vae, use_tiny_vae
+
+        use_tiny_vae(pipe, load_tiny_vae(tiny_vae, arch, dtype))
+    model = Model(pipe, arch, path, variant, dev, dtype, _model_hash(path), path.stem)
+    _place(model, weights, vram_budget_mb)
+    return model
+
+
+def _quiet_diffusers() -> None:
+    """Our own progress bars and errors replace diffusers' per-component loading chatter."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _load_diffusers_folder(path: Path, dtype: torch.dtype):
+    import diffusers
+
+    try:
+        return diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype,
+                                                           local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise WorkbenchError(f"{path}: cannot load this diffusers folder offline: {e}") from e
+
+
+def _model_hash(path: Path) -> str:
+    from workbench.formats.hashes import autov2
+
+    return autov2(path) if path.is_file() else ""
+
+
+def plan_for_file(path: str | os.PathLike, *, vram_budget_mb: int | None = None,
+                  weights: str = "auto", device: str | None = None, width: int = 1024,
+                  height: int = 1024, batch: int = 1):
+    """The memory plan for a checkpoint, from its header alone (what `--plan` prints)."""
+    from workbench.core import memory_plan
+
+    path = Path(path)
+    if not path.exists():
+        raise WorkbenchError(f"{path}: model not found")
+    arch, _ = model_arch(path)
+    info = memory_plan.probe_device(pick_device(device))
+    sizes = memory_plan.component_sizes_from_header(path, arch, width=width, height=height,
+                                                    batch=batch)
+    return memory_plan.plan_memory(sizes, vram_budget_mb=vram_budget_mb, weights=weights,
+                                   device=info)
+
+
+def _place(model: Model, weights: str, vram_budget_mb: int | None) -> None:
+    """Move the pipeline where it runs: the memory plan on a GPU, the CPU layout otherwise."""
+    if model.device.type != "cuda":
+        model.pipe.to(model.device)
+        if model.dtype == torch.bfloat16:  # oneDNN's bf16 convolutions want NHWC
+            for m in (getattr(model.pipe, "unet", None), getattr(model.pipe, "vae", None)):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
+        return
+    from workbench.core import memory_plan, streaming
+
+    info = memory_plan.probe_device(model.device)
+    sizes = memory_plan.component_sizes_from_pipeline(model.pipe)
+    plan = memory_plan.plan_memory(sizes, vram_budget_mb=vram_budget_mb, weights=weights,
+                                   device=info)
+    model.memory_plan = plan
+    model.offload = streaming.apply_plan(model.pipe, plan, model.device)
+
+
+# --------------------------------------------------------------------------------------- generate
+
+def check_settings(arch: str, settings: ImageSettings) -> None:
+    """Refuse sizes and options the architecture cannot take, before any work."""
+    m = SIZE_MULTIPLE.get(arch, 8)
+    for side in ("width", "height"):
+        v = getattr(settings, side)
+        if v < MIN_SIDE or v % m:
+            raise WorkbenchError(f"{side}: {arch} needs a multiple of {m} of at least {MIN_SIDE} "
+                                 f"pixels (got {v})")
+    if settings.steps < 1:
+        raise WorkbenchError(f"steps: expected at least 1 (got {settings.steps})")
+    if settings.clip_skip is not None and settings.clip_skip > 1 and arch == "flux":
+        raise WorkbenchError("clip_skip: FLUX.1 takes no clip skip (its CLIP gives only the pooled "
+                             "vector); leave it unset")
+    if arch == "flux" and settings.negative_prompt:
+        raise WorkbenchError("negative_prompt: FLUX.1 is guidance-distilled and ignores negative "
+                             "prompts; leave it empty")
+
+
+def _call_kwargs(model: Model, settings: ImageSettings) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "prompt": settings.prompt, "num_inference_steps": settings.steps,
+        "guidance_scale": settings.cfg, "width": settings.width, "height": settings.height,
+    }
+    if model.arch != "flux":
+        kw["negative_prompt"] = settings.negative_prompt or None
+    if settings.clip_skip and settings.clip_skip > 1:
+        kw["clip_skip"] = settings.clip_skip - 1
+    return kw
+
+
+def infotext(model: Model, settings: ImageSettings, seed: int, loras: Sequence[LoraUse] = (),
+             lora_hashes: dict[str, str] | None = None) -> str:
+    """A1111's "parameters" text for one image (A1111 appends <lora:name:w> to the prompt)."""
+    from workbench.core.image_meta import format_parameters, lora_hashes_field
+
+    prompt = settings.prompt + "".join(f" <lora:{lu.name}:{lu.weight:g}>" for lu in loras)
+    return format_parameters(
+        prompt, settings.negative_prompt, Steps=settings.steps, Sampler=settings.sampler,
+        **{"CFG scale": f"{settings.cfg:g}"}, Seed=seed, Size=f"{settings.width}x{settings.height}",
+        **{"Model hash": model.model_hash or None, "Model": model.model_name or None,
+           "Clip skip": settings.clip_skip if settings.clip_skip and settings.clip_skip > 1 else None,
+           "Lora hashes": lora_hashes_field(lora_hashes or {})})
+
+
+def lora_hash(path: Path) -> str:
+    """A1111's short LoRA hash: the first 12 hex digits of the addnet hash of a .safetensors."""
+    from workbench.formats.hashes import addnet_hash, sha256_file
+
+    path = Path(path)
+    return (addnet_hash(path) if path.suffix == ".safetensors" else sha256_file(path))[:12]
+
+
+def generate(model: Model, settings: ImageSettings, seeds: Sequence[int], *,
+             loras: Sequence[LoraUse] = (), bar: bool = False,
+             batch_size: int | None = None,
+             on_image: Callable[[GeneratedImage], None] | None = None) -> list[GeneratedImage]:
+    """One image per seed, `batch_size` at a time (default: all); same seed -> same image.
+
+    `on_image` is called with each image as soon as its batch is done (so a caller can save it
+    before the next batch starts: an interrupted run keeps what it finished).
+    """
+    from workbench.core.loras import attached_loras
+    from workbench.progress import task
+    from workbench.provenance import versions
+
+    check_settings(model.arch, settings)
+    pipe = model.pipe
+    pipe.scheduler = make_scheduler(settings.sampler, pipe.scheduler.config, model.arch)
+    seeds = [int(s) for s in seeds]
+    batch = batch_size or len(seeds) or 1
+    hashes = {lu.name: lora_hash(lu.path) for lu in loras}
+    out: list[GeneratedImage] = []
+    with task("sampling", settings.steps * len(seeds), "step", bar=bar) as progress, \
+            attached_loras(model, loras):
+        def on_step(_pipe, _i, _t, kwargs):
+            progress.advance(len(chunk))
+            return kwargs
+
+        for start in range(0, len(seeds), batch):
+            chunk = seeds[start:start + batch]
+            generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
+            kwargs = _call_kwargs(model, settings)
+            kwargs["prompt"] = [settings.prompt] * len(chunk)
+            if "negative_prompt" in kwargs and kwargs["negative_prompt"] is not None:
+                kwargs["negative_prompt"] = [settings.negative_prompt] * len(chunk)
+            with torch.inference_mode(), clip_skip_compat(pipe, "clip_skip" in kwargs):
+                result = pipe(**kwargs, generator=generators, callback_on_step_end=on_step,
+                              output_type="pil")
+            for seed, image in zip(chunk, result.images):
+                prov = {
+                    "model": {"path": str(model.path) if model.path else None,
+                              "name": model.model_name, "autov2": model.model_hash,
+                              "arch": model.arch},
+                    "loras": [{"path": str(lu.path), "weight": lu.weight, "hash": hashes[lu.name]}
+                              for lu in loras],
+                    "settings": dataclasses.asdict(settings), "seed": seed,
+                    "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+                    "versions": versions(),
+                }
+                done = GeneratedImage(image, seed, infotext(model, settings, seed, loras, hashes),
+                                      prov)
+                out.append(done)
+                if on_image is not None:
+                    on_image(done)
+    return out
+
+
+def save_image(img: GeneratedImage, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """PNG with A1111 parameters and our provenance chunk, written atomically."""
+    from workbench.core.image_meta import save_png
+
+    return save_png(img.image, path, img.parameters, img.provenance, overwrite=overwrite)

@@ -1,0 +1,139 @@
+"""Progress and cancellation, one mechanism for the terminal, the job store and the dashboard.
+
+Engines open a `task(...)` and call `advance(n)`; the task draws a tqdm bar in the terminal when
+asked to, and forwards every update to the *sink* installed for the current run (a job worker
+installs one that writes progress rows to the job store). Cancellation is cooperative: a worker
+sets the cancel flag, and the engine's next `advance()` (or `check_cancelled()`) raises
+`Cancelled`, so the engine unwinds through its own `finally` blocks and leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from workbench.errors import WorkbenchError
+
+
+class Cancelled(WorkbenchError):
+    """The user (or a job's cancel button) stopped the run."""
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One update: `done` of `total` units in the task named `desc`; eta_s is None until known."""
+
+    desc: str
+    done: float
+    total: float | None
+    unit: str
+    elapsed_s: float
+    eta_s: float | None
+    message: str | None = None
+
+
+Sink = Callable[[ProgressEvent], None]
+
+_state = threading.local()
+
+
+def _sinks() -> list[Sink]:
+    if not hasattr(_state, "sinks"):
+        _state.sinks = []
+    return _state.sinks
+
+
+_cancel = threading.Event()
+
+
+@contextmanager
+def sink(callback: Sink) -> Iterator[None]:
+    """Send every progress event of this thread to `callback` while the block runs."""
+    _sinks().append(callback)
+    try:
+        yield
+    finally:
+        _sinks().remove(callback)
+
+
+def request_cancel() -> None:
+    """Ask the running engine to stop at its next progress update (thread- and signal-safe)."""
+    _cancel.set()
+
+
+def reset_cancel() -> None:
+    _cancel.clear()
+
+
+def cancel_requested() -> bool:
+    return _cancel.is_set()
+
+
+def check_cancelled() -> None:
+    """Raise Cancelled if a stop was requested; engines call this between units of work."""
+    if _cancel.is_set():
+        raise Cancelled("cancelled by request")
+
+
+class Task:
+    """A unit counter with ETA that feeds a tqdm bar and the installed sinks."""
+
+    def __init__(self, desc: str, total: float | None, unit: str, bar: bool, **tqdm_kwargs) -> None:
+        self.desc, self.total, self.unit = desc, total, unit
+        self.done = 0.0
+        self.start = time.monotonic()
+        self._bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, **tqdm_kwargs)
+
+    def event(self, message: str | None = None) -> ProgressEvent:
+        elapsed = time.monotonic() - self.start
+        eta = None
+        if self.total and self.done > 0:
+            eta = elapsed * (self.total - self.done) / self.done
+        return ProgressEvent(self.desc, self.done, self.total, self.unit, elapsed, eta, message)
+
+    def advance(self, n: float = 1, message: str | None = None) -> None:
+        """Count `n` more units done, report them, and stop here if a cancel was requested."""
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            if message:
+                self._bar.set_postfix_str(message, refresh=False)
+        self._emit(message)
+        check_cancelled()
+
+    def note(self, message: str) -> None:
+        """Report a message (e.g. the current loss) without counting work."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(message)
+        self._emit(message)
+
+    def _emit(self, message: str | None) -> None:
+        sinks = _sinks()
+        if sinks:
+            event = self.event(message)
+            for callback in list(sinks):
+                callback(event)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+@contextmanager
+def task(desc: str, total: float | None, unit: str = "it", bar: bool = True,
+         **tqdm_kwargs) -> Iterator[Task]:
+    """`with task("sampling", steps, "step", bar=progress) as t: ... t.advance()`."""
+    t = Task(desc, total, unit, bar, **tqdm_kwargs)
+    t._emit(None)
+    try:
+        yield t
+    finally:
+        t.close()
