@@ -105,6 +105,9 @@ class TrainRecipe(RecipeBase):
     min_bucket_reso: PositiveInt = 256
     max_bucket_reso: PositiveInt = 1024
     cache_latents: bool = True
+    # None: cache text-encoder outputs automatically when the encoders are frozen and captions are
+    # not shuffled; true insists (refused where it conflicts), false never caches them
+    cache_text_encoder_outputs: bool | None = None
     clip_skip: PositiveInt | None = None
     noise_offset: Annotated[float, Field(ge=0)] = 0.0
     min_snr_gamma: Annotated[float, Field(gt=0)] | None = None

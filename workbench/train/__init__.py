@@ -1,0 +1,1 @@
+"""LoRA training: datasets and checks, aspect buckets, captions, latent/text caches, the loop and export."""
