@@ -48,13 +48,20 @@ def build_models(models_dir: Path, fresh: bool = False) -> dict[str, Path]:
     return built
 
 
+# Recipes that make what later ones read: the extracted LoRA feeds merge-lora-demo, the merges and
+# the trained LoRA can feed the grid.
+_ORDER = {"extract-demo": 0, "merge-demo": 1, "merge-lora-demo": 2, "train-demo": 3,
+          "generate-demo": 4, "grid-demo": 5}
+
+
 def run_recipes(recipes_dir: Path) -> list[tuple[str, str]]:
     """Run every example recipe; returns (recipe, outcome) lines for the summary."""
     from workbench.recipes import load_recipe
     from workbench.runner import run_recipe
 
     outcomes = []
-    for path in sorted(recipes_dir.glob("*.yaml")):
+    paths = sorted(recipes_dir.glob("*.yaml"), key=lambda p: (_ORDER.get(p.stem, 99), p.name))
+    for path in paths:
         recipe = load_recipe(path)
         try:
             result = run_recipe(recipe, overwrite=True)
@@ -68,42 +75,23 @@ def run_recipes(recipes_dir: Path) -> list[tuple[str, str]]:
 
 
 def render_previews(models: dict[str, Path], out_dir: Path) -> list[tuple[str, Path]]:
-    """One small image per architecture through the offline diffusers loaders, with provenance."""
-    import torch
+    """One small image per architecture through the generation core, with its metadata."""
+    from workbench.core.generate import ImageSettings, generate, load_model, save_image
 
-    from workbench.core.load import load_pipeline
-    from workbench.provenance import Provenance
-
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
     written = []
     for name, (arch, _) in DEMO_MODELS.items():
         if name.startswith("sd15_") and name != "sd15_a.safetensors":
             continue
-        prov = Provenance(kind="preview", name=arch)
-        prov.add_input("model", models[name])
-        with prov.timed("load"):
-            pipe = load_pipeline(models[name], arch)
-        pipe.set_progress_bar_config(disable=True)
-        size = 64
-        kwargs = dict(prompt=PREVIEW_PROMPT, num_inference_steps=2, height=size, width=size,
-                      generator=torch.Generator("cpu").manual_seed(1), output_type="pil")
-        if arch != "flux":
-            kwargs["guidance_scale"] = 5.0
-        with prov.timed("generate"), torch.inference_mode():
-            image = pipe(**kwargs).images[0]
-        target = out_dir / arch / "preview.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        image.save(target)
-        prov.seeds["generator"] = 1
-        prov.outputs.append(str(target))
-        prov.extra = {"prompt": PREVIEW_PROMPT, "steps": 2, "size": size}
-        prov.write(target.parent)
+        t0 = time.perf_counter()
+        model = load_model(models[name], device="cpu")
+        loaded = time.perf_counter()
+        sampler = "Euler" if arch in ("sd3", "flux") else "Euler a"
+        settings = ImageSettings(PREVIEW_PROMPT, "", sampler, 2, 5.0, 64, 64)
+        image = generate(model, settings, [1])[0]
+        target = save_image(image, out_dir / arch / "preview.png", overwrite=True)
         written.append((arch, target))
-        print(f"  preview {arch:5s} -> {target}  ({prov.timings['load']:.1f}s load, "
-              f"{prov.timings['generate']:.1f}s generate)")
+        print(f"  preview {arch:5s} -> {target}  ({loaded - t0:.1f}s load, "
+              f"{time.perf_counter() - loaded:.1f}s generate)")
     return written
 
 
@@ -122,7 +110,7 @@ def main(args: argparse.Namespace | None = None) -> int:
     print("\n3/4 example recipes in recipes/")
     outcomes = run_recipes(REPO_ROOT / "recipes")
 
-    print("\n4/4 previews through the offline loaders")
+    print("\n4/4 previews through the generation core")
     previews = render_previews(models, root / "previews")
 
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Results:")
