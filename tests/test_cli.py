@@ -32,7 +32,7 @@ def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
 def make_model_folder(tmp_path: Path) -> None:
     folder = tmp_path / "models" / "base"
     folder.mkdir(parents=True)
-    (folder / "model_index.json").write_text("{}")
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
 
 
 def test_bad_recipe_is_a_clean_error(tmp_path, capsys):

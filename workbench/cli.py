@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_recipe_args(p, optional=(kind == "merge"))
         if kind == "merge":
             p.add_argument("--list", action="store_true", help="list the merge methods and exit")
+        if kind == "generate":
+            p.add_argument("--plan", action="store_true",
+                           help="print the memory plan (what stays on the GPU, what is stored in "
+                                "fp8/nf4, what is streamed or offloaded) from the file header "
+                                "without loading anything; exit status 1 when it cannot fit")
 
     p = sub.add_parser("models", help="inspect model files (architecture, precision, hashes)",
                        description="Inspect model files.", formatter_class=fmt)
@@ -114,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a non-local --host: anyone who can reach it can run jobs")
+    p.add_argument("--home", metavar="DIR", default=None,
+                   help="workspace folder: models/, outputs/, datasets/, recipes/ and the job "
+                        "store .workbench/jobs.sqlite are found here (default: current folder)")
+    p.add_argument("--models", metavar="DIR", action="append", default=None,
+                   help="a folder of input models the dashboard may read (repeatable; default "
+                        "HOME/models)")
+    p.add_argument("--outputs", metavar="DIR", default=None,
+                   help="the folder results are written to (default HOME/outputs)")
+    p.add_argument("--datasets", metavar="DIR", action="append", default=None,
+                   help="a folder of training datasets (repeatable; default HOME/datasets)")
+    p.add_argument("--recipes", metavar="DIR", default=None,
+                   help="where forms are saved as recipes (default HOME/recipes)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="a YAML file with home, models, outputs, datasets, recipes, db, workers "
+                        "(flags given here override it)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes that run jobs at once (default 2; GPU jobs still run "
+                        "one at a time)")
+    p.add_argument("--no-browser", dest="browser", action="store_false",
+                   help="do not open a browser tab")
     return parser
 
 
@@ -146,6 +171,8 @@ def _cmd_recipe(args: argparse.Namespace, kind: str | None) -> int:
     if kind is not None and recipe.kind != kind:
         raise RecipeError(f"{args.recipe}: is a {recipe.kind} recipe, not a {kind} recipe; use "
                           f"`workbench {recipe.kind} {args.recipe}` or `workbench run {args.recipe}`")
+    if getattr(args, "plan", False):
+        args.dry_run = True
     result = run_recipe(recipe, dry_run=args.dry_run, overwrite=args.overwrite,
                         progress=args.progress)
     print(result)
@@ -216,10 +243,22 @@ def _cmd_app(args: argparse.Namespace) -> int:
                              "jobs; add --allow-remote if that is what you want")
     try:
         from workbench.app import launch  # type: ignore[attr-defined]
+        from workbench.app.config import AppConfig
     except ImportError:
         raise NotAvailableError("the dashboard is not built yet (issue #7); use `workbench run` "
                                 "with recipe files meanwhile") from None
-    return int(launch(host=args.host, port=args.port) or 0)
+    roots = {"models": args.models, "outputs": [args.outputs] if args.outputs else None,
+             "datasets": args.datasets, "recipes": [args.recipes] if args.recipes else None}
+    if args.config:
+        config = AppConfig.from_file(args.config, home=args.home, roots=roots,
+                                     max_workers=args.workers)
+    else:
+        config = AppConfig(home=Path(args.home or "."), roots={k: v for k, v in roots.items() if v},
+                           max_workers=args.workers or 2)
+    if config.max_workers < 1:
+        raise WorkbenchError(f"--workers {config.max_workers}: expected at least 1")
+    return int(launch(host=args.host, port=args.port, config=config,
+                      open_browser=args.browser) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -137,6 +137,8 @@ def compute_dtype(arch: str, device: torch.device, weights: str = "auto") -> tor
     for (`weights: bf16`), because fp16 kernels are slow on CPUs; fp8/nf4 storage still computes in
     the dtype chosen here.
     """
+    if weights == "fp32":
+        return torch.float32
     if weights == "fp16":
         return torch.float16
     if weights == "bf16":

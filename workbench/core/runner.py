@@ -64,6 +64,9 @@ def _save(img: GeneratedImage, path: Path, fmt: str) -> Path:
 def describe(recipe, overwrite: bool = False) -> tuple[list[str], list[str]]:
     """The memory plan for the recipe's model and budget, from the file header (nothing loaded)."""
     lines, problems = [], []
+    if not Path(recipe.model).is_file():
+        lines.append("memory plan: made when the folder is loaded (sizes come from its components)")
+        return lines, problems
     try:
         from workbench.core import memory_plan  # noqa: F401 - the planner module (issue #4)
         from workbench.core.generate import plan_for_file

@@ -20,14 +20,14 @@ from workbench.recipes.common import (
     StrictModel,
 )
 
-WEIGHT_MODES = ("auto", "fp16", "bf16", "fp8", "nf4")
+WEIGHT_MODES = ("auto", "fp32", "fp16", "bf16", "fp8", "nf4")
 
 
 class MemorySpec(StrictModel):
     """How much GPU memory the run may use and how weights are stored."""
 
     vram_budget_mb: Annotated[int, Field(ge=256)] | None = None  # None: measure the card
-    weights: Literal["auto", "fp16", "bf16", "fp8", "nf4"] = "auto"
+    weights: Literal["auto", "fp32", "fp16", "bf16", "fp8", "nf4"] = "auto"
     device: str | None = None  # "cuda", "cuda:1", "cpu"; None: the first GPU, else the CPU
 
 
