@@ -174,3 +174,23 @@ def test_model_from_pipeline_wraps_an_in_memory_pipeline(tiny_model):
     model = Model.from_pipeline(pipe, "sd15", name="in-memory")
     img = generate(model, ImageSettings("x", steps=1, width=64, height=64), [1])[0]
     assert "Model: in-memory" in img.parameters and "Model hash" not in img.parameters
+
+
+def test_fp8_storage_image_is_close_and_takes_a_lora(tiny_sd15, extracted_lora):
+    """weights: fp8 stores the UNet and text encoder in float8 (upcast per layer); the picture stays
+    close to fp32's, and a LoRA still applies on top of the fp8 base."""
+    s = ImageSettings("a cat", "", "Euler", 2, 5.0, 64, 64)
+    full = load_model(tiny_sd15["B"], device="cpu", weights="fp32")
+    fp8 = load_model(tiny_sd15["B"], device="cpu", weights="fp8")
+    assert fp8.pipe.unet.down_blocks[0].resnets[0].conv1.weight.dtype == torch.float8_e4m3fn
+    assert fp8.memory_plan.decision("unet").storage == "fp8_e4m3fn"
+    a, b = _pixels(generate(full, s, [4])[0]), _pixels(generate(fp8, s, [4])[0])
+    unrelated = _pixels(generate(full, s, [5])[0])
+    assert np.abs(a - b).mean() < 0.25 * np.abs(a - unrelated).mean()
+
+    lora = [LoraUse(extracted_lora, 1.0)]
+    la, lb = _pixels(generate(full, s, [4], loras=lora)[0]), _pixels(generate(fp8, s, [4], loras=lora)[0])
+    # the LoRA moves the fp8 image towards the fp32+LoRA image (the adapter computes in fp32)
+    assert fp8.pipe.unet.down_blocks[0].attentions[0].proj_in.lora_A[
+        next(iter(fp8.pipe.unet.down_blocks[0].attentions[0].proj_in.lora_A))].weight.dtype == torch.float32
+    assert np.abs(lb - la).mean() < 0.6 * np.abs(b - la).mean()

@@ -129,28 +129,6 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def compute_dtype(arch: str, device: torch.device, weights: str = "auto") -> torch.dtype:
-    """The dtype the layers compute in.
-
-    GPU: bf16 where the card has it (FLUX/SD3 are trained in bf16 and overflow in fp16), fp16 on
-    older cards for the UNet models; `weights: fp16|bf16` forces it. CPU: fp32 unless bf16 is asked
-    for (`weights: bf16`), because fp16 kernels are slow on CPUs; fp8/nf4 storage still computes in
-    the dtype chosen here.
-    """
-    if weights == "fp32":
-        return torch.float32
-    if weights == "fp16":
-        return torch.float16
-    if weights == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16 if arch in FLOW_MATCHING_ARCHS or weights in ("fp8", "nf4") \
-                else torch.float16
-        return torch.float16
-    return torch.float32
-
-
 def model_arch(path: Path) -> tuple[str, str | None]:
     """(arch, variant) of a checkpoint file, a split-FLUX folder or a diffusers folder."""
     from workbench.formats.detect import detect
@@ -178,13 +156,20 @@ def model_arch(path: Path) -> tuple[str, str | None]:
 
 def load_model(path: str | os.PathLike, *, device: str | None = None, weights: str = "auto",
                vram_budget_mb: int | None = None, arch: str | None = None,
-               tiny_vae: str | os.PathLike | None = None) -> Model:
+               tiny_vae: str | os.PathLike | None = None, width: int | None = None,
+               height: int | None = None) -> Model:
     """Load a checkpoint for generation on `device` within the memory plan for `vram_budget_mb`.
 
+    The plan comes first (from the file header: nothing is read that will not fit); the pipeline
+    is then loaded on the CPU in the plan's compute dtype and `apply_plan` stores and places each
+    component (resident, fp8/nf4, partially resident + streamed, offloaded between stages).
     Offline always: configs and CLIP tokenizers ship with the package (see workbench.core.load).
     `tiny_vae` swaps in a TAESD decoder (workbench.core.tiny_vae) for fast CPU previews.
+    `width`/`height` size the activation estimate (default: the architecture's native size).
     """
+    from workbench.core import memory_plan
     from workbench.core.load import load_pipeline
+    from workbench.core.precision import storage_dtype
 
     path = Path(path)
     if not path.exists():
@@ -193,20 +178,50 @@ def load_model(path: str | os.PathLike, *, device: str | None = None, weights: s
     variant = None
     if arch is None:
         arch, variant = model_arch(path)
-    dtype = compute_dtype(arch, dev, weights)
-    _quiet_diffusers()
-    if path.is_dir() and (path / "model_index.json").is_file():
-        pipe = _load_diffusers_folder(path, dtype)
+    info = memory_plan.probe_device(str(dev))
+    folder = path.is_dir() and (path / "model_index.json").is_file()
+    plan = None
+    if not folder:
+        plan = _plan(memory_plan.component_sizes_from_header(path, arch), arch, info, weights,
+                     vram_budget_mb, width, height)
+        compute = plan.compute_dtype
     else:
-        pipe = load_pipeline(path, arch, torch_dtype=dtype)
+        compute = memory_plan.compute_dtype_for(arch, weights, info)
+    dtype = storage_dtype(compute)
+    _quiet_diffusers()
+    pipe = _load_diffusers_folder(path, dtype) if folder else load_pipeline(path, arch, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     if tiny_vae is not None:
         from workbench.core.tiny_vae import load_tiny_vae, use_tiny_vae
 
         use_tiny_vae(pipe, load_tiny_vae(tiny_vae, arch, dtype))
+    if plan is None or tiny_vae is not None:  # sizes of what was actually loaded
+        plan = _plan(memory_plan.component_sizes_from_pipeline(pipe), arch, info, weights,
+                     vram_budget_mb, width, height)
     model = Model(pipe, arch, path, variant, dev, dtype, _model_hash(path), path.stem)
-    _place(model, weights, vram_budget_mb)
+    _place(model, plan)
     return model
+
+
+def _ram_available() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none: the RAM check is skipped)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _plan(sizes, arch: str, info, weights: str, vram_budget_mb: int | None,
+          width: int | None, height: int | None):
+    from workbench.core import memory_plan
+
+    side = NATIVE_SIDE.get(arch, 1024)
+    return memory_plan.plan_memory(sizes, device=info, arch=arch, vram_budget_mb=vram_budget_mb,
+                                   ram_free_bytes=_ram_available(), weights=weights,
+                                   width=width or side, height=height or side)
 
 
 def _quiet_diffusers() -> None:
@@ -236,8 +251,8 @@ def _model_hash(path: Path) -> str:
 
 
 def plan_for_file(path: str | os.PathLike, *, vram_budget_mb: int | None = None,
-                  weights: str = "auto", device: str | None = None, width: int = 1024,
-                  height: int = 1024, batch: int = 1):
+                  weights: str = "auto", device: str | None = None, width: int | None = None,
+                  height: int | None = None, batch: int = 1):
     """The memory plan for a checkpoint, from its header alone (what `--plan` prints)."""
     from workbench.core import memory_plan
 
@@ -245,30 +260,27 @@ def plan_for_file(path: str | os.PathLike, *, vram_budget_mb: int | None = None,
     if not path.exists():
         raise WorkbenchError(f"{path}: model not found")
     arch, _ = model_arch(path)
-    info = memory_plan.probe_device(pick_device(device))
-    sizes = memory_plan.component_sizes_from_header(path, arch, width=width, height=height,
-                                                    batch=batch)
-    return memory_plan.plan_memory(sizes, vram_budget_mb=vram_budget_mb, weights=weights,
-                                   device=info)
+    info = memory_plan.probe_device(str(pick_device(device)))
+    side = NATIVE_SIDE.get(arch, 1024)
+    return memory_plan.plan_memory(memory_plan.component_sizes_from_header(path, arch),
+                                   device=info, arch=arch, vram_budget_mb=vram_budget_mb,
+                                   ram_free_bytes=_ram_available(), weights=weights,
+                                   width=width or side, height=height or side, batch=batch)
 
 
-def _place(model: Model, weights: str, vram_budget_mb: int | None) -> None:
-    """Move the pipeline where it runs: the memory plan on a GPU, the CPU layout otherwise."""
-    if model.device.type != "cuda":
-        model.pipe.to(model.device)
-        if model.dtype == torch.bfloat16:  # oneDNN's bf16 convolutions want NHWC
-            for m in (getattr(model.pipe, "unet", None), getattr(model.pipe, "vae", None)):
-                if m is not None:
-                    m.to(memory_format=torch.channels_last)
-        return
-    from workbench.core import memory_plan, streaming
+def _place(model: Model, plan) -> None:
+    """Store and place every component as the plan says (CPU plans too: fp8 storage on a CPU
+    saves RAM; bf16 compute on a CPU wants channels_last for oneDNN's convolutions)."""
+    from workbench.core import streaming
 
-    info = memory_plan.probe_device(model.device)
-    sizes = memory_plan.component_sizes_from_pipeline(model.pipe)
-    plan = memory_plan.plan_memory(sizes, vram_budget_mb=vram_budget_mb, weights=weights,
-                                   device=info)
     model.memory_plan = plan
     model.offload = streaming.apply_plan(model.pipe, plan, model.device)
+    if getattr(plan, "vae_tiling", False) and hasattr(model.pipe.vae, "enable_tiling"):
+        model.pipe.vae.enable_tiling()
+    if model.device.type == "cpu" and model.dtype == torch.bfloat16:
+        for m in (getattr(model.pipe, "unet", None), getattr(model.pipe, "vae", None)):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
 
 
 # --------------------------------------------------------------------------------------- generate

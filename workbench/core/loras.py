@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+import torch
+
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
@@ -64,7 +66,21 @@ def _load(model: "Model", path: Path) -> str:
         raise WorkbenchError(f"{path}: diffusers could not apply this LoRA to the "
                              f"{model.arch} model: {e}") from e
     loaded[key] = name
+    _adapters_to_device(model)
     return name
+
+
+def _adapters_to_device(model: "Model") -> None:
+    """peft puts an adapter where its base layer's weight is at load time; for layers that are
+    streamed or offloaded that is the CPU. Adapters are small: keep them all on the compute
+    device."""
+    if model.device.type != "cuda":
+        return
+    for component in model.pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for pname, param in component.named_parameters():
+                if "lora_" in pname and param.device != model.device:
+                    param.data = param.data.to(model.device)
 
 
 @contextmanager
