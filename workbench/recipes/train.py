@@ -46,6 +46,9 @@ class NetworkSpec(StrictModel):
     conv_rank: PositiveInt | None = None  # LoRA on 3x3 convs too (kohya "conv_dim")
     conv_alpha: Annotated[float, Field(gt=0)] | None = None
     train_text_encoder: bool = False
+    # only modules inside these merge blocks (ids as in block weights: IN04, M00, OUT05; FLUX D00,
+    # S10; SD3 J07); None: every module kohya trains
+    blocks: list[str] | None = None
 
 
 class SampleSpec(StrictModel):
@@ -67,6 +70,7 @@ class TrainOutput(StrictModel):
     save_every: PositiveInt | None = None
     save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
     keep_last: PositiveInt | None = None  # step checkpoints to keep (None: all)
+    peft: bool = False  # also write a diffusers/peft-format copy (<name>.peft.safetensors)
     overwrite: bool = False
 
 
@@ -109,6 +113,10 @@ class TrainRecipe(RecipeBase):
     # not shuffled; true insists (refused where it conflicts), false never caches them
     cache_text_encoder_outputs: bool | None = None
     clip_skip: PositiveInt | None = None
+    # the frozen base on the GPU: none (the mixed-precision dtype), fp8 storage, or nf4 (bitsandbytes)
+    base_precision: Literal["none", "fp8", "nf4"] = "none"
+    # None: the model's own (its scheduler config); v_prediction for v-models (SD2-768, NoobAI-v)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
     noise_offset: Annotated[float, Field(ge=0)] = 0.0
     min_snr_gamma: Annotated[float, Field(gt=0)] | None = None
     samples: SampleSpec | None = None

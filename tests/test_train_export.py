@@ -1,0 +1,212 @@
+"""kohya export: names, alpha, metadata, sidecar, and loading back through diffusers (CPU, tiny)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from workbench.formats.hashes import addnet_hash
+from workbench.formats.safetensors_io import read_header
+from workbench.train.export import TrainFacts, kohya_state_dict, save_kohya, save_peft
+from workbench.train.network import inject, plan_network, set_multiplier
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    from workbench.core.load import load_pipeline
+
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = load_pipeline(tiny_model(arch), arch, torch.float32)
+            cache[arch].set_progress_bar_config(disable=True)
+        return tiny_model(arch), cache[arch]
+
+    return get
+
+
+def _trained(loaded, arch, kind="lora", rank=4, alpha=2.0, te=True, blocks=None):
+    """A pipeline with an adapter whose tensors are random (as if trained), plus a clean copy."""
+    path, pipe = loaded(arch)
+    pipe, clean = copy.deepcopy(pipe), copy.deepcopy(pipe)
+    plan = plan_network(arch, read_header(path).shapes(), type=kind, rank=rank, alpha=alpha,
+                        train_text_encoder=te and arch != "flux", blocks=blocks)
+    net = inject(pipe, plan)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.named_trainable().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return path, pipe, clean, net
+
+
+def _denoise(pipe, arch):
+    torch.manual_seed(1)
+    if arch == "flux":
+        m = pipe.transformer
+        c = m.config
+        kw = dict(hidden_states=torch.randn(1, 4, c.in_channels),
+                  encoder_hidden_states=torch.randn(1, 3, c.joint_attention_dim),
+                  pooled_projections=torch.randn(1, c.pooled_projection_dim), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3),
+                  guidance=torch.tensor([1.0]) if c.guidance_embeds else None)
+    else:
+        m = pipe.unet
+        c = m.config
+        kw = dict(sample=torch.randn(1, c.in_channels, 8, 8), timestep=torch.tensor([10]),
+                  encoder_hidden_states=torch.randn(1, 5, c.cross_attention_dim))
+        if arch == "sdxl":
+            kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, c.projection_class_embeddings_input_dim
+                                                                  - 6 * c.addition_time_embed_dim),
+                                       "time_ids": torch.randn(1, 6)}
+    with torch.no_grad():
+        return m(**kw)[0]
+
+
+def _te(pipe):
+    with torch.no_grad():
+        return pipe.text_encoder(torch.arange(10)[None])[0]
+
+
+def _lora_layers(model) -> int:
+    return sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_diffusers_loads_kohya_file_exactly(loaded, tmp_path, arch):
+    path, pipe, clean, net = _trained(loaded, arch)
+    out = tmp_path / "style.safetensors"
+    written = save_kohya(net, out, TrainFacts("style", arch, path, trigger="wbstyle"), dtype="fp32")
+    assert written == [out, tmp_path / "style.json"]
+    base_out, base_te = _denoise(clean, arch), _te(clean)
+    clean.load_lora_weights(str(out))  # raises on any key diffusers cannot map
+    den = clean.unet
+    n_unet = sum(1 for m in net.plan.modules.values() if m.component == "unet")
+    assert _lora_layers(den) == n_unet
+    assert _lora_layers(clean.text_encoder) == 72
+    want = _denoise(pipe, arch)
+    assert torch.allclose(_denoise(clean, arch), want, atol=1e-5)
+    assert (want - base_out).abs().max() > 1e-2  # the LoRA does something
+    assert torch.allclose(_te(clean), _te(pipe), atol=1e-5) and not torch.allclose(_te(clean), base_te)
+
+
+def test_alpha_metadata_sidecar_hash(loaded, tmp_path):
+    path, pipe, clean, net = _trained(loaded, "sd15", rank=4, alpha=1.5)
+    out = tmp_path / "a.safetensors"
+    facts = TrainFacts("a", "sd15", path, steps=7, trigger="wbstyle", num_train_images=3,
+                       recipe_text="kind: train\nname: a\n")
+    save_kohya(net, out, facts, dtype="fp16")
+    h = read_header(out)
+    alphas = {k: v for k, v in h.tensors.items() if k.endswith(".alpha")}
+    assert len(alphas) == len(net.plan.modules) and all(v.shape == () for v in alphas.values())
+    from safetensors.torch import load_file
+
+    sd = load_file(str(out))
+    assert {float(sd[k]) for k in alphas} == {1.5}
+    assert all(sd[f"{n}.lora_down.weight"].shape[0] == 4 for n in net.plan.modules)
+    m = h.metadata
+    assert m["ss_network_alpha"] == "1.5" and m["ss_network_dim"] == "4"
+    assert m["ss_base_model_version"] == "sd_v1" and m["ss_v2"] == "False"
+    assert m["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert m["modelspec.trigger_phrase"] == "wbstyle" and m["ss_output_name"] == "a"
+    assert m["workbench_recipe"].startswith("kind: train")
+    assert m["sshs_model_hash"] == addnet_hash(out, use_cache=False)
+    side = json.loads((tmp_path / "a.json").read_text())
+    assert side["activation text"] == "wbstyle" and side["sd version"] == "SD1"
+    assert side["preferred weight"] == 1.0
+
+
+def test_flux_kohya_file_bakes_to_the_trained_model(loaded, tmp_path, tiny_model):
+    """Apply the exported file by hand (W += alpha/rank · up@down on the BFL keys, fused qkv and
+    linear1 included) to the checkpoint and compare with the adapter in training."""
+    from safetensors.torch import load_file, save_file
+
+    from workbench.core.load import load_pipeline
+    from workbench.formats.lora_keys import module_table
+
+    path, pipe, clean, net = _trained(loaded, "flux", alpha=2.0, rank=4)
+    out = tmp_path / "f.safetensors"
+    save_kohya(net, out, TrainFacts("f", "flux", path), dtype="fp32")
+    lora = load_file(str(out))
+    base = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    table = module_table("flux", read_header(path).shapes())
+    modules = {k.rsplit(".", 2)[0] for k in lora if k.endswith(".lora_down.weight")}
+    assert modules == set(net.plan.modules)
+    for name in modules:
+        t = table.lookup(name)
+        delta = lora[f"{name}.lora_up.weight"] @ lora[f"{name}.lora_down.weight"] * float(lora[f"{name}.alpha"]) / 4
+        base[t.key] = base[t.key] + delta
+    baked = tmp_path / "baked.safetensors"
+    save_file(base, str(baked))
+    bpipe = load_pipeline(baked, "flux", torch.float32)
+    want = _denoise(pipe, "flux")
+    assert torch.allclose(_denoise(bpipe, "flux"), want, atol=1e-4)
+    assert (want - _denoise(clean, "flux")).abs().max() > 1e-2
+    assert read_header(out).metadata["modelspec.architecture"] == "flux-1-dev/lora"
+
+
+def test_flux_double_blocks_load_in_diffusers(loaded, tmp_path):
+    # diffusers hard-codes FLUX.1's real widths when splitting `linear1`, so tiny single blocks
+    # cannot go through it; the fused qkv of the double blocks can.
+    path, pipe, clean, net = _trained(loaded, "flux", blocks=[f"D{i:02d}" for i in range(19)])
+    out = tmp_path / "d.safetensors"
+    save_kohya(net, out, TrainFacts("d", "flux", path), dtype="fp32")
+    clean.load_lora_weights(str(out))
+    assert torch.allclose(_denoise(clean, "flux"), _denoise(pipe, "flux"), atol=1e-5)
+
+
+def test_peft_format_loads_with_alpha(loaded, tmp_path):
+    path, pipe, clean, net = _trained(loaded, "sd15", alpha=1.0, rank=4, te=False)
+    out = save_peft(net, tmp_path / "p.safetensors", dtype="fp32")
+    clean.load_lora_weights(str(out))
+    assert torch.allclose(_denoise(clean, "sd15"), _denoise(pipe, "sd15"), atol=1e-5)
+
+
+def test_multiplier_zero_is_base(loaded):
+    path, pipe, clean, net = _trained(loaded, "sd15", te=False)
+    set_multiplier(net, 0.0)
+    assert torch.allclose(_denoise(pipe, "sd15"), _denoise(clean, "sd15"), atol=1e-6)
+    set_multiplier(net, 1.0)
+    assert not torch.allclose(_denoise(pipe, "sd15"), _denoise(clean, "sd15"), atol=1e-3)
+
+
+def _peft_delta(layer) -> torch.Tensor:
+    return layer.get_delta_weight("default").float()
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_lycoris_layouts_match_the_trained_delta(loaded, kind):
+    """The LyCORIS formulas loaders use, applied to the exported tensors, give peft's ΔW."""
+    path, pipe, clean, net = _trained(loaded, "sd15", kind=kind, rank=4, alpha=2.0, te=False)
+    sd = kohya_state_dict(net, "fp32")
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    layer = net.layer("unet", net.paths[name][0])
+    a = float(sd[f"{name}.alpha"])
+    if kind == "loha":
+        d = (sd[f"{name}.hada_w1_a"] @ sd[f"{name}.hada_w1_b"]) * (sd[f"{name}.hada_w2_a"] @ sd[f"{name}.hada_w2_b"])
+        d = d * a / sd[f"{name}.hada_w1_b"].shape[0]
+    elif kind == "lokr":
+        w1 = sd.get(f"{name}.lokr_w1")
+        w2 = sd.get(f"{name}.lokr_w2")
+        dim = None
+        if w1 is None:
+            dim, w1 = sd[f"{name}.lokr_w1_b"].shape[0], sd[f"{name}.lokr_w1_a"] @ sd[f"{name}.lokr_w1_b"]
+        if w2 is None:
+            dim, w2 = sd[f"{name}.lokr_w2_b"].shape[0], sd[f"{name}.lokr_w2_a"] @ sd[f"{name}.lokr_w2_b"]
+        d = torch.kron(w1, w2) * (a / dim if dim else 1.0)  # ComfyUI/A1111: no low-rank side -> scale 1
+    else:
+        assert sd[f"{name}.dora_scale"].shape == (sd[f"{name}.lora_up.weight"].shape[0], 1)
+        d = sd[f"{name}.lora_up.weight"] @ sd[f"{name}.lora_down.weight"] * a / 4
+    if kind == "dora":
+        w = layer.base_layer.weight.float()
+        merged = w + d
+        merged = merged * (sd[f"{name}.dora_scale"] / merged.norm(dim=1, keepdim=True))
+        x = torch.randn(3, w.shape[1])
+        with torch.no_grad():
+            want = layer(x)  # peft's DoRA forward
+        assert torch.allclose(torch.nn.functional.linear(x, merged, layer.base_layer.bias), want, atol=1e-5)
+    else:
+        assert torch.allclose(d, _peft_delta(layer), atol=1e-6)

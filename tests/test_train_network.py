@@ -1,0 +1,136 @@
+"""Adapter planning and peft injection on tiny real-layout models (CPU)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from workbench.errors import NotAvailableError, RecipeError
+from workbench.formats.safetensors_io import read_header
+from workbench.train.network import inject, plan_network, quantize_base
+
+GOLDEN = json.loads((Path("/work/shared/reference/lora_kohya_keys.json")).read_text()) \
+    if Path("/work/shared/reference/lora_kohya_keys.json").exists() else None
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_model):
+    from workbench.core.load import load_pipeline
+
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            path = tiny_model(arch)
+            cache[arch] = (path, load_pipeline(path, arch, torch.float32))
+        path, pipe = cache[arch]
+        return path, copy.deepcopy(pipe)
+
+    return get
+
+
+def _shapes(path):
+    return read_header(path).shapes()
+
+
+@pytest.mark.skipif(GOLDEN is None, reason="golden kohya key list not available")
+@pytest.mark.parametrize("arch, te", [("sd15", True), ("sdxl", True), ("flux", False)])
+def test_module_names_are_kohyas(tiny_model, arch, te):
+    golden = set(GOLDEN["models"][arch])
+    plan = plan_network(arch, _shapes(tiny_model(arch)), rank=16, alpha=8, train_text_encoder=te)
+    names = set(plan.modules)
+    assert names <= golden, sorted(names - golden)[:5]
+    if arch == "flux":  # golden FLUX list includes CLIP-L/T5 modules we do not train
+        assert names == {n for n in golden if n.startswith("lora_unet_")}
+    else:
+        assert names == golden  # the tiny models have the real block structure
+
+
+def test_blocks_select_only_those_blocks(tiny_model):
+    plan = plan_network("sdxl", _shapes(tiny_model("sdxl")), blocks=["M00"])
+    assert plan.modules and all(n.startswith("lora_unet_middle_block_") for n in plan.modules)
+    flux = plan_network("flux", _shapes(tiny_model("flux")), blocks=["S00"])
+    assert set(flux.modules) == {"lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2",
+                                 "lora_unet_single_blocks_0_modulation_lin"}
+
+
+def test_refusals(tiny_model):
+    with pytest.raises(NotAvailableError, match="lokr"):
+        plan_network("flux", _shapes(tiny_model("flux")), type="lokr")
+    with pytest.raises(RecipeError, match="train_text_encoder"):
+        plan_network("flux", _shapes(tiny_model("flux")), train_text_encoder=True)
+    with pytest.raises(RecipeError, match="network.type"):
+        plan_network("sd15", _shapes(tiny_model("sd15")), type="ia3")
+
+
+@pytest.mark.parametrize("arch, kind", [("sd15", "lora"), ("sd15", "loha"), ("sdxl", "dora"),
+                                        ("flux", "lora"), ("flux", "loha")])
+def test_inject_counts_freezes_and_starts_at_base(pipes, arch, kind):
+    path, pipe = pipes(arch)
+    den = "unet" if arch != "flux" else "transformer"
+    ref = copy.deepcopy(getattr(pipe, den))
+    plan = plan_network(arch, _shapes(path), type=kind, rank=4, alpha=2,
+                        train_text_encoder=arch != "flux", conv_rank=2 if arch == "sd15" else None)
+    net = inject(pipe, plan)
+    trainable = net.named_trainable()
+    assert sum(p.numel() for p in trainable.values()) == plan.n_params()
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    model = getattr(pipe, den)
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad and "base_layer" in n]
+    assert not frozen
+    # a fresh adapter is the identity: same output as the base model
+    torch.manual_seed(0)
+    if arch == "flux":
+        c = model.config
+        kw = dict(hidden_states=torch.randn(1, 4, c.in_channels),
+                  encoder_hidden_states=torch.randn(1, 3, c.joint_attention_dim),
+                  pooled_projections=torch.randn(1, c.pooled_projection_dim), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3),
+                  guidance=torch.tensor([1.0]) if c.guidance_embeds else None)
+    else:
+        c = model.config
+        kw = dict(sample=torch.randn(1, c.in_channels, 8, 8), timestep=torch.tensor([10]),
+                  encoder_hidden_states=torch.randn(1, 5, c.cross_attention_dim))
+        if arch == "sdxl":
+            kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, c.projection_class_embeddings_input_dim
+                                                                  - 6 * c.addition_time_embed_dim),
+                                       "time_ids": torch.randn(1, 6)}
+    with torch.no_grad():
+        assert torch.allclose(model(**kw)[0], ref(**kw)[0], atol=1e-5)
+
+
+def test_fused_flux_modules_share_the_input_factor(pipes):
+    path, pipe = pipes("flux")
+    net = inject(pipe, plan_network("flux", _shapes(path), rank=4, alpha=4))
+    paths = net.paths["lora_unet_single_blocks_0_linear1"]
+    assert [p.rsplit(".", 1)[-1] for p in paths] == ["to_q", "to_k", "to_v", "proj_mlp"]
+    downs = {id(net.layer("transformer", p).lora_A["default"].weight) for p in paths}
+    ups = {id(net.layer("transformer", p).lora_B["default"].weight) for p in paths}
+    assert len(downs) == 1 and len(ups) == 4
+
+
+def test_fp8_base_stores_fp8_and_trains_fp32(pipes):
+    path, pipe = pipes("sd15")
+    x = torch.randn(2, 32)
+    lin = next(m for m in pipe.unet.modules() if type(m) is torch.nn.Linear and m.in_features == 32)
+    want = lin(x).detach()
+    n = quantize_base(pipe.unet, "fp8", torch.bfloat16)
+    assert n > 0 and lin.weight.dtype == torch.float8_e4m3fn
+    got = lin(x).detach()
+    assert not torch.equal(got, want) and torch.allclose(got, want, rtol=0.1, atol=0.1)
+    net = inject(pipe, plan_network("sd15", _shapes(path), rank=2, alpha=1))
+    assert all(p.dtype == torch.float32 for p in net.named_trainable().values())
+    with pytest.raises(NotAvailableError if not _has_bnb() else Exception):
+        quantize_base(copy.deepcopy(pipe.text_encoder), "nf4", torch.bfloat16)
+
+
+def _has_bnb() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+        return True
+    except ImportError:
+        return False

@@ -1,0 +1,248 @@
+"""Write the trained adapter as a kohya LoRA (+ A1111 sidecar), optionally in diffusers/PEFT form.
+
+kohya layout (shared/reference/lora.md §6.1): per module `M.lora_down.weight`, `M.lora_up.weight`,
+`M.alpha` (the trained alpha, so every loader's scale alpha/rank equals the trained scale); LoHa/LoKr
+use LyCORIS names (`hada_w1_a`…, `lokr_w1`…), DoRA adds `M.dora_scale` (the magnitude vector, shape
+[out, 1(,1,1)]). Fused FLUX modules stack the parts' output-side factors in the table's row order;
+their input-side factor is shared in training (network.py), so this is exact.
+
+Metadata: the `ss_*` and `modelspec.*` keys A1111/Forge read (§6.4), `sshs_model_hash` (sha256 of the
+tensor bytes, what A1111 computes for the file), and the recipe (`workbench_recipe`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.formats.writer import atomic_write_text, save_file_atomic
+from workbench.merge.extract import BASE_MODEL_VERSION, DTYPES, NETWORK_MODULE
+from workbench.train.network import ADAPTER, Network
+
+MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
+                  "flux": "flux-1-dev/lora"}
+MODELSPEC_IMPL = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models",
+                  "flux": "https://github.com/black-forest-labs/flux"}
+SIDECAR_SD_VERSION = {"sd15": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux"}
+
+
+def _factor(layer, attr: str) -> torch.Tensor | None:
+    holder = getattr(layer, attr, None)
+    if holder is None or ADAPTER not in holder:
+        return None
+    h = holder[ADAPTER]
+    return (h.weight if isinstance(h, torch.nn.Module) else h).detach().float()
+
+
+def _lokr_tensors(layer, alpha: float, rank: int) -> dict[str, torch.Tensor]:
+    """LoKr factors; when neither side is low-rank, loaders use scale 1, so fold alpha/rank in."""
+    out = {}
+    for side in ("w1", "w2"):
+        full = _factor(layer, f"lokr_{side}")
+        if full is not None:
+            out[f"lokr_{side}"] = full
+        else:
+            out[f"lokr_{side}_a"] = _factor(layer, f"lokr_{side}_a")
+            out[f"lokr_{side}_b"] = _factor(layer, f"lokr_{side}_b")
+    if "lokr_w1" in out and "lokr_w2" in out:
+        out["lokr_w1"] = out["lokr_w1"] * (alpha / rank)
+    return out
+
+
+def kohya_state_dict(net: Network, dtype: str = "fp16") -> dict[str, torch.Tensor]:
+    """name -> tensor in kohya/LyCORIS layout, cast to the save dtype (alpha included)."""
+    if dtype not in DTYPES:
+        raise WorkbenchError(f"save_precision must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    torch_dtype = DTYPES[dtype][0]
+    kind = net.plan.type
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(net.plan.modules):
+        m = net.plan.modules[name]
+        layers = [net.layer(m.component, p) for p in net.paths[name]]
+        first = layers[0]
+        t: dict[str, torch.Tensor] = {}
+        if kind in ("lora", "dora"):
+            t["lora_down.weight"] = _factor(first, "lora_A")
+            t["lora_up.weight"] = torch.cat([_factor(x, "lora_B") for x in layers], 0)
+            if kind == "dora":
+                mags = [_factor(x, "lora_magnitude_vector").reshape(-1) for x in layers]
+                extra = (1,) * (t["lora_up.weight"].dim() - 1)
+                t["dora_scale"] = torch.cat(mags).reshape(-1, *extra)
+        elif kind == "loha":
+            t["hada_w1_a"] = torch.cat([_factor(x, "hada_w1_a") for x in layers], 0)
+            t["hada_w1_b"] = _factor(first, "hada_w1_b")
+            t["hada_w2_a"] = torch.cat([_factor(x, "hada_w2_a") for x in layers], 0)
+            t["hada_w2_b"] = _factor(first, "hada_w2_b")
+        else:
+            t.update(_lokr_tensors(first, m.alpha, m.rank))
+        for k, v in t.items():
+            out[f"{name}.{k}"] = v.to(torch_dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch_dtype)
+    return out
+
+
+def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensor bytes in file order = A1111's `sshs_model_hash` of the written file."""
+    h = hashlib.sha256()
+    for t in tensors.values():
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class TrainFacts:
+    """What the loop knows when it saves: filled by the runner, turned into metadata here."""
+
+    output_name: str
+    arch: str
+    base_path: Path
+    base_sha256: str = ""
+    base_legacy_hash: str = ""
+    steps: int = 0
+    epoch: int = 0
+    started_at: float = 0.0
+    finished_at: float | None = None
+    session_id: str = ""
+    resolution: tuple[int, int] = (512, 512)
+    trigger: str | None = None
+    prediction_type: str = "epsilon"
+    num_train_images: int = 0
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
+    bucket_info: dict[str, Any] | None = None
+    training: dict[str, Any] = field(default_factory=dict)  # ss_<key> -> value (optimizer, lr, ...)
+    recipe_text: str | None = None
+
+
+def _network_module_and_args(net: Network) -> tuple[str, dict[str, str]]:
+    plan = net.plan
+    args: dict[str, str] = {}
+    if plan.conv_rank:
+        args["conv_dim"] = str(plan.conv_rank)
+        args["conv_alpha"] = str(plan.conv_alpha if plan.conv_alpha is not None else plan.conv_rank)
+    if plan.type == "lora":
+        return NETWORK_MODULE.get(plan.arch, "networks.lora"), args
+    args["algo"] = "lora" if plan.type == "dora" else plan.type
+    if plan.type == "dora":
+        args["dora_wd"] = "True"
+    return "lycoris.kohya", args
+
+
+def lora_metadata(net: Network, facts: TrainFacts, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The ss_* / modelspec.* / sshs_* keys (all strings, kohya style) plus the recipe."""
+    from workbench import __version__
+
+    plan, arch = net.plan, facts.arch
+    module, args = _network_module_and_args(net)
+    w, h = facts.resolution
+    meta: dict[str, Any] = {
+        "ss_output_name": facts.output_name, "ss_session_id": facts.session_id,
+        "ss_training_started_at": facts.started_at, "ss_training_finished_at": facts.finished_at,
+        "ss_training_comment": f"trained by workbench {__version__}", "ss_steps": facts.steps,
+        "ss_epoch": facts.epoch, "ss_sd_model_name": facts.base_path.name,
+        "ss_sd_model_hash": facts.base_legacy_hash, "ss_new_sd_model_hash": facts.base_sha256,
+        "ss_v2": arch == "sd2", "ss_base_model_version": BASE_MODEL_VERSION.get(arch, arch),
+        "ss_network_module": module, "ss_network_dim": plan.rank, "ss_network_alpha": plan.alpha,
+        "ss_network_dropout": plan.dropout, "ss_network_args": json.dumps(args) if args else None,
+        "ss_resolution": f"({w}, {h})", "ss_num_train_images": facts.num_train_images,
+        "ss_tag_frequency": json.dumps(facts.tag_frequency),
+        "ss_dataset_dirs": json.dumps(facts.dataset_dirs),
+        "ss_bucket_info": json.dumps(facts.bucket_info) if facts.bucket_info else None,
+        "ss_v_parameterization": facts.prediction_type == "v_prediction",
+    }
+    if arch == "flux":
+        meta["ss_model_type"] = "flux"
+        meta["ss_model_prediction_type"] = "raw"
+    for k, v in facts.training.items():
+        meta[f"ss_{k}"] = v
+    out = {k: ("None" if v is None else str(v)) for k, v in meta.items()}
+    date = _dt.datetime.fromtimestamp(facts.finished_at or facts.started_at or 0).isoformat(timespec="seconds")
+    out.update({
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": MODELSPEC_ARCH[arch],
+        "modelspec.implementation": MODELSPEC_IMPL[arch],
+        "modelspec.implementation_version": f"workbench/{__version__}",
+        "modelspec.title": facts.output_name, "modelspec.resolution": f"{w}x{h}",
+        "modelspec.date": date,
+        "modelspec.prediction_type": "flow" if arch == "flux" else
+        ("v" if facts.prediction_type == "v_prediction" else "epsilon"),
+    })
+    if facts.trigger:
+        out["modelspec.trigger_phrase"] = facts.trigger
+    if facts.training.get("clip_skip"):
+        out["modelspec.encoder_layer"] = str(facts.training["clip_skip"])
+    out["sshs_model_hash"] = payload_sha256(tensors)
+    if facts.recipe_text:
+        out["workbench_recipe"] = facts.recipe_text
+    out["workbench_version"] = __version__
+    return out
+
+
+def sidecar(facts: TrainFacts, preferred_weight: float = 1.0) -> dict[str, Any]:
+    """A1111/Forge user metadata (`<lora>.json`): one-click trigger and the right model tab."""
+    return {"description": f"{facts.output_name}: style LoRA trained on "
+                           f"{facts.num_train_images} images ({facts.steps} steps) by workbench",
+            "sd version": SIDECAR_SD_VERSION.get(facts.arch, "Unknown"),
+            "activation text": facts.trigger or "",
+            "preferred weight": preferred_weight,
+            "negative text": "",
+            "notes": f"base: {facts.base_path.name}" + (f" (sha256 {facts.base_sha256[:10]})"
+                                                       if facts.base_sha256 else "")}
+
+
+def save_kohya(net: Network, path: str | Path, facts: TrainFacts, *, dtype: str = "fp16",
+               overwrite: bool = False, write_sidecar: bool = True) -> list[Path]:
+    """Write `path` (kohya LoRA) and `<stem>.json` next to it; both atomic. Returns the paths."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = kohya_state_dict(net, dtype)
+    save_file_atomic(tensors, path, lora_metadata(net, facts, tensors), overwrite=overwrite)
+    written = [path]
+    if write_sidecar:
+        side = path.with_suffix(".json")
+        atomic_write_text(side, json.dumps(sidecar(facts), indent=2) + "\n", overwrite=True)
+        written.append(side)
+    return written
+
+
+# ------------------------------------------------------------------------------- diffusers/PEFT
+
+PEFT_PREFIX = {"unet": "unet", "transformer": "transformer", "text_encoder": "text_encoder",
+               "text_encoder_2": "text_encoder_2"}
+
+
+def peft_state_dict(net: Network, dtype: str = "fp16") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """diffusers `save_lora_weights` layout: `<component>.<path>.lora_A.weight` + the PEFT config
+    per component (so diffusers restores the trained alpha, unlike alpha-less PEFT files)."""
+    if net.plan.type not in ("lora", "dora"):
+        raise WorkbenchError(f"the diffusers/PEFT format holds LoRA and DoRA only (network is {net.plan.type})")
+    from peft import get_peft_model_state_dict
+
+    torch_dtype = DTYPES[dtype][0]
+    tensors: dict[str, torch.Tensor] = {}
+    config_meta: dict[str, Any] = {}
+    for comp, model in net.models.items():
+        prefix = PEFT_PREFIX[comp]
+        sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+        for k in sorted(sd):
+            tensors[f"{prefix}.{k}"] = sd[k].detach().to(torch_dtype).contiguous()
+        cfg = model.peft_config[ADAPTER].to_dict()
+        for k, v in cfg.items():
+            config_meta[f"{prefix}.{k}"] = sorted(v) if isinstance(v, set) else v
+    return tensors, config_meta
+
+
+def save_peft(net: Network, path: str | Path, *, dtype: str = "fp16", overwrite: bool = False,
+              extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the diffusers/PEFT file (loads with `pipe.load_lora_weights(path)`)."""
+    tensors, cfg = peft_state_dict(net, dtype)
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps(cfg, indent=2, sort_keys=True, default=str)}
+    meta.update(extra_metadata or {})
+    return save_file_atomic(tensors, Path(path), meta, overwrite=overwrite)
