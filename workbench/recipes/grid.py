@@ -199,7 +199,8 @@ class ClipScore(StrictModel):
     """CLIP score: how well each image matches its prompt (open_clip)."""
 
     model: str = "ViT-L-14"
-    weights: RecipePath | None = None
+    weights: RecipePath | None = None  # a weights file or an open_clip folder; None: the HF cache
+    pretrained: str | None = None  # open_clip tag looked up in the HF cache when `weights` is unset
 
 
 class AestheticScore(StrictModel):
