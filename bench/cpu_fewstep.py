@@ -5,8 +5,9 @@ sides then load it and make one 512² image in 4 LCM steps at guidance 1 (an LCM
 unconditional pass), from the same seed:
 
   plain   StableDiffusionPipeline.from_single_file(..., torch_dtype=float32), LCMScheduler
-  ours    workbench.core.generate.load_model(weights=...) + generate(); optionally a TAESD decoder
-          of the real TAESD size (random weights) via `--tiny-vae`
+  ours    workbench.core.generate.load_model(weights="auto") + generate() (fp32 on CPUs without
+          native bf16, bf16 + channels_last with it), with and without a TAESD decoder of the real
+          TAESD size (random weights); `--with-bf16` also times forced bf16
 
 Timing is the whole call (text encoder, 4 UNet steps, decode), best of `--repeat`, after one
 warm-up call; UNet step time is taken from the step callback. Prints a table with ratios and
@@ -135,6 +136,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--with-bf16", action="store_true",
+                    help="also time weights: bf16 (slow where the CPU has no native bf16)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results_cpu_fewstep.json")
@@ -147,12 +150,17 @@ def main() -> None:
     results: dict = {"scale": args.scale, "size": args.size, "steps": args.steps,
                      "threads": torch.get_num_threads(), "torch": torch.__version__,
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(), "runs": {}}
+    from workbench.core.memory_plan import cpu_has_native_bf16
+
+    results["cpu_native_bf16"] = cpu_has_native_bf16()
     runs = {
         "plain diffusers fp32": lambda: run_plain(path, args.size, args.steps, args.repeat),
-        "ours fp32": lambda: run_ours(path, args.size, args.steps, args.repeat, "auto", None),
-        "ours bf16": lambda: run_ours(path, args.size, args.steps, args.repeat, "bf16", None),
-        "ours bf16 + TAESD": lambda: run_ours(path, args.size, args.steps, args.repeat, "bf16", taesd),
+        "ours auto": lambda: run_ours(path, args.size, args.steps, args.repeat, "auto", None),
+        "ours auto + TAESD": lambda: run_ours(path, args.size, args.steps, args.repeat, "auto", taesd),
     }
+    if args.with_bf16:
+        runs["ours bf16 + TAESD"] = lambda: run_ours(path, args.size, args.steps, args.repeat, "bf16",
+                                                     taesd)
     for name, fn in runs.items():
         results["runs"][name] = fn()
         base = results["runs"]["plain diffusers fp32"]["seconds"]

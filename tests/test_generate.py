@@ -194,3 +194,46 @@ def test_fp8_storage_image_is_close_and_takes_a_lora(tiny_sd15, extracted_lora):
     assert fp8.pipe.unet.down_blocks[0].attentions[0].proj_in.lora_A[
         next(iter(fp8.pipe.unet.down_blocks[0].attentions[0].proj_in.lora_A))].weight.dtype == torch.float32
     assert np.abs(lb - la).mean() < 0.6 * np.abs(b - la).mean()
+
+
+def test_sde_sampler_is_seeded_per_image(tiny_model):
+    """DPM++ SDE draws its noise from a Brownian tree; it is seeded with each image's seed, so
+    the SDE sampler repeats like the others (diffusers would pick a random tree seed)."""
+    model = load_model(tiny_model("sd15"), device="cpu")
+    s = ImageSettings("a cat", "", "DPM++ SDE Karras", 3, 5.0, 64, 64)
+    first, again, other = (generate(model, s, [seed])[0] for seed in (11, 11, 12))
+    assert np.array_equal(_pixels(first), _pixels(again))
+    assert not np.array_equal(_pixels(first), _pixels(other))
+    assert "Sampler: DPM++ SDE Karras" in first.parameters
+
+
+def test_a_diffusers_folder_loads_offline_with_the_same_weights(tmp_path, tiny_model):
+    import diffusers
+
+    from workbench.core.load import load_pipeline
+    from workbench.core.samplers import make_scheduler
+
+    path = tiny_model("sd15")
+    folder = tmp_path / "sd15-diffusers"
+    load_pipeline(path, "sd15", torch.float32).save_pretrained(folder, safe_serialization=True)
+    model = load_model(folder, device="cpu")
+    single = load_model(path, device="cpu")
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(model.pipe, name).state_dict(), getattr(single.pipe, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    s = ImageSettings("a cat", "", "Euler", 2, 5.0, 64, 64)
+    ours = generate(model, s, [9])[0]
+    plain = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    plain.scheduler = make_scheduler("Euler", plain.scheduler.config)
+    expected = plain("a cat", num_inference_steps=2, guidance_scale=5.0, width=64, height=64,
+                     negative_prompt=None, generator=torch.Generator("cpu").manual_seed(9)).images[0]
+    assert np.array_equal(_pixels(ours), _pixels(expected))
+    assert "Model: sd15-diffusers" in ours.parameters
+
+
+def test_a_folder_of_another_pipeline_is_refused(tmp_path):
+    folder = tmp_path / "kandinsky"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "KandinskyV22Pipeline"}')
+    with pytest.raises(WorkbenchError, match="KandinskyV22Pipeline"):
+        load_model(folder, device="cpu")

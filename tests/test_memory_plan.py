@@ -10,7 +10,7 @@ from workbench.errors import NotAvailableError, WorkbenchError
 
 H100 = DeviceInfo("cuda", "H100", 80 * GB, 79 * GB, bf16=True, fp8_matmul=True)
 CARD = DeviceInfo("cuda", "12 GB card", 12_884_901_888, 12_500_000_000, bf16=True, fp8_matmul=True)
-CPU = DeviceInfo("cpu", "cpu", bf16=True)
+CPU = DeviceInfo("cpu", "cpu", bf16=False)  # an AVX2 CPU: bf16 only emulated
 
 
 def flux_sizes(file_dtype: str = "BF16") -> list[ComponentSize]:
@@ -151,6 +151,17 @@ def test_cpu_plans_fp32_in_ram_and_refuses_nf4():
         plan_memory(flux_sizes(), device=CPU, arch="flux", ram_free_bytes=10 * GB)
     with pytest.raises(NotAvailableError, match="pip install bitsandbytes"):
         plan_memory(flux_sizes(), device=CPU, arch="flux", weights="nf4")
+
+
+def test_cpu_with_native_bf16_computes_in_bf16_under_auto():
+    """AVX512-BF16/AMX CPUs run bf16 in hardware (about half an fp32 step); others emulate it
+    (about 5x slower), so `auto` follows the probed capability and `fp32` always wins when asked."""
+    native = DeviceInfo(kind="cpu", name="cpu (AMX)", bf16=True)
+    plan = plan_memory(flux_sizes(), device=native, arch="flux", ram_free_bytes=128 * GB)
+    assert plan.compute_dtype == "bf16"
+    assert {d.storage for d in plan.decisions} == {"bf16"}
+    asked = plan_memory(flux_sizes(), device=native, arch="flux", weights="fp32")
+    assert asked.compute_dtype == "fp32"
 
 
 def test_choose_resident_spreads_within_budget():

@@ -37,26 +37,35 @@ class ProgressEvent:
 
 Sink = Callable[[ProgressEvent], None]
 
-_state = threading.local()
+# Process-wide, not per thread: engines report from helper threads too (the merge writer's), and
+# a worker process runs one job at a time.
+_SINKS: list[Sink] = []
+_SINKS_LOCK = threading.Lock()
 
 
 def _sinks() -> list[Sink]:
-    if not hasattr(_state, "sinks"):
-        _state.sinks = []
-    return _state.sinks
+    with _SINKS_LOCK:
+        return list(_SINKS)
 
 
 _cancel = threading.Event()
 
 
+def cancel_event() -> threading.Event:
+    """The process-wide cancel flag, for engines that take a threading.Event."""
+    return _cancel
+
+
 @contextmanager
 def sink(callback: Sink) -> Iterator[None]:
     """Send every progress event of this thread to `callback` while the block runs."""
-    _sinks().append(callback)
+    with _SINKS_LOCK:
+        _SINKS.append(callback)
     try:
         yield
     finally:
-        _sinks().remove(callback)
+        with _SINKS_LOCK:
+            _SINKS.remove(callback)
 
 
 def request_cancel() -> None:
@@ -98,15 +107,17 @@ class Task:
             eta = elapsed * (self.total - self.done) / self.done
         return ProgressEvent(self.desc, self.done, self.total, self.unit, elapsed, eta, message)
 
-    def advance(self, n: float = 1, message: str | None = None) -> None:
-        """Count `n` more units done, report them, and stop here if a cancel was requested."""
+    def advance(self, n: float = 1, message: str | None = None, check: bool = True) -> None:
+        """Count `n` more units done, report them, and stop here if a cancel was requested
+        (check=False from helper threads: the engine's own loop checks the flag)."""
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
             if message:
                 self._bar.set_postfix_str(message, refresh=False)
         self._emit(message)
-        check_cancelled()
+        if check:
+            check_cancelled()
 
     def note(self, message: str) -> None:
         """Report a message (e.g. the current loss) without counting work."""
@@ -118,7 +129,7 @@ class Task:
         sinks = _sinks()
         if sinks:
             event = self.event(message)
-            for callback in list(sinks):
+            for callback in sinks:
                 callback(event)
 
     def close(self) -> None:

@@ -4,7 +4,9 @@ Grids, training samples, the dashboard and `workbench generate` all call `genera
 (model, settings, seed) gives the same picture everywhere:
 
 - initial noise (and an ancestral sampler's step noise) comes from one CPU `torch.Generator` per
-  image, seeded with that image's seed, so neither the batch size nor the device changes it;
+  image, seeded with that image's seed, so neither the batch nor the device changes the noise
+  (a batched call may still round the last bit of a pixel differently: matmuls over a batch of 2
+  are not bit-identical to two of 1; grids generate one image per call for that reason);
 - A1111 sampler names map to diffusers schedulers built from the model's own scheduler config;
 - A1111's clip skip (1 = last layer) becomes diffusers' `clip_skip` (layers skipped, 0-based);
 - LoRAs are attached for one call with their weights and detached afterwards, so the loaded model
@@ -366,6 +368,8 @@ def generate(model: Model, settings: ImageSettings, seeds: Sequence[int], *,
         for start in range(0, len(seeds), batch):
             chunk = seeds[start:start + batch]
             generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
+            if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE: a Brownian tree per image
+                pipe.scheduler.noise_sampler_seed = list(chunk) if len(chunk) > 1 else chunk[0]
             kwargs = _call_kwargs(model, settings)
             kwargs["prompt"] = [settings.prompt] * len(chunk)
             if "negative_prompt" in kwargs and kwargs["negative_prompt"] is not None:

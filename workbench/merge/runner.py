@@ -104,14 +104,17 @@ def run(recipe, *, overwrite: bool = False, progress: bool = True,
         lazy = open_lazy(node.path).__enter__()
         readers.append(lazy)
         node.reader = lazy.view
-    bar = _progress_bar(out_bytes, len(plan.keys), enabled=progress)
+    from workbench import progress as progress_events
+
+    cancel = cancel or progress_events.cancel_event()
     try:
-        with SafetensorsWriter(target, output_plan(plan), metadata, overwrite=overwrite) as writer:
+        with progress_events.task(f"merging {len(plan.keys)} tensors", out_bytes, "B", bar=progress,
+                                  unit_scale=True, unit_divisor=1024) as bar, \
+                SafetensorsWriter(target, output_plan(plan), metadata, overwrite=overwrite) as writer:
             stream(plan.keys, writer, threads=threads, cancel=cancel,
-                   on_written=(lambda k: bar.update(k.nbytes)) if bar else None)
+                   on_written=lambda k: bar.advance(k.nbytes, check=False))
+        progress_events.check_cancelled()
     finally:
-        if bar:
-            bar.close()
         for lazy in readers:
             lazy.close()
         for node in _input_nodes(plan):
@@ -143,12 +146,3 @@ def _input_nodes(plan: MergePlan) -> list[InputNode]:
             if isinstance(n, InputNode):
                 nodes[id(n)] = n
     return list(nodes.values())
-
-
-def _progress_bar(total_bytes: int, n_keys: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=f"merging {n_keys} tensors", dynamic_ncols=True)
