@@ -88,6 +88,7 @@ def render_previews(models: dict[str, Path], out_dir: Path) -> list[tuple[str, P
         sampler = "Euler" if arch in ("sd3", "flux") else "Euler a"
         settings = ImageSettings(PREVIEW_PROMPT, "", sampler, 2, 5.0, 64, 64)
         image = generate(model, settings, [1])[0]
+        (out_dir / arch).mkdir(parents=True, exist_ok=True)
         target = save_image(image, out_dir / arch / "preview.png", overwrite=True)
         written.append((arch, target))
         print(f"  preview {arch:5s} -> {target}  ({loaded - t0:.1f}s load, "
@@ -116,7 +117,7 @@ def main(args: argparse.Namespace | None = None) -> int:
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Results:")
     print(f"  tiny models:   {root / 'models'}")
     for arch, path in previews:
-        print(f"  preview {arch:5s} {path}  (+ provenance.json beside it)")
+        print(f"  preview {arch:5s} {path}  (A1111 parameters + provenance in the PNG)")
     for recipe, outcome in outcomes:
         print(f"  {recipe:20s} {outcome}")
     return 0

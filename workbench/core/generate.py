@@ -190,7 +190,9 @@ def load_model(path: str | os.PathLike, *, device: str | None = None, weights: s
     else:
         compute = memory_plan.compute_dtype_for(arch, weights, info)
     dtype = storage_dtype(compute)
-    _quiet_diffusers()
+    from workbench.core.load import quiet_diffusers
+
+    quiet_diffusers()
     pipe = _load_diffusers_folder(path, dtype) if folder else load_pipeline(path, arch, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     if tiny_vae is not None:
@@ -224,16 +226,6 @@ def _plan(sizes, arch: str, info, weights: str, vram_budget_mb: int | None,
     return memory_plan.plan_memory(sizes, device=info, arch=arch, vram_budget_mb=vram_budget_mb,
                                    ram_free_bytes=_ram_available(), weights=weights,
                                    width=width or side, height=height or side)
-
-
-def _quiet_diffusers() -> None:
-    """Our own progress bars and errors replace diffusers' per-component loading chatter."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def _load_diffusers_folder(path: Path, dtype: torch.dtype):

@@ -31,12 +31,24 @@ _EXTRA_KWARGS: dict[str, dict[str, Any]] = {
 }
 
 
+def quiet_diffusers() -> None:
+    """Our own progress bars and errors replace diffusers' per-component loading chatter."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_pipeline(path: str | os.PathLike, arch: str, torch_dtype: torch.dtype = torch.float32,
                   **kwargs: Any):
     """A diffusers pipeline for the single file at `path` (arch: "sd15", "sdxl", "sd3", "flux").
 
     Extra keyword arguments go to `from_single_file` (e.g. a replacement `scheduler=`).
     """
+    quiet_diffusers()
     if arch in DIT_ARCHS:
         from workbench.core import load_dit  # written separately; imported only when needed
 
