@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from workbench.core.samplers import FLOW_MATCHING_ARCHS, make_scheduler
+from workbench.core.samplers import make_scheduler
 from workbench.errors import WorkbenchError
 
 # Latent pixels per side and the multiple a side must be: VAE factor 8, times the patch size 2 of
