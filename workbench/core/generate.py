@@ -232,7 +232,7 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype):
     import diffusers
 
     try:
-        return diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype,
+        return diffusers.DiffusionPipeline.from_pretrained(str(path), dtype=dtype,
                                                            local_files_only=True)
     except (OSError, ValueError) as e:
         raise WorkbenchError(f"{path}: cannot load this diffusers folder offline: {e}") from e
