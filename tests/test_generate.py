@@ -236,3 +236,28 @@ def test_a_folder_of_another_pipeline_is_refused(tmp_path):
     (folder / "model_index.json").write_text('{"_class_name": "KandinskyV22Pipeline"}')
     with pytest.raises(WorkbenchError, match="KandinskyV22Pipeline"):
         load_model(folder, device="cpu")
+
+
+def test_an_fp8_checkpoint_stays_fp8_and_bit_exact(tmp_path, tiny_sd15):
+    """A file already stored in fp8 (here written by the merge engine) is used as stored under
+    `auto`: the UNet's weights are the file's fp8 values, not an fp32 copy of them."""
+    from safetensors import safe_open
+
+    from workbench.recipes import parse_recipe
+    from workbench.runner import run_recipe
+
+    fp8 = tmp_path / "fp8.safetensors"
+    recipe = parse_recipe(
+        f"kind: merge\nname: fp8\nmodels: {{A: {tiny_sd15['A']}, B: {tiny_sd15['B']}}}\n"
+        f"steps:\n  - {{id: m, method: weighted_sum, inputs: [A, B], alpha: 0.5}}\n"
+        f"output: {{path: {fp8}, dtype: fp8_e4m3fn}}\n", tmp_path / "fp8.yaml")
+    run_recipe(recipe, progress=False)
+    model = load_model(fp8, device="cpu")
+    assert model.memory_plan.decision("unet").storage == "fp8_e4m3fn"
+    conv = model.pipe.unet.down_blocks[0].resnets[0].conv1.weight
+    assert conv.dtype == torch.float8_e4m3fn
+    with safe_open(str(fp8), "pt") as f:
+        stored = f.get_tensor("model.diffusion_model.input_blocks.1.0.in_layers.2.weight")
+    assert torch.equal(conv.view(torch.uint8), stored.view(torch.uint8))
+    img = generate(model, ImageSettings("a cat", steps=2, width=64, height=64), [1])[0]
+    assert img.image.size == (64, 64)

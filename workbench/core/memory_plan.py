@@ -469,15 +469,22 @@ def _decision(s: _State) -> Decision:
 
 
 def _plan_cpu(sizes, arch, weights, device, compute, ram_free, width, height, batch, notes) -> MemoryPlan:
-    """CPU: everything in RAM, stored in the compute dtype; `auto` falls back to bf16 then fp8
-    storage to fit RAM."""
+    """CPU: everything in RAM. `auto` keeps what the file stores in fp8 as fp8 (bit-exact, half the
+    RAM), stores the rest in the compute dtype and falls back to bf16, then fp8 storage, to fit the
+    RAM; the VAE always stays in the compute dtype."""
     choices = {"auto": list(dict.fromkeys([compute, "bf16", "fp8_e4m3fn"])),
                "fp8": ["fp8_e4m3fn"]}.get(weights, [weights])
     for storage in choices:
-        decisions = tuple(Decision(c.name, storage if (storage != "fp8_e4m3fn" or c.name != "vae") else
-                                   "fp32", "cpu", c.bytes_at(storage), reason="no CUDA GPU: runs on the CPU",
-                                   estimated=c.estimated) for c in sizes)
-        plan = MemoryPlan(arch, device, compute, 0, ram_free, decisions, {}, False, False,
+        decisions = []
+        for c in sizes:
+            chosen, why = storage, "no CUDA GPU: runs on the CPU"
+            if c.name == "vae" and storage.startswith("fp8"):
+                chosen = compute
+            elif weights == "auto" and c.name != "vae" and c.file_dtype in FILE_DTYPE_STORAGE:
+                chosen, why = FILE_DTYPE_STORAGE[c.file_dtype], "stored so in the file (kept as is)"
+            decisions.append(Decision(c.name, chosen, "cpu", c.bytes_at(chosen), reason=why,
+                                      estimated=c.estimated))
+        plan = MemoryPlan(arch, device, compute, 0, ram_free, tuple(decisions), {}, False, False,
                           width, height, batch, tuple(notes))
         if ram_free is None or plan.ram_bytes + RAM_RESERVE <= ram_free:
             return plan
