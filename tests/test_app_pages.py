@@ -217,6 +217,55 @@ def test_compare_page_validates_and_submits(home, fake_engines):
     assert recipe.cell_count() == 3 * 2 * 3 and job.gpu
 
 
+def test_compare_z_axis_recipe_loads_into_the_form_and_saves_back_unchanged(home):
+    src = home / "recipes" / "xyz.yaml"
+    src.write_text(
+        "kind: grid\nname: xyz\ndefaults: {model: ../models/A.safetensors, prompt: a house}\n"
+        "x: {axis: cfg, values: [3.0, 7.0]}\n"
+        "y: {axis: sampler, values: [Euler a, DDIM]}\n"
+        "z: {axis: steps, values: 10-20 (+5), label: Steps}\n"
+        "seeds: [1, 2]\noutput: {dir: ../outputs/grids/xyz}\n")
+    at = open_page("compare")
+    at.text_input(key="grid.file").set_value("recipes/xyz.yaml")
+    at.button(key="grid.load").click().run()
+    assert any("loaded" in s.value for s in at.success), errors(at)
+    assert at.selectbox(key="grid.z.axis").value == "steps"
+    assert at.text_area(key="grid.z.values").value == "10-20 (+5)"
+    assert yaml.safe_load(at.text_area(key="grid.extra").value) == {"z": {"label": "Steps"}}
+    at.text_input(key="grid.file").set_value("recipes/xyz-copy.yaml")
+    at.button(key="grid.save").click().run()
+    assert any("saved" in s.value for s in at.success), errors(at)
+    before, after = load_recipe(src), load_recipe(home / "recipes" / "xyz-copy.yaml")
+    assert after.model_dump() == before.model_dump()
+    assert after.cell_count() == 2 * 2 * 3 * 2
+
+
+def test_compare_z_axis_errors_show_under_the_z_axis(home, fake_engines):
+    at = open_page("compare")
+    at.text_input(key="grid.model").set_value("models/A.safetensors")
+    at.selectbox(key="grid.x.axis").set_value("cfg").run()
+    at.text_area(key="grid.x.values").set_value("3, 7")
+    at.selectbox(key="grid.z.axis").set_value("steps").run()
+    at.text_area(key="grid.z.values").set_value("10-x")
+    at.button(key="grid.dry").click().run()
+    found = errors(at)
+    # claimed by the z widgets (unclaimed problems would be prefixed with the field name "z")
+    assert any(e.startswith("values") and "bad range '10-x'" in e for e in found), found
+    assert not any(e.startswith("z") for e in found), found
+    assert at.button(key="grid.submit").disabled
+    at.text_area(key="grid.z.values").set_value("10-20 (+5)")
+    at.button(key="grid.dry").click().run()
+    assert "a z axis needs a y axis" in errors(at), errors(at)
+    assert at.button(key="grid.submit").disabled
+    at.selectbox(key="grid.y.axis").set_value("prompt").run()
+    at.text_area(key="grid.y.values").set_value("a house\na tree")
+    at.checkbox(key="grid.clip").set_value(False)
+    dry_run_and_submit(at, "grid")
+    (job,) = jobs(home)
+    recipe = parse_recipe(job.recipe)
+    assert recipe.z.axis == "steps" and recipe.cell_count() == 2 * 2 * 3 * 3
+
+
 def test_jobs_page_shows_progress_log_results_and_cancels(home):
     store = JobStore(home / ".workbench" / "jobs.sqlite")
     done = store.submit("merge", "kind: merge", name="old")
@@ -366,3 +415,28 @@ def test_paths_from_the_yaml_box_are_checked_too(home, tmp_path_factory):
     assert any(e.startswith(f"{outside}/x.safetensors is outside the dashboard's folders")
                and "--outputs" in e for e in errors(at)), errors(at)
     assert at.button(key="merge.submit").disabled
+
+
+def test_jobs_page_deletes_finished_jobs_but_not_running_ones(home):
+    store = JobStore(home / ".workbench" / "jobs.sqlite")
+    done = store.submit("merge", "kind: merge", name="old")
+    store.claim(pid=os.getpid())
+    out = home / "outputs" / "old.safetensors"
+    out.write_bytes(b"0" * 10)
+    store.log(done, "wrote old.safetensors")
+    store.finish(done, "done", [str(out)])
+    running = store.submit("merge", "kind: merge", name="busy")
+    store.claim(pid=os.getpid())
+    at = open_page("jobs")
+    assert at.selectbox(key="jobs.selected").value == running
+    keys = {b.key for b in at.button}
+    assert f"jobs.delete.{running}" not in keys and f"jobs.cancel.{running}" in keys
+    at.selectbox(key="jobs.selected").set_value(done).run()
+    assert f"jobs.cancel.{done}" not in {b.key for b in at.button}
+    at.button(key=f"jobs.delete.{done}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [j.id for j in jobs(home)] == [running]
+    assert list(at.dataframe[0].value["id"]) == [running]
+    assert any(f"job #{done} deleted" in i.value for i in at.info)
+    assert store.log_tail(done) == [] and out.exists()  # the log goes, the output file stays
+    assert at.selectbox(key="jobs.selected").value == running

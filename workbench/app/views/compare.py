@@ -1,4 +1,4 @@
-"""Compare page: build an X/Y comparison grid (a grid recipe), then look at the grid with its
+"""Compare page: build an X/Y(/Z) comparison grid (a grid recipe), then look at the grid with its
 scores and the A/B statistics the grid engine wrote (scores.csv, scores.json, report.html)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ S = st.session_state
 INT_AXES = ("seed", "steps", "clip_skip")
 NUM_AXES = INT_AXES + ("cfg", "merge_alpha", "merge_beta")
 PATH_AXES = ("model", "lora")
+LETTERS = ("x", "y", "z")  # the grid's axes; y and z are optional (z needs y)
 _PLAIN = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*$")
 
 
@@ -31,7 +32,8 @@ def defaults(cfg: AppConfig) -> dict[str, Any]:
     return {"name": "my-grid", "model": "", "prompt": "", "negative": "", "sampler": "Euler a",
             "steps": 20, "cfg": 7.0, "width": 512, "height": 512,
             "x.axis": "model", "x.values": "", "x.recipe": "",
-            "y.axis": "none", "y.values": "", "y.recipe": "", "seeds": "1, 2, 3",
+            "y.axis": "none", "y.values": "", "y.recipe": "",
+            "z.axis": "none", "z.values": "", "z.recipe": "", "seeds": "1, 2, 3",
             "clip": True, "clip.weights": "", "aesthetic": False, "aesthetic.weights": "",
             "style": "", "out.dir": cfg.show(cfg.roots["outputs"][0] / "grids" / "my-grid")}
 
@@ -96,7 +98,7 @@ def to_data(get, cfg: AppConfig, problems: list) -> dict:
               "sampler": get("sampler"), "steps": get("steps"), "cfg": get("cfg"),
               "width": get("width"), "height": get("height")})
     data["defaults"] = d
-    for letter in ("x", "y"):
+    for letter in LETTERS:
         axis = _axis(get, letter, cfg, problems)
         if axis is not None:
             data[letter] = axis
@@ -136,7 +138,7 @@ def from_data(data: dict, cfg: AppConfig) -> dict[str, Any]:
         value = pop(data, "defaults", key)
         if value is not None:
             state[key] = float(value) if key == "cfg" else value
-    for letter in ("x", "y"):
+    for letter in LETTERS:
         axis = data.get(letter)
         if not isinstance(axis, dict):
             state[f"{letter}.axis"] = "none"
@@ -195,6 +197,7 @@ def draw(problems: forms.Problems, cfg: AppConfig) -> None:
     st.subheader("Axes")
     axis_widgets("x", problems, optional=False)
     axis_widgets("y", problems, optional=True)
+    axis_widgets("z", problems, optional=True)
     st.text_input("Seeds (the same for every cell: pairs the A/B comparison)", key=k("seeds"))
     problems.show("seeds")
     st.subheader("Scores")

@@ -1,7 +1,8 @@
-"""Jobs page: every job in the store, its progress with ETA, log tail, cancel, and results.
+"""Jobs page: every job in the store, its progress with ETA, log tail, cancel, delete, results.
 
-The page only reads the store (and asks it to cancel); workers do the work. The detail panel is a
-fragment that re-runs every second, so progress moves without reloading the page.
+The page only reads the store (and asks it to cancel, or to forget a finished job); workers do the
+work. The detail panel is a fragment that re-runs every second, so progress moves without reloading
+the page.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ def cancel(job_id: int) -> None:
                         f"job #{job_id}: cancel requested; the worker stops at its next step")
 
 
+def delete(job_id: int) -> None:
+    """Forget a finished job: its row, log and metrics go, its output files stay."""
+    removed = forms.job_store().delete(job_id)
+    S["jobs.notice"] = (f"job #{job_id} deleted (its output files are kept)" if removed else
+                        f"job #{job_id} is not finished; cancel it first")
+
+
 def detail(job_id: int) -> None:
     store = forms.job_store()
     job = store.get(job_id)
@@ -95,6 +103,9 @@ def detail(job_id: int) -> None:
         if job.active:
             st.button("Cancel job", key=f"jobs.cancel.{job.id}", on_click=cancel, args=(job.id,),
                       disabled=job.cancel_requested and job.status == "running")
+        else:
+            st.button("Delete job", key=f"jobs.delete.{job.id}", on_click=delete, args=(job.id,),
+                      help="removes the job and its log from this list; output files stay")
         show_results(job)
         st.markdown("**Log**")
         st.code("\n".join(store.log_tail(job.id, 40)) or "(empty)", language=None)
