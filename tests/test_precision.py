@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _denoiser_inputs import flux_inputs
+
 from workbench.core.precision import (apply_storage, castable_layers, file_fp8_storage, storage_dtype,
                                       stored_bytes)
 from workbench.errors import NotAvailableError
@@ -17,16 +19,6 @@ def flux_pipe(tmp_path_factory):
 
     path = build_tiny("flux", tmp_path_factory.mktemp("prec") / "flux.safetensors")
     return load_pipeline(path, "flux", torch_dtype=torch.float32)
-
-
-def flux_inputs(model, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    c = model.config
-    return dict(hidden_states=torch.randn(1, 16, c.in_channels, generator=g),
-                encoder_hidden_states=torch.randn(1, 8, c.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g),
-                timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-                guidance=torch.tensor([3.5]))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

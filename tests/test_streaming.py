@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _denoiser_inputs import flux_inputs
+
 from workbench.core.memory_plan import (GB, MB, DeviceInfo, component_sizes_from_pipeline,
                                         plan_memory)
 from workbench.core.streaming import ComponentStreamer, apply_plan, module_size, stream_units
@@ -27,16 +29,6 @@ def flux_ref(flux_pipe):
     inputs = flux_inputs(flux_pipe.transformer)
     with torch.no_grad():
         return inputs, flux_pipe.transformer(**inputs)[0]
-
-
-def flux_inputs(model, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    c = model.config
-    return dict(hidden_states=torch.randn(1, 16, c.in_channels, generator=g),
-                encoder_hidden_states=torch.randn(1, 8, c.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g),
-                timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-                guidance=torch.tensor([3.5]))
 
 
 def _hooks(module: torch.nn.Module) -> int:

@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+from _denoiser_inputs import denoiser_inputs
+
 from workbench.formats.hashes import addnet_hash
 from workbench.formats.safetensors_io import read_header
 from workbench.train.export import TrainFacts, kohya_state_dict, save_kohya, save_peft
@@ -45,23 +47,8 @@ def _trained(loaded, arch, kind="lora", rank=4, alpha=2.0, te=True, blocks=None)
 
 def _denoise(pipe, arch):
     torch.manual_seed(1)
-    if arch == "flux":
-        m = pipe.transformer
-        c = m.config
-        kw = dict(hidden_states=torch.randn(1, 4, c.in_channels),
-                  encoder_hidden_states=torch.randn(1, 3, c.joint_attention_dim),
-                  pooled_projections=torch.randn(1, c.pooled_projection_dim), timestep=torch.tensor([0.5]),
-                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3),
-                  guidance=torch.tensor([1.0]) if c.guidance_embeds else None)
-    else:
-        m = pipe.unet
-        c = m.config
-        kw = dict(sample=torch.randn(1, c.in_channels, 8, 8), timestep=torch.tensor([10]),
-                  encoder_hidden_states=torch.randn(1, 5, c.cross_attention_dim))
-        if arch == "sdxl":
-            kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, c.projection_class_embeddings_input_dim
-                                                                  - 6 * c.addition_time_embed_dim),
-                                       "time_ids": torch.randn(1, 6)}
+    m = pipe.transformer if arch == "flux" else pipe.unet
+    kw = denoiser_inputs(arch, m)
     with torch.no_grad():
         return m(**kw)[0]
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _denoiser_inputs import denoiser_inputs
+
 from workbench.errors import NotAvailableError, RecipeError
 from workbench.formats.safetensors_io import read_header
 from workbench.train.network import inject, plan_network, quantize_base
@@ -84,21 +86,7 @@ def test_inject_counts_freezes_and_starts_at_base(pipes, arch, kind):
     assert not frozen
     # a fresh adapter is the identity: same output as the base model
     torch.manual_seed(0)
-    if arch == "flux":
-        c = model.config
-        kw = dict(hidden_states=torch.randn(1, 4, c.in_channels),
-                  encoder_hidden_states=torch.randn(1, 3, c.joint_attention_dim),
-                  pooled_projections=torch.randn(1, c.pooled_projection_dim), timestep=torch.tensor([0.5]),
-                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3),
-                  guidance=torch.tensor([1.0]) if c.guidance_embeds else None)
-    else:
-        c = model.config
-        kw = dict(sample=torch.randn(1, c.in_channels, 8, 8), timestep=torch.tensor([10]),
-                  encoder_hidden_states=torch.randn(1, 5, c.cross_attention_dim))
-        if arch == "sdxl":
-            kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, c.projection_class_embeddings_input_dim
-                                                                  - 6 * c.addition_time_embed_dim),
-                                       "time_ids": torch.randn(1, 6)}
+    kw = denoiser_inputs(arch, model)
     with torch.no_grad():
         assert torch.allclose(model(**kw)[0], ref(**kw)[0], atol=1e-5)
 
