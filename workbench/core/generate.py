@@ -75,6 +75,8 @@ class Model:
     model_name: str = ""
     memory_plan: Any = None  # workbench.core.memory_plan.MemoryPlan when one was applied
     offload: Any = None  # the handle apply_plan returned (remove() undoes the hooks)
+    # LoRA files attached as peft adapters: (resolved path, size, mtime_ns) -> adapter name
+    lora_adapters: dict[tuple[str, int, int], str] = field(default_factory=dict)
 
     @classmethod
     def from_pipeline(cls, pipe, arch: str, *, name: str = "", model_hash: str = "",

@@ -44,14 +44,8 @@ def _check_lora(model: "Model", path: Path) -> None:
                              f"{model.model_name or ''} is {model.arch}")
 
 
-def _adapters(model: "Model") -> dict[tuple[str, int, int], str]:
-    if not hasattr(model, "_lora_adapters"):
-        model._lora_adapters = {}  # type: ignore[attr-defined]
-    return model._lora_adapters  # type: ignore[attr-defined]
-
-
 def _load(model: "Model", path: Path) -> str:
-    loaded = _adapters(model)
+    loaded = model.lora_adapters
     key = _key(path)
     if key in loaded:
         return loaded[key]
@@ -86,7 +80,7 @@ def _adapters_to_device(model: "Model") -> None:
 @contextmanager
 def attached_loras(model: "Model", loras: Sequence["LoraUse"]) -> Iterator[None]:
     """Inside the block exactly `loras` are active with their weights; others are off."""
-    loaded = _adapters(model)
+    loaded = model.lora_adapters
     if not loras:
         if loaded:
             model.pipe.disable_lora()
@@ -100,7 +94,7 @@ def attached_loras(model: "Model", loras: Sequence["LoraUse"]) -> Iterator[None]
 
 def unload_all(model: "Model") -> None:
     """Remove every adapter this module attached (the model returns to its plain weights)."""
-    loaded = _adapters(model)
+    loaded = model.lora_adapters
     if loaded:
         model.pipe.unload_lora_weights()
         loaded.clear()

@@ -67,22 +67,17 @@ def describe(recipe, overwrite: bool = False) -> tuple[list[str], list[str]]:
     if not Path(recipe.model).is_file():
         lines.append("memory plan: made when the folder is loaded (sizes come from its components)")
         return lines, problems
-    try:
-        from workbench.core import memory_plan  # noqa: F401 - the planner module (issue #4)
-        from workbench.core.generate import plan_for_file
-    except ImportError:  # pragma: no cover - planner not installed
-        return lines, problems
+    from workbench.core.generate import plan_for_file
+    from workbench.errors import WorkbenchError
+
     try:
         plan = plan_for_file(recipe.model, vram_budget_mb=recipe.memory.vram_budget_mb,
                              weights=recipe.memory.weights, device=recipe.memory.device,
                              width=recipe.width, height=recipe.height, batch=recipe.batch_size)
-        lines += ["memory plan:"] + ["  " + ln for ln in plan.render().splitlines()]
-    except Exception as e:  # noqa: BLE001 - a plan that cannot fit is a problem, not a crash
-        from workbench.errors import WorkbenchError
-
-        if not isinstance(e, WorkbenchError):
-            raise
+    except WorkbenchError as e:  # a plan that cannot fit is a problem of the dry run, not a crash
         problems.append(str(e))
+        return lines, problems
+    lines += ["memory plan:"] + ["  " + ln for ln in plan.render().splitlines()]
     return lines, problems
 
 

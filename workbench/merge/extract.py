@@ -30,6 +30,7 @@ from workbench.formats.lazy import open_lazy
 from workbench.formats.lora_keys import Target, kohya_modules, module_table
 from workbench.formats.safetensors_io import read_header
 from workbench.formats.writer import SafetensorsWriter
+from workbench.progress import task
 
 DTYPES = {"fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16"), "fp32": (torch.float32, "F32")}
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
@@ -151,27 +152,19 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, rank: int
     plan = plan_extraction(tuned, base, rank, conv_rank, components)
     meta = extraction_metadata(plan, rank, conv_rank, tuned, base,
                                {"tuned": sha256_file(tuned), "base": sha256_file(base)})
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(plan.modules), desc="extracting LoRA modules", dynamic_ncols=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open_lazy(tuned) as ft, open_lazy(base) as fb, \
-                SafetensorsWriter(out, plan.tensor_plan(st), meta, overwrite=overwrite) as writer:
-            for name, (t, r) in plan.modules.items():
-                delta = _weight(ft.get, t).float() - _weight(fb.get, t).float()
-                up, down = low_rank(delta.reshape(t.out_features, -1), r, clamp_quantile)
-                writer.write(f"{name}.alpha", torch.tensor(float(r), dtype=torch_dtype))
-                writer.write(f"{name}.lora_down.weight", down.reshape(r, t.in_features, *t.kernel).to(torch_dtype))
-                writer.write(f"{name}.lora_up.weight",
-                             up.reshape(t.out_features, r, *(1 for _ in t.kernel)).to(torch_dtype))
-                del delta, up, down
-                if bar:
-                    bar.update(1)
-    finally:
-        if bar:
-            bar.close()
+    with task("extracting LoRA modules", len(plan.modules), "module", bar=progress) as bar, \
+            open_lazy(tuned) as ft, open_lazy(base) as fb, \
+            SafetensorsWriter(out, plan.tensor_plan(st), meta, overwrite=overwrite) as writer:
+        for name, (t, r) in plan.modules.items():
+            delta = _weight(ft.get, t).float() - _weight(fb.get, t).float()
+            up, down = low_rank(delta.reshape(t.out_features, -1), r, clamp_quantile)
+            writer.write(f"{name}.alpha", torch.tensor(float(r), dtype=torch_dtype))
+            writer.write(f"{name}.lora_down.weight", down.reshape(r, t.in_features, *t.kernel).to(torch_dtype))
+            writer.write(f"{name}.lora_up.weight",
+                         up.reshape(t.out_features, r, *(1 for _ in t.kernel)).to(torch_dtype))
+            del delta, up, down
+            bar.advance(1)  # reports to the dashboard's job too; a cancel stops here, no file left
     return out
 
 
