@@ -122,6 +122,27 @@ def test_fp8_file_values_survive_16_bit_loading_bit_exactly(tmp_path):
     assert file_fp8_storage(read_header(tmp_path / "f16.safetensors")) is None
 
 
+def test_fp8_storage_scales_each_layer_so_small_weights_keep_their_bits():
+    """Weights of real-model size (~0.01) sit below e4m3fn's smallest normal (2^-6) when rounded
+    straight to fp8; one scale per layer keeps their mantissa bits (ComfyUI's scaled-fp8 scheme)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 256, generator=g) * 0.01
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(256, 256))
+    model[1].weight.data = w.clone()
+    x = torch.randn(8, 256, generator=g)
+    with torch.no_grad():
+        ref = model[1](x)
+        plain = torch.nn.functional.linear(x, w.to(torch.float8_e4m3fn).float(), model[1].bias)
+        handle = apply_storage(model, "fp8_e4m3fn", torch.float32)
+        assert model[1].weight.dtype == torch.float8_e4m3fn
+        assert model[1].fp8_scale == pytest.approx(float(w.abs().max()) / 448)
+        out = model[1](x)
+        handle.remove()
+    assert model[1].weight.dtype == torch.float32 and "fp8_scale" not in model[1].__dict__
+    assert _rel(out, ref) < 0.5 * _rel(plain, ref)
+    assert _rel(model[1].weight.detach(), w) < 0.05  # taken back off: the weight, not the fp8 values
+
+
 def test_nf4_needs_cuda_and_bitsandbytes():
     layer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     with pytest.raises(NotAvailableError, match="pip install bitsandbytes"):

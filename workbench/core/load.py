@@ -9,13 +9,17 @@ reach the network: `local_files_only=True` plus a local config folder keeps diff
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from workbench.errors import UnknownModelError
+from workbench.formats import scaled_fp8
 from workbench.formats.pipeline_config import config_dir
+from workbench.formats.safetensors_io import read_header
 
 # UNet architectures handled here; DiT architectures (sd3, flux) live in workbench.core.load_dit.
 UNET_PIPELINES = {
@@ -42,17 +46,53 @@ def quiet_diffusers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+@contextmanager
+def scaled_fp8_reading(path: str | os.PathLike, dtype: torch.dtype) -> Iterator[None]:
+    """While active, diffusers' single-file reader multiplies out ComfyUI scaled-fp8 layers of `path`.
+
+    diffusers reads the file itself inside `from_single_file` and would load the fp8 values without
+    their scales (a wrong model, no error). Its reader is wrapped for this one call only, and only
+    when the header shows scales; other files are read untouched.
+    """
+    path = Path(path)
+    layout = scaled_fp8.layout_of(read_header(path)) if path.is_file() else None
+    if layout is None:
+        yield
+        return
+    scaled_fp8.check_supported(layout, path)
+    from diffusers.loaders import single_file, single_file_model
+
+    original = single_file.load_single_file_checkpoint
+
+    def reading(source, *args, **kwargs):
+        checkpoint = original(source, *args, **kwargs)
+        if Path(str(source)).resolve() != path.resolve():
+            return checkpoint
+        return scaled_fp8.dequantize(checkpoint, dtype, path=path, metadata=read_header(path).metadata)
+
+    modules = (single_file, single_file_model)
+    for module in modules:
+        module.load_single_file_checkpoint = reading
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.load_single_file_checkpoint = original
+
+
 def load_pipeline(path: str | os.PathLike, arch: str, torch_dtype: torch.dtype = torch.float32,
                   **kwargs: Any):
     """A diffusers pipeline for the single file at `path` (arch: "sd15", "sdxl", "sd3", "flux").
 
-    Extra keyword arguments go to `from_single_file` (e.g. a replacement `scheduler=`).
+    Extra keyword arguments go to `from_single_file` (e.g. a replacement `scheduler=`). ComfyUI
+    scaled-fp8 files are read with their scales applied (`scaled_fp8_reading`).
     """
     quiet_diffusers()
     if arch in DIT_ARCHS:
         from workbench.core import load_dit  # written separately; imported only when needed
 
-        return load_dit.load_pipeline(path, arch, torch_dtype=torch_dtype, **kwargs)
+        with scaled_fp8_reading(path, torch_dtype):
+            return load_dit.load_pipeline(path, arch, torch_dtype=torch_dtype, **kwargs)
     if arch not in UNET_PIPELINES:
         known = ", ".join(sorted([*UNET_PIPELINES, *DIT_ARCHS]))
         raise UnknownModelError(f"{path}: cannot load architecture {arch!r}; expected one of {known}")
@@ -61,5 +101,6 @@ def load_pipeline(path: str | os.PathLike, arch: str, torch_dtype: torch.dtype =
     pipeline_class = getattr(diffusers, UNET_PIPELINES[arch])
     folder = config_dir(path, arch)
     options = {**_EXTRA_KWARGS[arch], **kwargs}
-    return pipeline_class.from_single_file(
-        str(Path(path)), config=str(folder), local_files_only=True, torch_dtype=torch_dtype, **options)
+    with scaled_fp8_reading(path, torch_dtype):
+        return pipeline_class.from_single_file(
+            str(Path(path)), config=str(folder), local_files_only=True, torch_dtype=torch_dtype, **options)

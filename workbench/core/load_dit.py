@@ -27,7 +27,7 @@ import torch
 from workbench.errors import FormatError
 from workbench.formats.pipeline_config import config_dir
 from workbench.formats.safetensors_io import read_header
-from workbench.formats import dit_keys
+from workbench.formats import dit_keys, scaled_fp8
 
 TRANSFORMER_PREFIX = "model.diffusion_model."
 # Canonical (ComfyUI all-in-one) prefix of each component; split files are read into this namespace.
@@ -43,12 +43,17 @@ PART_ALIASES = {"clip_l": "text_encoder", "t5xxl": "text_encoder_2", "ae": "vae"
 
 # ---------------------------------------------------------------------------------------- reading
 
-def _read(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensors under `prefix` (removed) from one safetensors file; other tensors are not read."""
+def _read(path: str | os.PathLike, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors under `prefix` (removed) from one safetensors file; other tensors are not read.
+
+    ComfyUI scaled-fp8 layers come back multiplied out, in `dtype` (`formats.scaled_fp8`).
+    """
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        metadata = f.metadata() or {}
+    return scaled_fp8.dequantize(tensors, dtype, path=path, metadata=metadata)
 
 
 def _kind(keys: set[str]) -> str | None:
@@ -177,7 +182,7 @@ def load_flux_transformer(path: str | os.PathLike, folder: Path, dtype: torch.dt
     from diffusers import FluxTransformer2DModel
 
     prefix = _bare_prefix(Path(path), "double_blocks.") if prefix is None else prefix
-    converted = dit_keys.flux_to_diffusers(_read(path, prefix))
+    converted = dit_keys.flux_to_diffusers(_read(path, prefix, dtype))
     model = FluxTransformer2DModel.from_single_file(converted, config=str(folder), subfolder="transformer",
                                                     local_files_only=True, torch_dtype=dtype)
     _no_meta(model, f"{path}: FLUX transformer")
@@ -209,7 +214,7 @@ def load_sd3_pipeline(path: str | os.PathLike, torch_dtype: torch.dtype = torch.
     folder = config_dir(path, "sd3")
     keys = read_header(path).tensors
     if "text_encoder_3" not in kwargs and any(k.startswith(SD3_PREFIXES["text_encoder_3"]) for k in keys):
-        kwargs["text_encoder_3"] = load_t5(_read(path, SD3_PREFIXES["text_encoder_3"]), folder,
+        kwargs["text_encoder_3"] = load_t5(_read(path, SD3_PREFIXES["text_encoder_3"], torch_dtype), folder,
                                            "text_encoder_3", torch_dtype)
     pipe = StableDiffusion3Pipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
                                                      torch_dtype=torch_dtype, **kwargs)
@@ -235,7 +240,7 @@ def load_flux_pipeline(path_or_parts: str | os.PathLike | Mapping[str, str | os.
                               "and t5xxl files as well")
         folder = config_dir(path, "flux")
         kwargs.setdefault("transformer", load_flux_transformer(path, folder, torch_dtype))
-        kwargs.setdefault("text_encoder_2", load_t5(_read(path, FLUX_PREFIXES["text_encoder_2"]), folder,
+        kwargs.setdefault("text_encoder_2", load_t5(_read(path, FLUX_PREFIXES["text_encoder_2"], torch_dtype), folder,
                                                     "text_encoder_2", torch_dtype))
         pipe = FluxPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
                                              torch_dtype=torch_dtype, **kwargs)
@@ -251,9 +256,10 @@ def load_flux_pipeline(path_or_parts: str | os.PathLike | Mapping[str, str | os.
                 str(parts["vae"]), config=str(folder), subfolder="vae", local_files_only=True,
                 torch_dtype=torch_dtype),
             "text_encoder": kwargs.pop("text_encoder", None) or load_clip(
-                _read(parts["text_encoder"]), folder, "text_encoder", "CLIPTextModel", torch_dtype),
+                _read(parts["text_encoder"], "", torch_dtype), folder, "text_encoder", "CLIPTextModel",
+                torch_dtype),
             "text_encoder_2": kwargs.pop("text_encoder_2", None) or load_t5(
-                _read(parts["text_encoder_2"]), folder, "text_encoder_2", torch_dtype),
+                _read(parts["text_encoder_2"], "", torch_dtype), folder, "text_encoder_2", torch_dtype),
         }
         components.update(_tokenizers_and_scheduler(folder, {
             "tokenizer": "CLIPTokenizer", "tokenizer_2": "T5TokenizerFast",

@@ -248,8 +248,15 @@ def _initial_storage(c: ComponentSize, weights: str, compute: str) -> tuple[str,
     if weights == "nf4" and c.name in DENOISERS:
         return "nf4", "asked for nf4"
     if weights == "auto" and c.file_dtype in FILE_DTYPE_STORAGE and c.name != "vae":
-        return FILE_DTYPE_STORAGE[c.file_dtype], "stored so in the file (kept as is)"
+        return _file_fp8(c)
     return compute, "fits"
+
+
+def _file_fp8(c: ComponentSize) -> tuple[str, str]:
+    """The storage and reason for a component the file already holds in fp8."""
+    if c.scaled_fp8:
+        return FILE_DTYPE_STORAGE[c.file_dtype], "scaled fp8 in the file (kept in fp8, one scale per layer)"
+    return FILE_DTYPE_STORAGE[c.file_dtype], "stored so in the file (kept as is)"
 
 
 class _Planner:
@@ -481,7 +488,7 @@ def _plan_cpu(sizes, arch, weights, device, compute, ram_free, width, height, ba
             if c.name == "vae" and storage.startswith("fp8"):
                 chosen = compute
             elif weights == "auto" and c.name != "vae" and c.file_dtype in FILE_DTYPE_STORAGE:
-                chosen, why = FILE_DTYPE_STORAGE[c.file_dtype], "stored so in the file (kept as is)"
+                chosen, why = _file_fp8(c)
             decisions.append(Decision(c.name, chosen, "cpu", c.bytes_at(chosen), reason=why,
                                       estimated=c.estimated))
         plan = MemoryPlan(arch, device, compute, 0, ram_free, tuple(decisions), {}, False, False,

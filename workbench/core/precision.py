@@ -12,10 +12,17 @@ and last layers (`conv_in`/`proj_in`/`conv_out`/`proj_out` at the top level, and
 the first parameter: diffusers and transformers read `model.dtype` from it and cast inputs to it),
 and a model's `_keep_in_fp32_modules` (T5's `wo`, whose caller casts activations to its weight dtype).
 
+Each layer is stored with one scale (fp8 value x scale = weight), chosen so that its largest
+weight lands on the format's largest value: fp8 has few exponent steps, and weights rounded straight
+to e4m3fn (smallest normal 2^-6) lose most of their bits when they are small, as most are. The
+upcast multiplies the scale back in; it is the tensor-wise scheme of ComfyUI's "scaled fp8" files.
+
 Already-fp8 single files: every e4m3fn and e5m2 value is exactly representable in fp16 and bf16, so
-a file loaded through a 16-bit dtype and stored back in the file's own fp8 format holds bit-identical
-weights: "load as they are" needs nothing but choosing the file's format (the planner does:
-`ComponentSize.file_dtype`). `file_fp8_storage` names that format from a header.
+a plain fp8 file loaded through a 16-bit dtype is stored back with scale 1 in the file's own format,
+bit-identical (a weight that fp8 holds exactly is never rescaled): "load as they are" needs nothing
+but choosing the file's format (the planner does: `ComponentSize.file_dtype`). Scaled-fp8 files are
+multiplied out while loading (`formats.scaled_fp8`) and come back here to nearly their own values.
+`file_fp8_storage` names a file's fp8 format from its header.
 
 NF4 goes through bitsandbytes `Linear4bit` on a CUDA GPU (optional dependency).
 """
@@ -92,8 +99,23 @@ class StorageHandle:
         if self.storage != "nf4":
             for layer in self.layers:
                 layer.weight.data = layer.weight.data.to(self.compute_dtype)
+                scale = layer.__dict__.pop("fp8_scale", 1.0)
+                if scale != 1.0:
+                    layer.weight.data.mul_(scale)
                 layer.__dict__.pop("compute_dtype", None)
         self.layers.clear()
+
+
+def to_scaled_fp8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """(fp8 tensor, scale) with fp8 x scale ~= weight; scale 1 where fp8 already holds it exactly."""
+    as_fp8 = weight.to(dtype)
+    if torch.equal(as_fp8.to(weight.dtype), weight):
+        return as_fp8, 1.0
+    amax = float(weight.abs().max())
+    if not amax or not torch.isfinite(torch.tensor(amax)):
+        return as_fp8, 1.0
+    scale = amax / torch.finfo(dtype).max
+    return (weight.to(torch.float32) / scale).to(dtype), scale
 
 
 def _upcast_hooks(layer: nn.Module, compute_dtype: torch.dtype) -> list:
@@ -103,6 +125,9 @@ def _upcast_hooks(layer: nn.Module, compute_dtype: torch.dtype) -> list:
     def pre(mod, args):
         stored.append(mod.weight.data)
         mod.weight.data = mod.weight.data.to(compute_dtype)
+        scale = getattr(mod, "fp8_scale", 1.0)
+        if scale != 1.0:
+            mod.weight.data.mul_(scale)
 
     def post(mod, args, output):
         if stored:
@@ -116,7 +141,8 @@ def apply_storage(module: nn.Module, storage: str, compute_dtype: torch.dtype, *
     """Store `module`'s castable weights as `storage`, computing in `compute_dtype`.
 
     The module should already be in `compute_dtype` (as loaded). Weights already in the storage
-    dtype (an fp8 file kept as is) are not touched. For nf4, `device` must be a CUDA device: each
+    dtype, or exactly representable in it (an fp8 file kept as is), keep their values; others get a
+    per-layer scale (`to_scaled_fp8`). For nf4, `device` must be a CUDA device: each
     Linear is replaced by a bitsandbytes Linear4bit there (not undone by `remove()`).
     """
     handle = StorageHandle(module, storage, compute_dtype)
@@ -130,7 +156,9 @@ def apply_storage(module: nn.Module, storage: str, compute_dtype: torch.dtype, *
     for _, layer in castable_layers(module):
         w = layer.weight.data
         if w.dtype != dtype:  # rounding on the GPU when there is one: far faster than the CPU's
-            layer.weight.data = w.to(via).to(dtype).to(w.device) if via is not None else w.to(dtype)
+            stored, scale = to_scaled_fp8(w.to(via) if via is not None else w, dtype)
+            layer.weight.data = stored.to(w.device)
+            layer.fp8_scale = scale
         handle.layers.append(layer)
         handle.hooks += _upcast_hooks(layer, compute_dtype)
         # peft gives a LoRA added later the dtype of its base layer's `compute_dtype` when there is

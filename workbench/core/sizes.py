@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from workbench.formats.scaled_fp8 import SCALE_SUFFIXES
+
 
 MB = 10**6
 GB = 10**9
@@ -41,6 +43,7 @@ class ComponentSize:
     largest_layer: int = 0
     file_dtype: str = "F16"
     estimated: bool = False      # not in the file: a standard component's size, assumed
+    scaled_fp8: bool = False     # ComfyUI scaled fp8 (formats.scaled_fp8): fp8 values x layer scales
 
     @property
     def stage(self) -> str:
@@ -115,8 +118,9 @@ def _size_from_keys(name: str, infos: Mapping[str, object]) -> ComponentSize:
             order = BLOCK_ORDER.index(root) if root in BLOCK_ORDER else len(BLOCK_ORDER)
             blocks[(order, int(num))] = blocks.get((order, int(num)), 0) + n
     file_dtype = max(by_dtype, key=by_dtype.get) if by_dtype else "F16"
+    scaled = any(key.endswith(SCALE_SUFFIXES) for key in infos)
     return ComponentSize(name, params, cast, linear, tuple(blocks[k] for k in sorted(blocks)),
-                         largest, file_dtype)
+                         largest, file_dtype, scaled_fp8=scaled)
 
 
 def _standard(arch: str, name: str) -> ComponentSize | None:

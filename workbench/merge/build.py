@@ -17,6 +17,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.formats.blocks import block_of, component_of, parse_block_values
 from workbench.formats.detect import ModelInfo, detect
+from workbench.formats import scaled_fp8
 from workbench.formats.safetensors_io import SafetensorsHeader, read_header, torch_dtype
 from workbench.formats.writer import st_dtype_of
 from workbench.merge.executor import CHUNK, OutputKey
@@ -68,6 +69,7 @@ def read_inputs(models: dict[str, Path]) -> dict[str, MergeInput]:
         if not Path(path).is_file():
             raise WorkbenchError(f"model {name}: {path}: file not found")
         header = read_header(path)
+        scaled_fp8.refuse_raw_use(header, f"model {name}: {path}", "a merge")
         info = detect(header)
         if info.kind not in MERGEABLE_KINDS and info.kind != "lora":  # LoRAs: see merge/lora.py
             raise WorkbenchError(f"model {name}: {path} is a {info.arch} {info.kind}; merge steps take "

@@ -28,6 +28,7 @@ from workbench.errors import WorkbenchError
 from workbench.formats.detect import detect
 from workbench.formats.lazy import open_lazy
 from workbench.formats.lora_keys import Target, kohya_modules, module_table
+from workbench.formats import scaled_fp8
 from workbench.formats.safetensors_io import read_header
 from workbench.formats.writer import SafetensorsWriter
 from workbench.progress import task
@@ -66,6 +67,8 @@ def plan_extraction(tuned: Path, base: Path, rank: int, conv_rank: int | None,
                     components: tuple[str, ...], check_identical: bool = True) -> ExtractPlan:
     """Modules and ranks, from headers (and, when `check_identical`, one pass over both files)."""
     th, bh = read_header(tuned), read_header(base)
+    scaled_fp8.refuse_raw_use(th, f"tuned: {tuned}", "LoRA extraction")
+    scaled_fp8.refuse_raw_use(bh, f"base: {base}", "LoRA extraction")
     ti, bi = detect(th), detect(bh)
     for label, path, info in (("tuned", tuned, ti), ("base", base, bi)):
         if info.kind == "lora":

@@ -1,0 +1,161 @@
+"""ComfyUI scaled-fp8 files (old `scale_weight` + marker layout, new `weight_scale` + `comfy_quant`
+layout) load as their multiplied-out weights, on tiny real-layout SD1.5 and split FLUX files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from workbench.core.load import load_pipeline
+from workbench.errors import FormatError, WorkbenchError
+from workbench.formats import scaled_fp8
+
+FP8 = torch.float8_e4m3fn
+
+
+def _read(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def write_scaled(src, scaled_path, plain_path, *, prefix: str, layout: str) -> int:
+    """Write `src` as a ComfyUI scaled-fp8 file (every >=2-D float weight under `prefix`), and the
+    same weights multiplied out in fp32 as a plain file. Returns the number of scaled layers."""
+    tensors = _read(src)
+    scaled, plain, n = {}, {}, 0
+    for key, w in tensors.items():
+        if key.startswith(prefix) and key.endswith(".weight") and w.ndim >= 2 and w.is_floating_point():
+            layer = key[: -len(".weight")]
+            scale = w.float().abs().max() / torch.finfo(FP8).max
+            q = (w.float() / scale).to(FP8)
+            scaled[key] = q
+            if layout == "old":
+                scaled[layer + ".scale_weight"] = scale.reshape(())
+                scaled[layer + ".scale_input"] = torch.ones(())
+            else:
+                scaled[layer + ".weight_scale"] = scale.reshape(())
+                scaled[layer + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'),
+                                                              dtype=torch.uint8)
+            plain[key] = q.float() * scale
+            n += 1
+        else:
+            scaled[key] = plain[key] = w
+    if layout == "old":
+        scaled[prefix + "scaled_fp8"] = torch.empty(0, dtype=FP8)
+    save_file(scaled, str(scaled_path))
+    save_file(plain, str(plain_path))
+    return n
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, different[:5]
+
+
+def test_old_layout_sd15_file_loads_as_its_multiplied_out_weights(tmp_path, tiny_sd15):
+    scaled, plain = tmp_path / "scaled.safetensors", tmp_path / "plain.safetensors"
+    n = write_scaled(tiny_sd15["A"], scaled, plain, prefix="model.diffusion_model.", layout="old")
+    assert n > 50
+    ours = load_pipeline(scaled, "sd15", torch_dtype=torch.float32)
+    ref = load_pipeline(plain, "sd15", torch_dtype=torch.float32)
+    _same_state(ours.unet, ref.unet)
+    _same_state(ours.text_encoder, ref.text_encoder)
+    # what a loader that ignores the scales would hold: the raw fp8 values, not the weights
+    raw = _read(scaled)["model.diffusion_model.input_blocks.1.0.in_layers.2.weight"].float()
+    conv = ours.unet.down_blocks[0].resnets[0].conv1.weight
+    assert not torch.allclose(conv, raw) and raw.abs().max() == torch.finfo(FP8).max
+
+
+def test_auto_plan_keeps_a_scaled_unet_in_fp8_with_its_own_values(tmp_path, tiny_sd15):
+    """Under `auto` the planner keeps an fp8 file in fp8; a scaled file's layers come back to the
+    file's fp8 values and scale (to_scaled_fp8 recovers them), not to unscaled rounding."""
+    from workbench.core.generate import ImageSettings, generate, load_model
+
+    scaled, plain = tmp_path / "scaled.safetensors", tmp_path / "plain.safetensors"
+    write_scaled(tiny_sd15["A"], scaled, plain, prefix="model.diffusion_model.", layout="old")
+    model = load_model(scaled, device="cpu")
+    unet = model.memory_plan.decision("unet")
+    assert unet.storage == "fp8_e4m3fn" and "scaled fp8 in the file" in unet.reason
+    conv = model.pipe.unet.down_blocks[0].resnets[0].conv1
+    stored = _read(scaled)
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2"
+    assert conv.weight.dtype == FP8
+    assert conv.fp8_scale == pytest.approx(float(stored[key + ".scale_weight"]), rel=1e-6)
+    same = (conv.weight.view(torch.uint8) == stored[key + ".weight"].view(torch.uint8)).float().mean()
+    assert same > 0.999
+    img = generate(model, ImageSettings("a cat", steps=2, width=64, height=64), [1])[0]
+    ref = generate(load_model(plain, device="cpu", weights="fp32"),
+                   ImageSettings("a cat", steps=2, width=64, height=64), [1])[0]
+    import numpy as np
+
+    diff = np.abs(np.asarray(img.image, dtype=int) - np.asarray(ref.image, dtype=int))
+    assert diff.max() <= 2
+
+
+def test_split_flux_with_scaled_t5_and_transformer(tmp_path):
+    """Forge/ComfyUI FLUX folders: t5xxl in the new layout (weight_scale + comfy_quant), the
+    transformer in the old one with a bare `scaled_fp8` marker; both load multiplied out."""
+    from workbench.testing import flux
+
+    parts = flux.build_split(tmp_path / "src", "dev")
+    ours, ref = tmp_path / "ours", tmp_path / "ref"
+    ours.mkdir(), ref.mkdir()
+    for comp, path in parts.items():
+        if comp == "text_encoder_2":
+            write_scaled(path, ours / path.name, ref / path.name, prefix="", layout="new")
+        elif comp == "transformer":
+            write_scaled(path, ours / path.name, ref / path.name, prefix="", layout="old")
+        else:
+            shutil.copy(path, ours / path.name)
+            shutil.copy(path, ref / path.name)
+    assert "scaled_fp8" in _read(ours / parts["transformer"].name)
+    a = load_pipeline(ours, "flux", torch_dtype=torch.float32)
+    b = load_pipeline(ref, "flux", torch_dtype=torch.float32)
+    _same_state(a.text_encoder_2, b.text_encoder_2)
+    _same_state(a.transformer, b.transformer)
+
+
+def test_unsupported_formats_and_bad_scales_are_refused_with_the_layer(tmp_path, tiny_sd15):
+    tensors = _read(tiny_sd15["A"])
+    layer = "model.diffusion_model.input_blocks.1.0.in_layers.2"
+    meta = {scaled_fp8.METADATA_KEY: json.dumps({"layers": {layer: {"format": "nvfp4"}}})}
+    path = tmp_path / "nvfp4.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(FormatError, match=r"nvfp4\.safetensors.*in_layers\.2.*'nvfp4'"):
+        load_pipeline(path, "sd15", torch_dtype=torch.float32)
+
+    w = torch.randn(4, 4)
+    with pytest.raises(FormatError, match=r"m\.safetensors.*shape \(4,\).*one number per layer"):
+        scaled_fp8.dequantize({"a.weight": w.to(FP8), "a.weight_scale": torch.ones(4)}, torch.float32,
+                              path="m.safetensors")
+    with pytest.raises(FormatError, match="has no weight 'b.weight'"):
+        scaled_fp8.dequantize({"b.scale_weight": torch.ones(())}, torch.float32)
+    out = scaled_fp8.dequantize({"a.weight": w, "b": w}, torch.float32)
+    assert out.keys() == {"a.weight", "b"} and out["a.weight"] is w  # unscaled dicts pass through
+
+
+def test_merge_and_extraction_refuse_a_scaled_file(tmp_path, tiny_sd15):
+    """They read stored tensors one by one; combining fp8 values without scales would be silent garbage."""
+    from workbench.merge.extract import plan_extraction
+    from workbench.recipes import parse_recipe
+    from workbench.runner import run_recipe
+
+    scaled, plain = tmp_path / "scaled.safetensors", tmp_path / "plain.safetensors"
+    write_scaled(tiny_sd15["A"], scaled, plain, prefix="model.diffusion_model.", layout="old")
+    out = tmp_path / "out.safetensors"
+    recipe = parse_recipe(
+        f"kind: merge\nname: s\nmodels: {{A: {scaled}, B: {tiny_sd15['B']}}}\n"
+        f"steps:\n  - {{id: m, method: weighted_sum, inputs: [A, B], alpha: 0.5}}\n"
+        f"output: {{path: {out}}}\n", tmp_path / "s.yaml")
+    with pytest.raises(WorkbenchError, match=r"model A: .*scaled\.safetensors: a ComfyUI scaled-fp8 file.*scale"):
+        run_recipe(recipe, progress=False)
+    assert not out.exists()
+    with pytest.raises(FormatError, match=r"base: .*scaled\.safetensors: a ComfyUI scaled-fp8"):
+        plan_extraction(tiny_sd15["B"], scaled, 4, None, ("unet",))
