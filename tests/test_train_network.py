@@ -106,10 +106,17 @@ def test_fp8_base_stores_fp8_and_trains_fp32(pipes):
     x = torch.randn(2, 32)
     lin = next(m for m in pipe.unet.modules() if type(m) is torch.nn.Linear and m.in_features == 32)
     want = lin(x).detach()
+    from workbench.core.precision import apply_storage
+
+    # generation's fp8 storage of the same layer: a LoRA is previewed on the base it trained on
+    preview = torch.nn.Sequential(torch.nn.Linear(1, 1), copy.deepcopy(lin))
+    apply_storage(preview, "fp8_e4m3fn", torch.float32)
     n = quantize_base(pipe.unet, "fp8", torch.bfloat16)
-    assert n > 0 and lin.weight.dtype == torch.float8_e4m3fn
+    assert n > 0 and lin.weight.dtype == torch.float8_e4m3fn and lin.fp8_scale != 1.0
     got = lin(x).detach()
     assert not torch.equal(got, want) and torch.allclose(got, want, rtol=0.1, atol=0.1)
+    assert torch.equal(lin.weight.view(torch.uint8), preview[1].weight.view(torch.uint8))
+    assert torch.equal(got, preview[1](x).detach())
     net = inject(pipe, plan_network("sd15", _shapes(path), rank=2, alpha=1))
     assert all(p.dtype == torch.float32 for p in net.named_trainable().values())
     with pytest.raises(NotAvailableError if not _has_bnb() else Exception):

@@ -329,11 +329,18 @@ def _all_paths(net: Network):
 # --------------------------------------------------------------------------------- low-bit base
 
 class Fp8Linear(torch.nn.Linear):
-    """A frozen Linear whose weight is stored as float8_e4m3fn and upcast for each matmul."""
+    """A frozen Linear whose weight is stored as float8_e4m3fn (x `fp8_scale`) and upcast for each
+    matmul; the same fp8 values and scale as `core.precision` stores for generation, so a LoRA is
+    previewed on exactly the base it was trained on."""
+
+    fp8_scale: float = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+        weight = self.weight.to(x.dtype)
+        if self.fp8_scale != 1.0:
+            weight = weight * self.fp8_scale
+        return torch.nn.functional.linear(x, weight, bias)
 
 
 def quantize_base(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
@@ -343,10 +350,13 @@ def quantize_base(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype)
         return 0
     linears = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear]
     if mode == "fp8":
+        from workbench.core.precision import to_scaled_fp8
+
         for _, m in linears:
             m.weight.requires_grad_(False)
-            m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+            m.weight.data, scale = to_scaled_fp8(m.weight.data, torch.float8_e4m3fn)
             m.__class__ = Fp8Linear
+            m.fp8_scale = scale
         return len(linears)
     if mode == "nf4":
         try:
