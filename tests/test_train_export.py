@@ -101,6 +101,7 @@ def test_alpha_metadata_sidecar_hash(loaded, tmp_path):
     assert m["modelspec.trigger_phrase"] == "wbstyle" and m["ss_output_name"] == "a"
     assert m["workbench_recipe"].startswith("kind: train")
     assert m["sshs_model_hash"] == addnet_hash(out, use_cache=False)
+    assert len(m["sshs_legacy_hash"]) == 8
     side = json.loads((tmp_path / "a.json").read_text())
     assert side["activation text"] == "wbstyle" and side["sd version"] == "SD1"
     assert side["preferred weight"] == 1.0
@@ -197,3 +198,30 @@ def test_lycoris_layouts_match_the_trained_delta(loaded, kind):
         assert torch.allclose(torch.nn.functional.linear(x, merged, layer.base_layer.bias), want, atol=1e-5)
     else:
         assert torch.allclose(d, _peft_delta(layer), atol=1e-6)
+
+
+def test_legacy_hash_is_the_64k_at_1mib_of_the_ss_only_file():
+    """lora.md: sshs_legacy_hash = sha256 of bytes [1 MiB, 1 MiB + 64 KiB) of the file safetensors
+    writes with only the ss_* metadata; a LoRA above 1 MiB so the window holds tensor bytes."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from workbench.train.export import legacy_hash
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"lora_unet_x.lora_down.weight": torch.randn(64, 4096, generator=g).half(),
+               "lora_unet_x.lora_up.weight": torch.randn(4096, 64, generator=g).half(),
+               "lora_unet_x.alpha": torch.tensor(8.0).half()}
+    meta = {"ss_network_dim": "64", "modelspec.title": "x", "sshs_model_hash": "abc"}
+    got = legacy_hash(tensors, meta)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/ss_only.safetensors"
+        save_file(tensors, path, metadata={"ss_network_dim": "64"})
+        with open(path, "rb") as f:
+            f.seek(0x100000)
+            want = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    assert got == want
+    assert legacy_hash(tensors, {**meta, "ss_training_comment": "a longer header"}) != got  # it moves

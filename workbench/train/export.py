@@ -96,6 +96,16 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def legacy_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """kohya's `sshs_legacy_hash`: the old 8-hex AddNet hash, sha256 of the 64 KiB at offset 1 MiB of
+    the file safetensors would write with only the `ss_*` metadata (lora.md, "Hashes")."""
+    from safetensors.torch import save
+
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=ss_only)
+    return hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
 @dataclass
 class TrainFacts:
     """What the loop knows when it saves: filled by the runner, turned into metadata here."""
@@ -179,6 +189,7 @@ def lora_metadata(net: Network, facts: TrainFacts, tensors: dict[str, torch.Tens
     if facts.training.get("clip_skip"):
         out["modelspec.encoder_layer"] = str(facts.training["clip_skip"])
     out["sshs_model_hash"] = payload_sha256(tensors)
+    out["sshs_legacy_hash"] = legacy_hash(tensors, out)
     if facts.recipe_text:
         out["workbench_recipe"] = facts.recipe_text
     out["workbench_version"] = __version__
