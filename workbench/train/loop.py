@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,7 +298,14 @@ class Trainer:
             for c, m in net.models.items():
                 if c.startswith("text_encoder") and hasattr(m, "gradient_checkpointing_enable"):
                     m.gradient_checkpointing_enable()
+        if self.acc.num_processes > 1:
+            _ddp_syncs_only_trainable(self.denoiser)
         self.model, self.optimizer = self.acc.prepare(self.denoiser, self.optimizer)
+        # trainable parameters DDP does not wrap (text-encoder LoRA): their gradients are averaged
+        # across processes by hand in train_step
+        wrapped = {id(p) for p in self.denoiser.parameters()}
+        self.unwrapped_params = [p for g in self.optimizer.param_groups for p in g["params"]
+                                 if id(p) not in wrapped]
         self.state = LoopState()
 
     # -- one micro-batch
@@ -330,6 +338,11 @@ class Trainer:
             loss = self.micro_loss(batches[rank], step_generator(self.s.seed, step, micro * world + rank))
             self.acc.backward(loss / accum)
             total += loss.detach().float().item() / accum
+        if world > 1:
+            for p in self.unwrapped_params:
+                if p.grad is not None:
+                    p.grad = self.acc.reduce(p.grad, "mean")
+            total = float(self.acc.reduce(torch.tensor([total], device=self.device), "mean")[0])
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.s.max_grad_norm and self.s.max_grad_norm > 0:
             self.acc.clip_grad_norm_(params, self.s.max_grad_norm)
@@ -344,13 +357,15 @@ class Trainer:
         hooks = hooks or Hooks()
         end = min(self.s.max_steps, stop_at or self.s.max_steps)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        main = self.acc.is_main_process
         curve = self.out_dir / "loss.csv"
-        write_curve(curve, self.state.losses)
+        if main:
+            write_curve(curve, self.state.losses)
         for m in self.net.models.values():
             m.train()
         start = time.perf_counter() - self.state.elapsed_s
-        with task("training", self.s.max_steps, "step", bar=progress) as bar, \
-                open(curve, "a", newline="") as f:
+        with task("training", self.s.max_steps, "step", bar=progress and main) as bar, \
+                open(curve if main else os.devnull, "a", newline="") as f:
             bar.advance(self.state.step)
             writer = csv.DictWriter(f, LOSS_FIELDS)
             while self.state.step < end:
@@ -364,7 +379,7 @@ class Trainer:
                 row = {"step": step + 1, "loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
                        "epoch": self.data.sampler.epoch, "elapsed_s": round(self.state.elapsed_s, 3)}
                 self.state.losses.append(row)
-                if self.acc.is_main_process:
+                if main:
                     writer.writerow(row)
                     f.flush()
                 if hooks.on_step:
@@ -392,6 +407,18 @@ class Trainer:
         for m in self.net.models.values():
             m.train()
         return total / n
+
+
+def _ddp_syncs_only_trainable(model: torch.nn.Module) -> None:
+    """DDP broadcasts every parameter and buffer from process 0 when it wraps a model, and buffers
+    again at each forward. The frozen base is the same file in every process, so only the LoRA
+    needs it: skipping the base avoids sending gigabytes at start (and fp8 tensors, which the
+    collective backends may not take)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    frozen += [n for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
 
 
 def write_curve(path: Path, rows: list[dict[str, float]]) -> None:

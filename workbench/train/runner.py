@@ -105,6 +105,19 @@ def _latent_encoder(vae, arch: str, device):
     return encode, f"mode;fp32;sf={sf};shift={shift}"
 
 
+def _accelerator(settings, device: str | None):
+    """The run's Accelerator, made first: under `accelerate launch` it names this process's GPU
+    (cuda:<local rank>), which everything is then placed on. Resolves `settings.mixed_precision`."""
+    from accelerate import Accelerator
+
+    from workbench.train.loop import resolve_precision
+
+    cpu = (device or "").startswith("cpu") or (device is None and not torch.cuda.is_available())
+    settings.mixed_precision = resolve_precision(settings.mixed_precision,
+                                                 torch.device("cpu" if cpu else "cuda"))
+    return Accelerator(mixed_precision=settings.mixed_precision, cpu=cpu)
+
+
 def build_trainer(recipe, *, out_dir: Path, cache_root: Path | None = None, device: str | None = None):
     """Everything up to the first step: returns (trainer, context dict)."""
     from workbench.core.load import load_pipeline
@@ -114,8 +127,7 @@ def build_trainer(recipe, *, out_dir: Path, cache_root: Path | None = None, devi
                                        text_batch)
     from workbench.train.captions import fixed_captions
     from workbench.train.check import require_clean
-    from workbench.train.loop import (DataSource, Trainer, TrainSettings, WEIGHT_DTYPE, encode_text,
-                                      resolve_precision)
+    from workbench.train.loop import DataSource, Trainer, TrainSettings, WEIGHT_DTYPE, encode_text
     from workbench.train.network import inject, plan_for_base, quantize_base
 
     base = Path(recipe.base)
@@ -123,8 +135,8 @@ def build_trainer(recipe, *, out_dir: Path, cache_root: Path | None = None, devi
     report = require_clean(_check(recipe))
     caching = caching_plan(recipe)
     settings = TrainSettings.from_recipe(recipe)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    settings.mixed_precision = resolve_precision(settings.mixed_precision, dev)
+    acc = _accelerator(settings, device)
+    dev = acc.device  # under `accelerate launch`, this process's own GPU
     weight_dtype = WEIGHT_DTYPE[settings.mixed_precision]
     plan = plan_for_base(base, arch, recipe.network)
     pipe = load_pipeline(base, arch, torch_dtype=weight_dtype)
@@ -144,7 +156,8 @@ def build_trainer(recipe, *, out_dir: Path, cache_root: Path | None = None, devi
     vae_id = module_identity(pipe.vae, extra=extra)
     lc = default_latent_cache(vae_id, cache_root) if caching.latents else \
         LatentCache(out_dir / ".latents", vae_id)
-    cache_latents(report.examples, [report.buckets[i] for i in report.bucket_ids], lc, encode)
+    with acc.main_process_first():  # one process fills the shared caches, the others then read them
+        cache_latents(report.examples, [report.buckets[i] for i in report.bucket_ids], lc, encode)
     text_fn = None
     if caching.text:
         te_mods = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None)}
@@ -157,13 +170,14 @@ def build_trainer(recipe, *, out_dir: Path, cache_root: Path | None = None, devi
             with torch.no_grad():
                 return {k: v.float().cpu() for k, v in encode_text(pipe, arch, caps, settings, dev).items()}
 
-        cache_text(fixed_captions([e.caption for e in report.examples], recipe.trigger,
-                                  recipe.caption_dropout_rate), tc, te_encode)
+        with acc.main_process_first():
+            cache_text(fixed_captions([e.caption for e in report.examples], recipe.trigger,
+                                      recipe.caption_dropout_rate), tc, te_encode)
         text_fn = lambda caps: text_batch(tc, caps)  # noqa: E731
     sampler = BucketBatchSampler(report.bucket_ids, [e.repeats for e in report.examples],
                                  recipe.batch_size, recipe.seed)
     data = DataSource(report, sampler, lc, settings, arch)
-    trainer = Trainer(pipe, arch, net, data, settings, out_dir, text_cache=text_fn)
+    trainer = Trainer(pipe, arch, net, data, settings, out_dir, accelerator=acc, text_cache=text_fn)
     torch.manual_seed(recipe.seed + 1)  # dropout draws: independent of what caching consumed
     return trainer, {"arch": arch, "report": report, "plan": plan, "caching": caching,
                      "precision": precision}
@@ -286,8 +300,12 @@ def run(recipe, *, overwrite: bool = False, progress: bool = True, device: str |
                   "device": str(trainer.device), "mixed_precision": s.mixed_precision,
                   "network": {"type": trainer.net.plan.type, "rank": trainer.net.plan.rank,
                               "alpha": trainer.net.plan.alpha, "modules": len(trainer.net.plan.modules)}}
-    prov_path = prov.write(out_dir)
     last = state.losses[-1]["loss"] if state.losses else float("nan")
+    if not trainer.acc.is_main_process:  # `accelerate launch`: the main process writes everything
+        return RunResult("train", recipe.name, False, None, [],
+                         summary=f"train '{recipe.name}': process {trainer.acc.process_index} of "
+                                 f"{trainer.acc.num_processes} done ({state.step} steps)")
+    prov_path = prov.write(out_dir)
     what = f"wrote {recipe.lora_path}" if finished else f"stopped at step {state.step} (state saved)"
     return RunResult("train", recipe.name, False, None, [*written, prov_path],
                      summary=f"train '{recipe.name}': {state.step}/{s.max_steps} steps, last loss "
