@@ -145,10 +145,10 @@ def flux_setup(model, shapes, rank: int, base: str, dtype: torch.dtype, device: 
     """Low-bit frozen base first (as the trainer does), then the adapter; returns its parameters."""
     from workbench.train.network import inject, plan_network, quantize_base
 
-    with torch.device(device):  # nf4 builds a throwaway Linear per layer: on the GPU, not CPU RNG
+    with torch.device(device):  # anything quantize_base allocates goes straight to the device
         n = quantize_base(model, base, dtype)
     if base == "nf4":
-        model.to(device)  # bitsandbytes quantizes a Params4bit when it is moved to the GPU
+        model.to(device)  # bitsandbytes quantizes a Params4bit when it is moved to its device
     plan = plan_network("flux", shapes, rank=rank, alpha=rank)
     net = inject(types.SimpleNamespace(transformer=model), plan)
     print(f"flux base {base}: {n} Linear layers converted, {len(plan.modules)} LoRA modules", flush=True)
@@ -156,14 +156,15 @@ def flux_setup(model, shapes, rank: int, base: str, dtype: torch.dtype, device: 
 
 
 def nf4_missing(device: str) -> str | None:
-    """Why NF4 cannot run here, or None."""
-    if not device.startswith("cuda"):
-        return "NF4 needs CUDA"
+    """Why NF4 cannot run here, or None (bitsandbytes >= 0.48 also quantizes on the CPU)."""
+    from workbench.core.precision import nf4_available
+
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         return "bitsandbytes is not installed"
-    return None
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    return None if nf4_available(kind) else f"this bitsandbytes cannot quantize on {kind}"
 
 
 def measure(name: str, model, params, loss_fn, steps: int, device: str, ckpt: bool) -> dict:

@@ -238,6 +238,53 @@ def test_fp8_storage_image_is_close_and_takes_a_lora(tiny_sd15, extracted_lora):
     assert np.abs(lb - la).mean() < 0.6 * np.abs(b - la).mean()
 
 
+def _nf4_on_cpu() -> bool:
+    from workbench.core.precision import nf4_available
+
+    return nf4_available("cpu")
+
+
+@pytest.mark.skipif(not _nf4_on_cpu(), reason="bitsandbytes with a CPU backend is not installed")
+def test_nf4_image_is_close_and_takes_a_lora(tiny_sd15, extracted_lora):
+    """weights: nf4 (bitsandbytes, here on its CPU backend) quantizes the UNet's Linear layers to
+    4 bits; the picture stays near fp32's, and a LoRA applies on top as a peft adapter."""
+    import bitsandbytes as bnb
+
+    s = ImageSettings("a cat", "", "Euler", 2, 5.0, 64, 64)
+    full = load_model(tiny_sd15["B"], device="cpu", weights="fp32")
+    nf4 = load_model(tiny_sd15["B"], device="cpu", weights="nf4")
+    assert nf4.memory_plan.decision("unet").storage == "nf4"
+    assert nf4.memory_plan.decision("text_encoder").storage == "fp32"
+    attn = nf4.pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert isinstance(attn.to_q, bnb.nn.Linear4bit) and attn.to_q.weight.bnb_quantized
+    a, b = _pixels(generate(full, s, [4])[0]), _pixels(generate(nf4, s, [4])[0])
+    unrelated = _pixels(generate(full, s, [5])[0])
+    assert 0 < np.abs(a - b).mean() < 0.5 * np.abs(a - unrelated).mean()
+
+    lora = [LoraUse(extracted_lora, 1.0)]
+    la, lb = _pixels(generate(full, s, [4], loras=lora)[0]), _pixels(generate(nf4, s, [4], loras=lora)[0])
+    # the adapter adds exactly the fp32 delta on top of the 4-bit layer ...
+    from workbench.core.loras import attached_loras
+
+    def to_q(m):
+        return m.pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+
+    x = torch.randn(2, 5, to_q(full).in_features)
+    with torch.no_grad():
+        with attached_loras(full, []), attached_loras(nf4, []):  # adapters off
+            base32, base4 = to_q(full)(x), to_q(nf4)(x)
+        with attached_loras(full, lora):
+            delta32 = to_q(full)(x) - base32
+        with attached_loras(nf4, lora):
+            delta4 = to_q(nf4)(x) - base4
+    assert isinstance(to_q(nf4).base_layer, bnb.nn.Linear4bit)
+    assert torch.allclose(delta4, delta32, atol=1e-5) and delta32.norm() > 0.5 * base32.norm()
+    # ... so the image moves towards fp32 + LoRA (this strong LoRA amplifies the 4-bit rounding)
+    assert np.abs(lb - la).mean() < 0.85 * np.abs(b - la).mean()
+    after = _pixels(generate(nf4, s, [4])[0])
+    assert np.array_equal(after, b)  # adapters switched off: the nf4 base image again
+
+
 def test_sde_sampler_is_seeded_per_image(tiny_model):
     """DPM++ SDE draws its noise from a Brownian tree; it is seeded with each image's seed, so
     the SDE sampler repeats like the others (diffusers would pick a random tree seed)."""

@@ -141,7 +141,9 @@ def test_fp8_file_is_kept_fp8_even_when_bf16_would_fit():
     assert plan.decision("text_encoder_2").storage == "bf16"
 
 
-def test_cpu_plans_fp32_in_ram_and_refuses_nf4():
+def test_cpu_plans_fp32_in_ram_and_nf4_only_where_bitsandbytes_can(monkeypatch):
+    from workbench.core import precision
+
     plan = plan_memory(flux_sizes(), device=CPU, arch="flux", ram_free_bytes=128 * GB)
     assert plan.compute_dtype == "fp32"
     assert {(d.placement, d.storage) for d in plan.decisions} == {("cpu", "fp32")}
@@ -149,7 +151,13 @@ def test_cpu_plans_fp32_in_ram_and_refuses_nf4():
     assert small.decision("transformer").storage == "bf16"
     with pytest.raises(WorkbenchError, match="RAM free is 10.0 GB"):
         plan_memory(flux_sizes(), device=CPU, arch="flux", ram_free_bytes=10 * GB)
-    with pytest.raises(NotAvailableError, match="pip install bitsandbytes"):
+    monkeypatch.setattr(precision, "nf4_available", lambda device_type: True)
+    nf4 = plan_memory(flux_sizes(), device=CPU, arch="flux", weights="nf4", ram_free_bytes=128 * GB)
+    assert nf4.decision("transformer").storage == "nf4"          # the denoiser only
+    assert {d.storage for d in nf4.decisions if d.name != "transformer"} == {"fp32"}
+    assert nf4.decision("transformer").total_bytes < 0.3 * plan.decision("transformer").total_bytes
+    monkeypatch.setattr(precision, "nf4_available", lambda device_type: False)
+    with pytest.raises(NotAvailableError, match="cannot quantize on cpu.*bitsandbytes >= 0.48"):
         plan_memory(flux_sizes(), device=CPU, arch="flux", weights="nf4")
 
 

@@ -143,10 +143,47 @@ def test_fp8_storage_scales_each_layer_so_small_weights_keep_their_bits():
     assert _rel(model[1].weight.detach(), w) < 0.05  # taken back off: the weight, not the fp8 values
 
 
-def test_nf4_needs_cuda_and_bitsandbytes():
+def _nf4_on_cpu() -> bool:
+    from workbench.core.precision import nf4_available
+
+    return nf4_available("cpu")
+
+
+def test_nf4_needs_a_device_and_a_capable_bitsandbytes(monkeypatch):
+    from workbench.core import precision
+
     layer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with pytest.raises(NotAvailableError, match="needs a device"):
+        apply_storage(layer, "nf4", torch.float16)
+    monkeypatch.setattr(precision, "nf4_available", lambda device_type: False)
+    with pytest.raises(NotAvailableError, match="cannot quantize on cpu"):
+        apply_storage(layer, "nf4", torch.float16, device="cpu")
+    monkeypatch.setattr(precision, "bitsandbytes", lambda: (_ for _ in ()).throw(
+        NotAvailableError("weights nf4 needs bitsandbytes, which is not installed: pip install bitsandbytes")))
     with pytest.raises(NotAvailableError, match="pip install bitsandbytes"):
         apply_storage(layer, "nf4", torch.float16, device="cpu")
-    with pytest.raises(NotAvailableError, match="CUDA"):
-        apply_storage(layer, "nf4", torch.float16)
     assert layer[1].weight.dtype == torch.float32                   # nothing changed
+
+
+@pytest.mark.skipif(not _nf4_on_cpu(), reason="bitsandbytes with a CPU backend is not installed")
+def test_nf4_storage_on_the_cpu_is_close_and_a_quarter_of_fp16(flux_pipe):
+    """bitsandbytes >= 0.48 quantizes on the CPU too, so the NF4 path runs here as on a GPU."""
+    import copy
+
+    import bitsandbytes as bnb
+
+    model = copy.deepcopy(flux_pipe.transformer)
+    inputs = flux_inputs(model, seed=2)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        castable = sum(layer.weight.numel() for _, layer in castable_layers(model)
+                       if isinstance(layer, torch.nn.Linear))
+        before = stored_bytes(model)
+        handle = apply_storage(model, "nf4", torch.float32, device="cpu")
+        assert handle.layers and all(isinstance(q, bnb.nn.Linear4bit) for q in handle.layers)
+        assert all(q.weight.bnb_quantized for q in handle.layers)
+        # 4 bits a weight plus one absmax per 64: the Linear weights shrink about 7x from fp32
+        assert before - stored_bytes(model) > 0.8 * castable * 4
+        out = model(**inputs)[0]
+    rel = _rel(out, ref)
+    assert 0 < rel < 0.5 and rel < 0.6 * _rel(ref, ref.roll(1, dims=1))

@@ -115,3 +115,31 @@ def test_flux_lora_trains_and_exports(tmp_path, tiny_model, style_set):
     w = load_file(str(r.lora_path))
     assert all(torch.isfinite(v).all() for v in w.values())
     assert w["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].abs().sum() > 0
+
+
+def test_lora_trains_on_an_nf4_base(tmp_path, tiny_model, style_set):
+    """base_precision: nf4 (bitsandbytes; its CPU backend here): the frozen UNet is 4-bit, the LoRA
+    learns, and the file loads into diffusers."""
+    from workbench.core.precision import nf4_available
+
+    if not nf4_available("cpu"):
+        pytest.skip("bitsandbytes with a CPU backend is not installed")
+    from diffusers import StableDiffusionPipeline
+
+    from workbench.formats.pipeline_config import config_dir
+
+    base = tiny_model("sd15")
+    r = _recipe(tmp_path, base, style_set, "q", "network: {type: lora, rank: 4, alpha: 2}\n",
+                base_precision="nf4", max_steps=3)
+    result = run(r, progress=False, cache_root=tmp_path / "cache")
+    assert "3/3 steps" in result.summary
+    rows = list(csv.DictReader(open(tmp_path / "q" / "loss.csv")))
+    assert len(rows) == 3 and all(float(row["loss"]) == float(row["loss"]) for row in rows)  # finite
+    w = load_file(str(r.lora_path))
+    assert any(k.endswith("lora_up.weight") and w[k].abs().sum() > 0 for k in w)
+    assert read_header(r.lora_path).metadata["ss_network_module"] == "networks.lora"
+    pipe = StableDiffusionPipeline.from_single_file(str(base), config=str(config_dir(base, "sd15")),
+                                                    local_files_only=True, safety_checker=None,
+                                                    requires_safety_checker=False)
+    pipe.load_lora_weights(str(r.lora_path), adapter_name="nf4")
+    assert "nf4" in pipe.get_active_adapters()

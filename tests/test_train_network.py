@@ -119,8 +119,9 @@ def test_fp8_base_stores_fp8_and_trains_fp32(pipes):
     assert torch.equal(got, preview[1](x).detach())
     net = inject(pipe, plan_network("sd15", _shapes(path), rank=2, alpha=1))
     assert all(p.dtype == torch.float32 for p in net.named_trainable().values())
-    with pytest.raises(NotAvailableError if not _has_bnb() else Exception):
-        quantize_base(copy.deepcopy(pipe.text_encoder), "nf4", torch.bfloat16)
+    if not _has_bnb():
+        with pytest.raises(NotAvailableError, match="pip install bitsandbytes"):
+            quantize_base(copy.deepcopy(pipe.text_encoder), "nf4", torch.bfloat16)
 
 
 def _has_bnb() -> bool:
@@ -129,3 +130,28 @@ def _has_bnb() -> bool:
         return True
     except ImportError:
         return False
+
+
+@pytest.mark.skipif(not _has_bnb(), reason="bitsandbytes is not installed")
+def test_nf4_base_quantizes_where_it_is_placed_and_trains(pipes):
+    """bitsandbytes packs the weights when the model reaches its device (here its CPU backend);
+    the LoRA on top still gets gradients."""
+    import bitsandbytes as bnb
+
+    from workbench.core.precision import nf4_available
+
+    if not nf4_available("cpu"):
+        pytest.skip("this bitsandbytes has no CPU backend")
+    path, pipe = pipes("sd15")
+    te = copy.deepcopy(pipe.text_encoder)
+    ids = torch.arange(1, 9).unsqueeze(0)
+    with torch.no_grad():
+        want = te(ids)[0]
+    n = quantize_base(te, "nf4", torch.float32)
+    te.to("cpu")
+    layers = [m for m in te.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert n == len(layers) > 0 and all(q.weight.bnb_quantized for q in layers)
+    with torch.no_grad():
+        got = te(ids)[0]
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+    assert not torch.equal(got, want) and cos > 0.9

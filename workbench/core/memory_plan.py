@@ -23,8 +23,9 @@ Policy, applied one rung at a time until every stage fits the budget (what a 12 
   8. the denoiser's GPU part is moved to RAM while the other stages run.
   9. otherwise refuse, naming the stage and component. The same happens when what must wait in
      RAM (offloaded and streamed weights) is more than the RAM free.
-NF4 is only used when asked for (`weights="nf4"`): it changes images more than fp8 and needs
-bitsandbytes and a CUDA GPU; NF4 weights are resident or offloaded, never streamed.
+NF4 is only used when asked for (`weights="nf4"`), for the denoiser: it changes images more than
+fp8 and needs bitsandbytes (a CUDA GPU, or its CPU backend); NF4 weights are resident or
+offloaded, never streamed.
 
 Units: MB = 10^6 bytes and GB = 10^9 bytes throughout (a "12 GB" card holds 12.9 GB).
 """
@@ -431,9 +432,10 @@ def plan_memory(sizes: Sequence[ComponentSize], *, device: DeviceInfo, arch: str
         raise WorkbenchError("nothing to plan: no components")
     notes: list[str] = [f"{c.name}: size assumed for the standard component (not in the file)"
                         for c in sizes if c.estimated]
-    if weights == "nf4" and device.kind != "cuda":
-        raise NotAvailableError("weights nf4 needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); "
-                                f"the device here is {device.name}; use fp8 or fp32 on the CPU")
+    if weights == "nf4" and device.kind != "cuda":  # a GPU plan may be for another machine: checked at load
+        from workbench.core.precision import require_nf4
+
+        require_nf4("cpu")
     compute = compute_dtype_for(arch, weights, device)
     if device.kind != "cuda":
         return _plan_cpu(sizes, arch, weights, device, compute, ram_free_bytes, width, height, batch, notes)
@@ -487,6 +489,8 @@ def _plan_cpu(sizes, arch, weights, device, compute, ram_free, width, height, ba
             chosen, why = storage, "no CUDA GPU: runs on the CPU"
             if c.name == "vae" and storage.startswith("fp8"):
                 chosen = compute
+            elif storage == "nf4" and c.name not in DENOISERS:
+                chosen, why = compute, "no CUDA GPU: runs on the CPU (nf4 is for the denoiser)"
             elif weights == "auto" and c.name != "vae" and c.file_dtype in FILE_DTYPE_STORAGE:
                 chosen, why = _file_fp8(c)
             decisions.append(Decision(c.name, chosen, "cpu", c.bytes_at(chosen), reason=why,

@@ -24,11 +24,13 @@ but choosing the file's format (the planner does: `ComponentSize.file_dtype`). S
 multiplied out while loading (`formats.scaled_fp8`) and come back here to nearly their own values.
 `file_fp8_storage` names a file's fp8 format from its header.
 
-NF4 goes through bitsandbytes `Linear4bit` on a CUDA GPU (optional dependency).
+NF4 goes through bitsandbytes `Linear4bit` (optional dependency) on a CUDA GPU, and on the CPU
+where the installed bitsandbytes has its CPU backend (0.48 and later: `nf4_available` tries it).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -188,13 +190,35 @@ def bitsandbytes():
     return bnb
 
 
-def _apply_nf4(module: nn.Module, compute_dtype: torch.dtype, device) -> list[nn.Module]:
-    """Replace every castable Linear with a bitsandbytes NF4 Linear4bit on `device` (CUDA)."""
+@functools.cache
+def nf4_available(device_type: str) -> bool:
+    """Whether bitsandbytes can quantize to NF4 on this kind of device ("cuda" or "cpu"): tried on a
+    small tensor, since CPU support depends on the installed version and build."""
+    try:
+        bnb = bitsandbytes()
+        packed, state = bnb.functional.quantize_4bit(torch.randn(64, 64, device=device_type),
+                                                     quant_type="nf4")
+        return packed.dtype == torch.uint8 and state is not None
+    except Exception:  # noqa: BLE001 - any failure means "not here"
+        return False
+
+
+def require_nf4(device: torch.device | str | None) -> torch.device:
+    """The device NF4 will run on, or NotAvailableError saying what is missing."""
     dev = torch.device(device) if device is not None else None
-    if dev is None or dev.type != "cuda":
-        raise NotAvailableError(f"weights nf4 needs a CUDA GPU (bitsandbytes 4-bit kernels); the "
-                                f"device is {dev or 'not given'}: use fp8 storage instead, or {NF4_PIP} "
-                                "on a machine with an NVIDIA GPU")
+    if dev is None or dev.type not in ("cuda", "cpu"):
+        raise NotAvailableError(f"weights nf4 needs a device (cuda or cpu); got {dev or 'none'}")
+    bitsandbytes()  # not installed: the pip command
+    if not nf4_available(dev.type):
+        raise NotAvailableError(f"weights nf4: the installed bitsandbytes cannot quantize on {dev.type}"
+                                + (" (its CPU backend needs bitsandbytes >= 0.48)" if dev.type == "cpu" else "")
+                                + f"; use fp8 storage instead, or {NF4_PIP} --upgrade")
+    return dev
+
+
+def _apply_nf4(module: nn.Module, compute_dtype: torch.dtype, device) -> list[nn.Module]:
+    """Replace every castable Linear with a bitsandbytes NF4 Linear4bit on `device`."""
+    dev = require_nf4(device)
     bnb = bitsandbytes()
     replaced = []
     for name, layer in castable_layers(module):
@@ -207,7 +231,7 @@ def _apply_nf4(module: nn.Module, compute_dtype: torch.dtype, device) -> list[nn
                                      quant_type="nf4", compress_statistics=True, blocksize=64, module=q)
         if layer.bias is not None:
             q.bias = nn.Parameter(layer.bias.data.to(compute_dtype), requires_grad=False)
-        q = q.to(dev)  # Params4bit quantizes when it reaches the GPU
+        q = q.to(dev)  # Params4bit quantizes when it is moved to its device
         setattr(parent, name.rpartition(".")[2], q)
         replaced.append(q)
     return replaced

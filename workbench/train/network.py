@@ -362,13 +362,15 @@ def quantize_base(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype)
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise NotAvailableError("base_precision nf4 needs bitsandbytes (pip install bitsandbytes) "
-                                    "and a CUDA GPU; use fp8 otherwise") from None
+            raise NotAvailableError("base_precision nf4 needs bitsandbytes (pip install bitsandbytes); "
+                                    "use fp8 otherwise") from None
         for name, m in linears:
+            # built on the meta device: a CPU-initialised throwaway weight per layer would cost
+            # minutes and 24 GB of RAM for FLUX; the weight is set right below
             q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
-                                  compute_dtype=compute_dtype, quant_type="nf4")
+                                  compute_dtype=compute_dtype, quant_type="nf4", device="meta")
             q.weight = bnb.nn.Params4bit(m.weight.data.to(compute_dtype), requires_grad=False,
-                                         quant_type="nf4")
+                                         quant_type="nf4", module=q)  # quantized when moved to its device
             if m.bias is not None:
                 q.bias = torch.nn.Parameter(m.bias.data.to(compute_dtype), requires_grad=False)
             parent, _, leaf = name.rpartition(".")
