@@ -122,7 +122,6 @@ def warm(paths: list[Path]) -> None:
 def our_command(method: str, out: Path, alpha: float, paths: list[Path], threads: int) -> list[str]:
     recipe = out.with_suffix(".yaml")
     names = "ABC"[: len(paths)]
-    models = "\n".join(f"  {n}: {p}" for n, p in zip(names, paths))
     lines = ["kind: merge", "name: bench", "models:"]
     lines += [f"  {n}: {p}" for n, p in zip(names, paths)]
     lines += ["steps:", f"  - {{id: m, method: {method}, inputs: [{', '.join(names)}], alpha: {alpha}}}",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from workbench.errors import FormatError, OutputExistsError, WorkbenchError
+from workbench.errors import OutputExistsError, WorkbenchError
 from workbench.formats.blocks import block_of
 from workbench.formats.hashes import sha256_file
 from workbench.recipes import parse_recipe
@@ -267,15 +267,11 @@ METHOD_CASES = {
 
 @pytest.mark.parametrize("method", sorted(METHOD_CASES))
 def test_every_method_through_the_engine_equals_the_method_on_each_key(tmp_path, tiny_sd15, method):
-    from workbench.merge.graph import is_marker
-    from workbench.merge.methods import METHODS
-
     inputs, params_yaml, params = METHOD_CASES[method]
     step = f"  - {{id: m, method: {method}, inputs: [{inputs}]{', ' + params_yaml if params_yaml else ''}}}"
     out, _ = merge(tmp_path, recipe_text(tiny_sd15, step, extra="  dtype: fp32\n"))
     tensors = {n: load_file(tiny_sd15[n]) for n in "ABC"}
     names = [n.strip() for n in inputs.split(",")]
-    checked = 0
     # the engine computes with one intra-op thread (reductions then sum in one fixed order, the
     # same on every machine); compute the expectation the same way
     threads = torch.get_num_threads()
