@@ -67,6 +67,7 @@ def test_resume_equals_uninterrupted_and_outputs(tmp_path, tiny_model, style_set
     meta = read_header(a.lora_path).metadata
     assert meta["ss_steps"] == "4" and "name: tiny" in meta["workbench_recipe"]
     assert meta["ss_network_dropout"] == "0.1"
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"  # kohya's form
 
 
 def test_loss_falls_on_the_style_set(tmp_path, tiny_model, style_set):
@@ -143,3 +144,29 @@ def test_lora_trains_on_an_nf4_base(tmp_path, tiny_model, style_set):
                                                     requires_safety_checker=False)
     pipe.load_lora_weights(str(r.lora_path), adapter_name="nf4")
     assert "nf4" in pipe.get_active_adapters()
+
+
+def test_adamw8bit_trains_and_resumes_bit_exactly(tmp_path, tiny_model, style_set):
+    """kohya's favourite optimizer (bitsandbytes AdamW8bit; its CPU backend here): 8-bit moments for
+    tensors of 4096+ values, and its state goes through the resume folder like AdamW's."""
+    pytest.importorskip("bitsandbytes")
+    from workbench.train.loop import make_optimizer
+
+    big = torch.nn.Parameter(torch.randn(64, 128))
+    opt = make_optimizer("AdamW8bit", [{"params": [big], "lr": 1e-3}])
+    big.grad = torch.randn_like(big)
+    opt.step()
+    assert opt.state[big]["state1"].dtype == torch.uint8  # the 8-bit moment
+
+    base, cache = tiny_model("sd15"), tmp_path / "cache"
+    net = "network: {type: lora, rank: 4, alpha: 2}\n"
+    a = _recipe(tmp_path, base, style_set, "a8", net, optimizer="AdamW8bit")
+    run(a, progress=False, cache_root=cache)
+    b = _recipe(tmp_path, base, style_set, "b8", net, optimizer="AdamW8bit")
+    run(b, progress=False, cache_root=cache, stop_at=2)
+    b2 = _recipe(tmp_path, base, style_set, "b8", net, optimizer="AdamW8bit", resume=str(tmp_path / "b8"))
+    run(b2, progress=False, cache_root=cache)
+    wa, wb = load_file(str(a.lora_path)), load_file(str(b2.lora_path))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(k.endswith("lora_up.weight") and wa[k].abs().sum() > 0 for k in wa)
+    assert read_header(a.lora_path).metadata["ss_optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit"

@@ -84,15 +84,24 @@ def resolve_precision(mode: str, device: torch.device) -> str:
 WEIGHT_DTYPE = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+# the keyword arguments each optimizer is made with (kohya's defaults for these recipes)
+OPTIMIZER_ARGS: dict[str, dict[str, Any]] = {
+    "AdamW": {"weight_decay": 0.01},
+    "SGD": {"momentum": 0.9},
+    "Adafactor": {"relative_step": False, "scale_parameter": False, "warmup_init": False},
+}
+
+
 def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     """kohya's optimizer names; the 8-bit and extra ones only when their package is installed."""
+    kwargs = OPTIMIZER_ARGS.get(name, {})
     if name == "AdamW":
-        return torch.optim.AdamW(groups, weight_decay=0.01)
+        return torch.optim.AdamW(groups, **kwargs)
     if name == "SGD":
-        return torch.optim.SGD(groups, momentum=0.9)
+        return torch.optim.SGD(groups, **kwargs)
     if name == "Adafactor":
         from transformers.optimization import Adafactor  # kohya's fixed-LR Adafactor recipe
-        return Adafactor(groups, relative_step=False, scale_parameter=False, warmup_init=False)
+        return Adafactor(groups, **kwargs)
     packages = {"AdamW8bit": ("bitsandbytes", "bitsandbytes.optim", "AdamW8bit"),
                 "Lion": ("lion-pytorch", "lion_pytorch", "Lion"),
                 "Prodigy": ("prodigyopt", "prodigyopt", "Prodigy")}
@@ -104,7 +113,16 @@ def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     except ImportError:
         raise NotAvailableError(f"optimizer {name} needs the `{pip}` package (pip install {pip}); "
                                 "AdamW and Adafactor need nothing extra") from None
-    return getattr(mod, cls)(groups)
+    return getattr(mod, cls)(groups, **kwargs)
+
+
+def optimizer_label(name: str, optimizer) -> str:
+    """`ss_optimizer` as kohya writes it: the class's module path, then the arguments it was given,
+    e.g. `bitsandbytes.optim.adamw.AdamW8bit` or `torch.optim.adamw.AdamW(weight_decay=0.01)`."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    cls = type(inner)
+    args = ",".join(f"{k}={v}" for k, v in OPTIMIZER_ARGS.get(name, {}).items())
+    return f"{cls.__module__}.{cls.__name__}" + (f"({args})" if args else "")
 
 
 def make_scheduler(name: str, optimizer, warmup: int, total: int):

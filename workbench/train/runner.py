@@ -190,6 +190,7 @@ def _facts(recipe, ctx, trainer, started: float, finished: float | None):
     from workbench.train.captions import tag_frequency, with_trigger
     from workbench.train.check import bucket_info
     from workbench.train.export import TrainFacts
+    from workbench.train.loop import optimizer_label
 
     report, s = ctx["report"], trainer.s
     by_folder: dict[str, list[str]] = {}
@@ -201,7 +202,7 @@ def _facts(recipe, ctx, trainer, started: float, finished: float | None):
         d["img_count"] += 1
     base = Path(recipe.base)
     opt = {"learning_rate": s.learning_rate, "unet_lr": s.unet_lr, "text_encoder_lr": s.text_encoder_lr,
-           "optimizer": s.optimizer, "lr_scheduler": s.lr_scheduler, "lr_warmup_steps": s.lr_warmup_steps,
+           "optimizer": optimizer_label(s.optimizer, trainer.optimizer), "lr_scheduler": s.lr_scheduler, "lr_warmup_steps": s.lr_warmup_steps,
            "max_train_steps": s.max_steps, "gradient_accumulation_steps": s.gradient_accumulation_steps,
            "gradient_checkpointing": s.gradient_checkpointing, "mixed_precision": s.mixed_precision,
            "max_grad_norm": s.max_grad_norm, "seed": s.seed, "cache_latents": recipe.cache_latents,
