@@ -159,3 +159,28 @@ def test_merge_and_extraction_refuse_a_scaled_file(tmp_path, tiny_sd15):
     assert not out.exists()
     with pytest.raises(FormatError, match=r"base: .*scaled\.safetensors: a ComfyUI scaled-fp8"):
         plan_extraction(tiny_sd15["B"], scaled, 4, None, ("unet",))
+
+
+def test_a_forge_bitsandbytes_nf4_file_is_refused_by_name(tmp_path, tiny_model):
+    """Forge's flux1-dev-bnb-nf4 layout (bitsandbytes' own serialization: packed uint8 weight plus
+    absmax/quant_map/quant_state): a clear refusal, not a shape error deep in a converter."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from workbench.core.generate import load_model, plan_for_file
+
+    tensors = _read(tiny_model("flux"))
+    out = {}
+    for key, t in tensors.items():
+        if key.startswith("model.diffusion_model.") and key.endswith(".weight") and t.ndim == 2:
+            packed, state = bnb.functional.quantize_4bit(t.float(), quant_type="nf4", blocksize=64)
+            out[key] = packed
+            out.update({f"{key}.{name}": v for name, v in state.as_dict(packed=True).items()})
+        else:
+            out[key] = t
+    assert any(k.endswith(".weight.quant_state.bitsandbytes__nf4") for k in out)
+    path = tmp_path / "flux1-dev-bnb-nf4.safetensors"
+    save_file(out, str(path))
+    for call in (lambda: load_model(path, device="cpu"), lambda: plan_for_file(path, device="cpu"),
+                 lambda: load_pipeline(path, "flux", torch_dtype=torch.float32)):
+        with pytest.raises(FormatError, match=r"bnb-nf4\.safetensors: layer 'model\.diffusion_model\..*"
+                                              r"'bitsandbytes nf4'.*weights: nf4"):
+            call()

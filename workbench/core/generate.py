@@ -151,6 +151,11 @@ def model_arch(path: Path) -> tuple[str, str | None]:
                                  "expected a StableDiffusion, StableDiffusionXL, StableDiffusion3 or "
                                  "Flux pipeline")
         return "flux", None  # split files: flux_parts() names what is missing
+    from workbench.formats import scaled_fp8
+    from workbench.formats.safetensors_io import read_header
+
+    if path.suffix == ".safetensors":  # formats we cannot read are refused before any plan
+        scaled_fp8.check_supported(scaled_fp8.layout_of(read_header(path)), path)
     info = detect(path)
     if info.kind != "checkpoint" or info.arch not in SIZE_MULTIPLE:
         raise WorkbenchError(f"{path}: is a {info.arch} {info.kind}, not a checkpoint that can make "

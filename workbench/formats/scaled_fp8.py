@@ -17,7 +17,11 @@ Two layouts exist (facts from reading ComfyUI's loader; `comfy/utils.py` `conver
 
 In both, the real weight is `weight.float() * scale`. `dequantize` applies that while a state dict is
 loaded, so everything downstream (diffusers' converters, LoRA, the memory planner's fp8 storage) sees
-ordinary weights; other formats in the new layout (nvfp4, int8) are refused with the layer named.
+ordinary weights; other formats in the new layout (nvfp4, int8) are refused with the layer named,
+and so are bitsandbytes 4-bit files (Forge's `flux1-dev-bnb-nf4*.safetensors`: packed uint8
+`<layer>.weight` plus `absmax`/`quant_map`/`quant_state.bitsandbytes__nf4` beside it), whose packed
+shapes would otherwise reach the loaders as nonsense; `weights: nf4` gives the same 4-bit model from
+a 16-bit or fp8 file.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
 CONFIG_SUFFIX = ".comfy_quant"
 METADATA_KEY = "_quantization_metadata"
 FP8_FORMATS = {"float8_e4m3fn", "float8_e5m2"}
+BNB_STATE = ".weight.quant_state.bitsandbytes__"  # + "nf4" or "fp4"
 
 
 @dataclass
@@ -77,6 +82,9 @@ def layout_from_keys(keys, metadata: Mapping[str, str] | None = None) -> ScaledL
         for suffix in SCALE_SUFFIXES + (CONFIG_SUFFIX,):
             if k.endswith(suffix):
                 layout.formats.setdefault(k[: -len(suffix)], "float8_e4m3fn")
+        if BNB_STATE in k:
+            layer, _, kind = k.rpartition(BNB_STATE)
+            layout.formats[layer] = f"bitsandbytes {kind}"
     if not layout.formats and not layout.markers:
         return None
     return layout
@@ -95,8 +103,9 @@ def check_supported(layout: ScaledLayout | None, path) -> None:
     if bad:
         layer, fmt = next(iter(bad.items()))
         raise FormatError(f"{path}: layer {layer!r} is quantized as {fmt!r} ({len(bad)} such layers); "
-                          f"expected one of {sorted(FP8_FORMATS)} (scaled fp8). Use the 16-bit or "
-                          "plain/scaled fp8 release of this model")
+                          f"expected 16-bit, plain fp8 or scaled fp8 ({', '.join(sorted(FP8_FORMATS))}) "
+                          "weights. Use the 16-bit or fp8 release of this model (`weights: nf4` "
+                          "quantizes it to 4 bits when it loads)")
 
 
 def _layer_format(tensors: Mapping[str, torch.Tensor], layer: str, fallback: str) -> str:
@@ -149,6 +158,7 @@ def refuse_raw_use(header, path, what: str) -> None:
     layout = layout_of(header)
     if layout is None:
         return
+    check_supported(layout, path)
     layer = next(iter(layout.formats), layout.markers[0] if layout.markers else "?")
     raise FormatError(f"{path}: a ComfyUI scaled-fp8 file (layer {layer!r} has a per-layer scale); "
                       f"{what} works on plain weights, and these are only right once multiplied by "
