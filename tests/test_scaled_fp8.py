@@ -67,10 +67,19 @@ def test_old_layout_sd15_file_loads_as_its_multiplied_out_weights(tmp_path, tiny
     ref = load_pipeline(plain, "sd15", torch_dtype=torch.float32)
     _same_state(ours.unet, ref.unet)
     _same_state(ours.text_encoder, ref.text_encoder)
-    # what a loader that ignores the scales would hold: the raw fp8 values, not the weights
+    # what a loader that ignores the scales holds: the raw fp8 values, not the weights; diffusers
+    # called directly (outside our loader, e.g. in another thread) still reads the file as it is
     raw = _read(scaled)["model.diffusion_model.input_blocks.1.0.in_layers.2.weight"].float()
     conv = ours.unet.down_blocks[0].resnets[0].conv1.weight
     assert not torch.allclose(conv, raw) and raw.abs().max() == torch.finfo(FP8).max
+    from diffusers import StableDiffusionPipeline
+
+    from workbench.formats.pipeline_config import config_dir
+
+    plain = StableDiffusionPipeline.from_single_file(str(scaled), config=str(config_dir(scaled, "sd15")),
+                                                     local_files_only=True, safety_checker=None,
+                                                     requires_safety_checker=False)
+    assert torch.equal(plain.unet.down_blocks[0].resnets[0].conv1.weight.detach(), raw)
 
 
 def test_auto_plan_keeps_a_scaled_unet_in_fp8_with_its_own_values(tmp_path, tiny_sd15):
@@ -184,3 +193,18 @@ def test_a_forge_bitsandbytes_nf4_file_is_refused_by_name(tmp_path, tiny_model):
         with pytest.raises(FormatError, match=r"bnb-nf4\.safetensors: layer 'model\.diffusion_model\..*"
                                               r"'bitsandbytes nf4'.*weights: nf4"):
             call()
+
+
+def test_scaled_files_load_right_from_two_threads_at_once(tmp_path, tiny_sd15):
+    """The dashboard runs jobs in worker threads: overlapping loads of scaled files all get their
+    scales (the reader wrapper is installed once and keyed by file, not swapped in and out)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scaled, plain = tmp_path / "scaled.safetensors", tmp_path / "plain.safetensors"
+    write_scaled(tiny_sd15["B"], scaled, plain, prefix="model.diffusion_model.", layout="new")
+    ref = load_pipeline(plain, "sd15", torch_dtype=torch.float32)
+    with ThreadPoolExecutor(3) as pool:
+        pipes = list(pool.map(lambda p: load_pipeline(p, "sd15", torch_dtype=torch.float32),
+                              [scaled, scaled, plain]))
+    for pipe in pipes:
+        _same_state(pipe.unet, ref.unet)

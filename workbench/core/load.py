@@ -9,6 +9,7 @@ reach the network: `local_files_only=True` plus a local config folder keeps diff
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,13 +47,44 @@ def quiet_diffusers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+# files being loaded right now whose scaled-fp8 layers the reader multiplies out: path -> dtypes
+_SCALED_READS: dict[str, list[torch.dtype]] = {}
+_SCALED_LOCK = threading.Lock()
+
+
+def _install_scaled_reader() -> None:
+    """Wrap diffusers' single-file reader once, for good. The wrapper returns what the original
+    returns unless the file is registered in `_SCALED_READS`, so loads in other threads (dashboard
+    workers) of other files, or of the same file outside `scaled_fp8_reading`, are untouched."""
+    from diffusers.loaders import single_file, single_file_model
+
+    with _SCALED_LOCK:
+        if getattr(single_file.load_single_file_checkpoint, "workbench_scaled_reader", False):
+            return
+        original = single_file.load_single_file_checkpoint
+
+        def reading(source, *args, **kwargs):
+            checkpoint = original(source, *args, **kwargs)
+            key = str(Path(str(source)).resolve())
+            with _SCALED_LOCK:
+                dtypes = _SCALED_READS.get(key)
+                dtype = dtypes[-1] if dtypes else None
+            if dtype is None:
+                return checkpoint
+            return scaled_fp8.dequantize(checkpoint, dtype, path=source, metadata=read_header(key).metadata)
+
+        reading.workbench_scaled_reader = True
+        single_file.load_single_file_checkpoint = reading
+        single_file_model.load_single_file_checkpoint = reading
+
+
 @contextmanager
 def scaled_fp8_reading(path: str | os.PathLike, dtype: torch.dtype) -> Iterator[None]:
     """While active, diffusers' single-file reader multiplies out ComfyUI scaled-fp8 layers of `path`.
 
     diffusers reads the file itself inside `from_single_file` and would load the fp8 values without
-    their scales (a wrong model, no error). Its reader is wrapped for this one call only, and only
-    when the header shows scales; other files are read untouched.
+    their scales (a wrong model, no error). Only files whose header shows scales are registered;
+    other files are read untouched.
     """
     path = Path(path)
     layout = scaled_fp8.layout_of(read_header(path)) if path.is_file() else None
@@ -60,24 +92,17 @@ def scaled_fp8_reading(path: str | os.PathLike, dtype: torch.dtype) -> Iterator[
         yield
         return
     scaled_fp8.check_supported(layout, path)
-    from diffusers.loaders import single_file, single_file_model
-
-    original = single_file.load_single_file_checkpoint
-
-    def reading(source, *args, **kwargs):
-        checkpoint = original(source, *args, **kwargs)
-        if Path(str(source)).resolve() != path.resolve():
-            return checkpoint
-        return scaled_fp8.dequantize(checkpoint, dtype, path=path, metadata=read_header(path).metadata)
-
-    modules = (single_file, single_file_model)
-    for module in modules:
-        module.load_single_file_checkpoint = reading
+    _install_scaled_reader()
+    key = str(path.resolve())
+    with _SCALED_LOCK:
+        _SCALED_READS.setdefault(key, []).append(dtype)
     try:
         yield
     finally:
-        for module in modules:
-            module.load_single_file_checkpoint = original
+        with _SCALED_LOCK:
+            _SCALED_READS[key].pop()
+            if not _SCALED_READS[key]:
+                del _SCALED_READS[key]
 
 
 def load_pipeline(path: str | os.PathLike, arch: str, torch_dtype: torch.dtype = torch.float32,
