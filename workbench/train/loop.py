@@ -84,6 +84,17 @@ def resolve_precision(mode: str, device: torch.device) -> str:
 WEIGHT_DTYPE = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def make_accelerator(settings: TrainSettings, device: str | None = None):
+    """The run's Accelerator, made first: under `accelerate launch` it names this process's GPU
+    (cuda:<local rank>), which everything is then placed on. Resolves `settings.mixed_precision`."""
+    from accelerate import Accelerator
+
+    cpu = (device or "").startswith("cpu") or (device is None and not torch.cuda.is_available())
+    settings.mixed_precision = resolve_precision(settings.mixed_precision,
+                                                 torch.device("cpu" if cpu else "cuda"))
+    return Accelerator(mixed_precision=settings.mixed_precision, cpu=cpu)
+
+
 # the keyword arguments each optimizer is made with (kohya's defaults for these recipes)
 OPTIMIZER_ARGS: dict[str, dict[str, Any]] = {
     "AdamW": {"weight_decay": 0.01},
@@ -295,13 +306,10 @@ class Trainer:
     """Holds the pipeline, network, optimizer and data of one run; `train()` runs the loop."""
 
     def __init__(self, pipe, arch: str, net, data: DataSource, settings: TrainSettings,
-                 out_dir: Path, accelerator=None, text_cache=None):
-        from accelerate import Accelerator
-
+                 out_dir: Path, accelerator, text_cache=None):
         self.pipe, self.arch, self.net, self.data, self.s = pipe, arch, net, data, settings
         self.out_dir = Path(out_dir)
-        self.acc = accelerator or Accelerator(mixed_precision=settings.mixed_precision,
-                                              cpu=not torch.cuda.is_available())
+        self.acc = accelerator  # from make_accelerator, before anything was placed on a device
         self.device = self.acc.device
         self.denoiser = pipe.unet if arch != "flux" else pipe.transformer
         self.sched = noise_schedule(pipe, arch, settings.prediction_type)

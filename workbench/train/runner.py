@@ -105,19 +105,6 @@ def _latent_encoder(vae, arch: str, device):
     return encode, f"mode;fp32;sf={sf};shift={shift}"
 
 
-def _accelerator(settings, device: str | None):
-    """The run's Accelerator, made first: under `accelerate launch` it names this process's GPU
-    (cuda:<local rank>), which everything is then placed on. Resolves `settings.mixed_precision`."""
-    from accelerate import Accelerator
-
-    from workbench.train.loop import resolve_precision
-
-    cpu = (device or "").startswith("cpu") or (device is None and not torch.cuda.is_available())
-    settings.mixed_precision = resolve_precision(settings.mixed_precision,
-                                                 torch.device("cpu" if cpu else "cuda"))
-    return Accelerator(mixed_precision=settings.mixed_precision, cpu=cpu)
-
-
 def build_trainer(recipe, *, out_dir: Path, cache_root: Path | None = None, device: str | None = None):
     """Everything up to the first step: returns (trainer, context dict)."""
     from workbench.core.load import load_pipeline
@@ -127,7 +114,8 @@ def build_trainer(recipe, *, out_dir: Path, cache_root: Path | None = None, devi
                                        text_batch)
     from workbench.train.captions import fixed_captions
     from workbench.train.check import require_clean
-    from workbench.train.loop import DataSource, Trainer, TrainSettings, WEIGHT_DTYPE, encode_text
+    from workbench.train.loop import (DataSource, Trainer, TrainSettings, WEIGHT_DTYPE, encode_text,
+                                      make_accelerator)
     from workbench.train.network import inject, plan_for_base, quantize_base
 
     base = Path(recipe.base)
@@ -135,7 +123,7 @@ def build_trainer(recipe, *, out_dir: Path, cache_root: Path | None = None, devi
     report = require_clean(_check(recipe))
     caching = caching_plan(recipe)
     settings = TrainSettings.from_recipe(recipe)
-    acc = _accelerator(settings, device)
+    acc = make_accelerator(settings, device)
     dev = acc.device  # under `accelerate launch`, this process's own GPU
     weight_dtype = WEIGHT_DTYPE[settings.mixed_precision]
     plan = plan_for_base(base, arch, recipe.network)
