@@ -89,6 +89,13 @@ def test_auto_plan_keeps_a_scaled_unet_in_fp8_with_its_own_values(tmp_path, tiny
 
     scaled, plain = tmp_path / "scaled.safetensors", tmp_path / "plain.safetensors"
     write_scaled(tiny_sd15["A"], scaled, plain, prefix="model.diffusion_model.", layout="old")
+    from workbench.formats.scan import scan
+
+    listed = {e.path: e for e in scan(tmp_path, with_hash=False)}
+    assert listed["scaled.safetensors"].dtype == "F16 + scaled fp8"  # the tiny text encoder is F16
+    assert listed["plain.safetensors"].dtype == "F32"
+    assert not any("scaled" in n for n in listed["plain.safetensors"].notes)
+    assert any("scaled fp8: generation applies the scales" in n for n in listed["scaled.safetensors"].notes)
     model = load_model(scaled, device="cpu")
     unet = model.memory_plan.decision("unet")
     assert unet.storage == "fp8_e4m3fn" and "scaled fp8 in the file" in unet.reason
@@ -188,6 +195,10 @@ def test_a_forge_bitsandbytes_nf4_file_is_refused_by_name(tmp_path, tiny_model):
     assert any(k.endswith(".weight.quant_state.bitsandbytes__nf4") for k in out)
     path = tmp_path / "flux1-dev-bnb-nf4.safetensors"
     save_file(out, str(path))
+    from workbench.formats.scan import scan
+
+    (entry,) = scan(tmp_path, with_hash=False)
+    assert entry.dtype == "bitsandbytes nf4" and any("cannot be loaded" in n for n in entry.notes)
     for call in (lambda: load_model(path, device="cpu"), lambda: plan_for_file(path, device="cpu"),
                  lambda: load_pipeline(path, "flux", torch_dtype=torch.float32)):
         with pytest.raises(FormatError, match=r"bnb-nf4\.safetensors: layer 'model\.diffusion_model\..*"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.formats import scaled_fp8
 from workbench.formats.detect import detect
 from workbench.formats.hashes import autov2
 from workbench.formats.lazy import PICKLE_SUFFIXES
@@ -111,6 +112,17 @@ def scan_file(path: Path, root: Path, with_hash: bool = True) -> ModelEntry | No
         info = detect(header)
         entry.arch, entry.variant, entry.kind = info.arch, info.variant, info.kind
         entry.layout, entry.rank, entry.notes = info.layout, info.rank, info.notes
+        quant = scaled_fp8.layout_of(header)
+        if quant is not None:  # what a dtype column alone would hide
+            unsupported = quant.unsupported()
+            if unsupported:
+                entry.dtype = next(iter(unsupported.values()))
+                entry.notes = (*entry.notes, f"{entry.dtype} weights: cannot be loaded; use the 16-bit "
+                               "or fp8 release (weights: nf4 quantizes it when loading)")
+            else:
+                entry.dtype = "scaled fp8" if entry.dtype.startswith("F8") else f"{entry.dtype} + scaled fp8"
+                entry.notes = (*entry.notes, "ComfyUI scaled fp8: generation applies the scales; "
+                               "merges and LoRA extraction refuse it")
         if with_hash:
             entry.short_hash = autov2(path)
     except WorkbenchError as e:
