@@ -219,3 +219,5 @@ def test_scaled_files_load_right_from_two_threads_at_once(tmp_path, tiny_sd15):
                               [scaled, scaled, plain]))
     for pipe in pipes:
         _same_state(pipe.unet, ref.unet)
+    # overlapping loads must not leave accelerate's meta-device init installed (LOAD_LOCK)
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"

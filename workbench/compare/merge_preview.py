@@ -120,20 +120,23 @@ def load_into_pipeline(pipe, state: dict[str, torch.Tensor], arch: str, leaf_pat
 
     from workbench.formats.pipeline_config import config_dir
 
+    from workbench.core.load import LOAD_LOCK
+
     folder = str(config_dir(leaf_path, arch))
-    # built in the dtype of the component they replace: no transient fp32 copy of a fp16 UNet
-    built = {
-        "unet": UNet2DConditionModel.from_single_file(state, config=folder, subfolder="unet",
-                                                      local_files_only=True, torch_dtype=pipe.unet.dtype),
-        "vae": AutoencoderKL.from_single_file(state, config=folder, subfolder="vae", local_files_only=True,
-                                              torch_dtype=pipe.vae.dtype),
-    }
-    for name in ("text_encoder", "text_encoder_2"):
-        current = getattr(pipe, name, None)
-        if current is not None:
-            built[name] = create_diffusers_clip_model_from_ldm(
-                type(current), state, subfolder=name, config=folder, local_files_only=True,
-                torch_dtype=current.dtype)
+    with LOAD_LOCK:  # diffusers' model construction is not thread-safe (see LOAD_LOCK)
+        # built in the dtype of the component they replace: no transient fp32 copy of a fp16 UNet
+        built = {
+            "unet": UNet2DConditionModel.from_single_file(state, config=folder, subfolder="unet",
+                                                          local_files_only=True, torch_dtype=pipe.unet.dtype),
+            "vae": AutoencoderKL.from_single_file(state, config=folder, subfolder="vae",
+                                                  local_files_only=True, torch_dtype=pipe.vae.dtype),
+        }
+        for name in ("text_encoder", "text_encoder_2"):
+            current = getattr(pipe, name, None)
+            if current is not None:
+                built[name] = create_diffusers_clip_model_from_ldm(
+                    type(current), state, subfolder=name, config=folder, local_files_only=True,
+                    torch_dtype=current.dtype)
     for name, module in built.items():
         target = getattr(pipe, name)
         missing, unexpected = target.load_state_dict(module.state_dict(), strict=False)

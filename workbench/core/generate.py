@@ -238,9 +238,12 @@ def _plan(sizes, arch: str, info, weights: str, vram_budget_mb: int | None,
 def _load_diffusers_folder(path: Path, dtype: torch.dtype):
     import diffusers
 
+    from workbench.core.load import LOAD_LOCK
+
     try:
-        return diffusers.DiffusionPipeline.from_pretrained(str(path), dtype=dtype,
-                                                           local_files_only=True)
+        with LOAD_LOCK:  # see LOAD_LOCK: one load at a time per process
+            return diffusers.DiffusionPipeline.from_pretrained(str(path), dtype=dtype,
+                                                               local_files_only=True)
     except (OSError, ValueError) as e:
         raise WorkbenchError(f"{path}: cannot load this diffusers folder offline: {e}") from e
 

@@ -47,6 +47,12 @@ def quiet_diffusers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+# One model load at a time per process. diffusers builds models inside accelerate's
+# `init_empty_weights`, which swaps `nn.Module.register_parameter` process-wide and puts the saved
+# one back on exit: two loads overlapping in threads (Streamlit sessions, a thread pool) can leave
+# the meta-device version installed for good, and every module made afterwards lands on `meta`.
+LOAD_LOCK = threading.RLock()
+
 # files being loaded right now whose scaled-fp8 layers the reader multiplies out: path -> dtypes
 _SCALED_READS: dict[str, list[torch.dtype]] = {}
 _SCALED_LOCK = threading.Lock()
@@ -113,6 +119,11 @@ def load_pipeline(path: str | os.PathLike, arch: str, torch_dtype: torch.dtype =
     scaled-fp8 files are read with their scales applied (`scaled_fp8_reading`).
     """
     quiet_diffusers()
+    with LOAD_LOCK:
+        return _load_pipeline(path, arch, torch_dtype, **kwargs)
+
+
+def _load_pipeline(path: str | os.PathLike, arch: str, torch_dtype: torch.dtype, **kwargs: Any):
     if arch in DIT_ARCHS:
         from workbench.core import load_dit  # written separately; imported only when needed
 

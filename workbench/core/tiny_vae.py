@@ -45,7 +45,10 @@ def load_tiny_vae(path: str | Path, arch: str, dtype: torch.dtype = torch.float3
         if not (path / "config.json").is_file():
             raise FormatError(f"{path}: a tiny-VAE folder needs config.json and "
                               "diffusion_pytorch_model.safetensors")
-        return AutoencoderTiny.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        from workbench.core.load import LOAD_LOCK
+
+        with LOAD_LOCK:  # see LOAD_LOCK: diffusers' model construction is not thread-safe
+            return AutoencoderTiny.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     if not path.is_file():
         raise WorkbenchError(f"tiny_vae: {path}: file not found")
     from workbench.formats.safetensors_io import read_header
