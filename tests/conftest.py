@@ -40,3 +40,11 @@ def tiny_model(tmp_path_factory):
         return built[(arch, seed)]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def style_set(tmp_path_factory):
+    """Four captioned images of the sample style set, for the training tests."""
+    from workbench.testing.style_set import write_set
+
+    return write_set(tmp_path_factory.mktemp("style"), count=4)

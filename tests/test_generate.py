@@ -16,6 +16,7 @@ from workbench.core.generate import (
     generate,
     load_model,
 )
+from workbench.core.precision import nf4_available
 from workbench.errors import WorkbenchError
 
 
@@ -238,13 +239,7 @@ def test_fp8_storage_image_is_close_and_takes_a_lora(tiny_sd15, extracted_lora):
     assert np.abs(lb - la).mean() < 0.6 * np.abs(b - la).mean()
 
 
-def _nf4_on_cpu() -> bool:
-    from workbench.core.precision import nf4_available
-
-    return nf4_available("cpu")
-
-
-@pytest.mark.skipif(not _nf4_on_cpu(), reason="bitsandbytes with a CPU backend is not installed")
+@pytest.mark.skipif(not nf4_available("cpu"), reason="bitsandbytes with a CPU backend is not installed")
 def test_nf4_image_is_close_and_takes_a_lora(tiny_sd15, extracted_lora):
     """weights: nf4 (bitsandbytes, here on its CPU backend) quantizes the UNet's Linear layers to
     4 bits; the picture stays near fp32's, and a LoRA applies on top as a peft adapter."""

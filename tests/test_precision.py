@@ -7,8 +7,8 @@ import torch
 
 from _denoiser_inputs import flux_inputs
 
-from workbench.core.precision import (apply_storage, castable_layers, file_fp8_storage, storage_dtype,
-                                      stored_bytes)
+from workbench.core.precision import (apply_storage, castable_layers, file_fp8_storage, nf4_available,
+                                      storage_dtype, stored_bytes)
 from workbench.errors import NotAvailableError
 
 
@@ -143,12 +143,6 @@ def test_fp8_storage_scales_each_layer_so_small_weights_keep_their_bits():
     assert _rel(model[1].weight.detach(), w) < 0.05  # taken back off: the weight, not the fp8 values
 
 
-def _nf4_on_cpu() -> bool:
-    from workbench.core.precision import nf4_available
-
-    return nf4_available("cpu")
-
-
 def test_nf4_needs_a_device_and_a_capable_bitsandbytes(monkeypatch):
     from workbench.core import precision
 
@@ -165,7 +159,7 @@ def test_nf4_needs_a_device_and_a_capable_bitsandbytes(monkeypatch):
     assert layer[1].weight.dtype == torch.float32                   # nothing changed
 
 
-@pytest.mark.skipif(not _nf4_on_cpu(), reason="bitsandbytes with a CPU backend is not installed")
+@pytest.mark.skipif(not nf4_available("cpu"), reason="bitsandbytes with a CPU backend is not installed")
 def test_nf4_storage_on_the_cpu_is_close_and_a_quarter_of_fp16(flux_pipe):
     """bitsandbytes >= 0.48 quantizes on the CPU too, so the NF4 path runs here as on a GPU."""
     import copy

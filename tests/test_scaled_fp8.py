@@ -8,8 +8,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from workbench.core.load import load_pipeline
 from workbench.errors import FormatError, WorkbenchError
@@ -18,15 +17,10 @@ from workbench.formats import scaled_fp8
 FP8 = torch.float8_e4m3fn
 
 
-def _read(path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-
-
 def write_scaled(src, scaled_path, plain_path, *, prefix: str, layout: str) -> int:
     """Write `src` as a ComfyUI scaled-fp8 file (every >=2-D float weight under `prefix`), and the
     same weights multiplied out in fp32 as a plain file. Returns the number of scaled layers."""
-    tensors = _read(src)
+    tensors = load_file(src)
     scaled, plain, n = {}, {}, 0
     for key, w in tensors.items():
         if key.startswith(prefix) and key.endswith(".weight") and w.ndim >= 2 and w.is_floating_point():
@@ -69,7 +63,7 @@ def test_old_layout_sd15_file_loads_as_its_multiplied_out_weights(tmp_path, tiny
     _same_state(ours.text_encoder, ref.text_encoder)
     # what a loader that ignores the scales holds: the raw fp8 values, not the weights; diffusers
     # called directly (outside our loader, e.g. in another thread) still reads the file as it is
-    raw = _read(scaled)["model.diffusion_model.input_blocks.1.0.in_layers.2.weight"].float()
+    raw = load_file(scaled)["model.diffusion_model.input_blocks.1.0.in_layers.2.weight"].float()
     conv = ours.unet.down_blocks[0].resnets[0].conv1.weight
     assert not torch.allclose(conv, raw) and raw.abs().max() == torch.finfo(FP8).max
     from diffusers import StableDiffusionPipeline
@@ -100,7 +94,7 @@ def test_auto_plan_keeps_a_scaled_unet_in_fp8_with_its_own_values(tmp_path, tiny
     unet = model.memory_plan.decision("unet")
     assert unet.storage == "fp8_e4m3fn" and "scaled fp8 in the file" in unet.reason
     conv = model.pipe.unet.down_blocks[0].resnets[0].conv1
-    stored = _read(scaled)
+    stored = load_file(scaled)
     key = "model.diffusion_model.input_blocks.1.0.in_layers.2"
     assert conv.weight.dtype == FP8
     assert conv.fp8_scale == pytest.approx(float(stored[key + ".scale_weight"]), rel=1e-6)
@@ -131,7 +125,7 @@ def test_split_flux_with_scaled_t5_and_transformer(tmp_path):
         else:
             shutil.copy(path, ours / path.name)
             shutil.copy(path, ref / path.name)
-    assert "scaled_fp8" in _read(ours / parts["transformer"].name)
+    assert "scaled_fp8" in load_file(ours / parts["transformer"].name)
     a = load_pipeline(ours, "flux", torch_dtype=torch.float32)
     b = load_pipeline(ref, "flux", torch_dtype=torch.float32)
     _same_state(a.text_encoder_2, b.text_encoder_2)
@@ -139,7 +133,7 @@ def test_split_flux_with_scaled_t5_and_transformer(tmp_path):
 
 
 def test_unsupported_formats_and_bad_scales_are_refused_with_the_layer(tmp_path, tiny_sd15):
-    tensors = _read(tiny_sd15["A"])
+    tensors = load_file(tiny_sd15["A"])
     layer = "model.diffusion_model.input_blocks.1.0.in_layers.2"
     meta = {scaled_fp8.METADATA_KEY: json.dumps({"layers": {layer: {"format": "nvfp4"}}})}
     path = tmp_path / "nvfp4.safetensors"
@@ -183,7 +177,7 @@ def test_a_forge_bitsandbytes_nf4_file_is_refused_by_name(tmp_path, tiny_model):
     bnb = pytest.importorskip("bitsandbytes")
     from workbench.core.generate import load_model, plan_for_file
 
-    tensors = _read(tiny_model("flux"))
+    tensors = load_file(tiny_model("flux"))
     out = {}
     for key, t in tensors.items():
         if key.startswith("model.diffusion_model.") and key.endswith(".weight") and t.ndim == 2:

@@ -16,13 +16,6 @@ from workbench.train.loop import NoiseSchedule, TrainSettings, sd_loss, step_gen
 from workbench.train.runner import build_trainer, run
 
 
-@pytest.fixture(scope="module")
-def style_set(tmp_path_factory):
-    from workbench.testing.style_set import write_set
-
-    return write_set(tmp_path_factory.mktemp("style"), count=4)
-
-
 def _recipe(tmp: Path, base: Path, data: Path, out: str, extra: str = "", **fields) -> object:
     body = {"max_steps": 4, "learning_rate": "1.0e-3", "seed": 5, **fields}
     text = (f"kind: train\nname: tiny\nbase: {base}\ndataset: {data}\ntrigger: wbstyle\nresolution: 64\n"

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,13 +15,6 @@ from workbench.recipes.loader import load_recipe
 from workbench.train.runner import run
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def style_set(tmp_path_factory):
-    from workbench.testing.style_set import write_set
-
-    return write_set(tmp_path_factory.mktemp("style"), count=4)
 
 
 def _recipe(tmp: Path, base: Path, data: Path, name: str, accumulation: int) -> Path:

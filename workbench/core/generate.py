@@ -154,9 +154,9 @@ def model_arch(path: Path) -> tuple[str, str | None]:
     from workbench.formats import scaled_fp8
     from workbench.formats.safetensors_io import read_header
 
-    if path.suffix == ".safetensors":  # formats we cannot read are refused before any plan
-        scaled_fp8.check_supported(scaled_fp8.layout_of(read_header(path)), path)
-    info = detect(path)
+    header = read_header(path)
+    scaled_fp8.check_supported(scaled_fp8.layout_of(header), path)  # refused before any plan
+    info = detect(header)
     if info.kind != "checkpoint" or info.arch not in SIZE_MULTIPLE:
         raise WorkbenchError(f"{path}: is a {info.arch} {info.kind}, not a checkpoint that can make "
                              "images; expected an SD1.5, SDXL, SD3.x or FLUX.1 checkpoint")

@@ -54,7 +54,7 @@ def quiet_diffusers() -> None:
 LOAD_LOCK = threading.RLock()
 
 # files being loaded right now whose scaled-fp8 layers the reader multiplies out: path -> dtypes
-_SCALED_READS: dict[str, list[torch.dtype]] = {}
+_SCALED_READS: dict[str, list[tuple[torch.dtype, dict[str, str]]]] = {}  # + header metadata
 _SCALED_LOCK = threading.Lock()
 
 
@@ -73,11 +73,12 @@ def _install_scaled_reader() -> None:
             checkpoint = original(source, *args, **kwargs)
             key = str(Path(str(source)).resolve())
             with _SCALED_LOCK:
-                dtypes = _SCALED_READS.get(key)
-                dtype = dtypes[-1] if dtypes else None
-            if dtype is None:
+                reads = _SCALED_READS.get(key)
+                current = reads[-1] if reads else None
+            if current is None:
                 return checkpoint
-            return scaled_fp8.dequantize(checkpoint, dtype, path=source, metadata=read_header(key).metadata)
+            dtype, metadata = current
+            return scaled_fp8.dequantize(checkpoint, dtype, path=source, metadata=metadata)
 
         reading.workbench_scaled_reader = True
         single_file.load_single_file_checkpoint = reading
@@ -93,7 +94,8 @@ def scaled_fp8_reading(path: str | os.PathLike, dtype: torch.dtype) -> Iterator[
     other files are read untouched.
     """
     path = Path(path)
-    layout = scaled_fp8.layout_of(read_header(path)) if path.is_file() else None
+    header = read_header(path) if path.is_file() else None
+    layout = scaled_fp8.layout_of(header) if header is not None else None
     if layout is None:
         yield
         return
@@ -101,7 +103,7 @@ def scaled_fp8_reading(path: str | os.PathLike, dtype: torch.dtype) -> Iterator[
     _install_scaled_reader()
     key = str(path.resolve())
     with _SCALED_LOCK:
-        _SCALED_READS.setdefault(key, []).append(dtype)
+        _SCALED_READS.setdefault(key, []).append((dtype, header.metadata))
     try:
         yield
     finally:

@@ -359,21 +359,15 @@ def quantize_base(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype)
             m.fp8_scale = scale
         return len(linears)
     if mode == "nf4":
+        from workbench.core.precision import nf4_linear
+
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes  # noqa: F401
         except ImportError:
             raise NotAvailableError("base_precision nf4 needs bitsandbytes (pip install bitsandbytes); "
                                     "use fp8 otherwise") from None
-        for name, m in linears:
-            # built on the meta device: a CPU-initialised throwaway weight per layer would cost
-            # minutes and 24 GB of RAM for FLUX; the weight is set right below
-            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
-                                  compute_dtype=compute_dtype, quant_type="nf4", device="meta")
-            q.weight = bnb.nn.Params4bit(m.weight.data.to(compute_dtype), requires_grad=False,
-                                         quant_type="nf4", module=q)  # quantized when moved to its device
-            if m.bias is not None:
-                q.bias = torch.nn.Parameter(m.bias.data.to(compute_dtype), requires_grad=False)
+        for name, m in linears:  # quantized when the runner moves the model to its device
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, q)
+            setattr(model.get_submodule(parent) if parent else model, leaf, nf4_linear(m, compute_dtype))
         return len(linears)
     raise RecipeError(f"base_precision: expected none, fp8 or nf4 (got {mode!r})")
