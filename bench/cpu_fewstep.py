@@ -5,7 +5,7 @@ sides then load it and make one 512² image in 4 LCM steps at guidance 1 (an LCM
 unconditional pass), from the same seed:
 
   plain   StableDiffusionPipeline.from_single_file(..., torch_dtype=float32), LCMScheduler
-  ours    workbench.core.generate.load_model(weights="auto") + generate() (fp32 on CPUs without
+  ours    workbench.pipeline.generate.load_model(weights="auto") + generate() (fp32 on CPUs without
           native bf16, bf16 + channels_last with it), with and without a TAESD decoder of the real
           TAESD size (random weights); `--with-bf16` also times forced bf16
 
@@ -98,7 +98,7 @@ def run_plain(path: Path, size: int, steps: int, repeat: int) -> dict:
 
 def run_ours(path: Path, size: int, steps: int, repeat: int, weights: str,
              tiny_vae: Path | None) -> dict:
-    from workbench.core import generate as core
+    from workbench.pipeline import generate as core
 
     model = core.load_model(path, device="cpu", weights=weights, tiny_vae=tiny_vae)
     settings = core.ImageSettings("a lighthouse at dusk", "", "LCM", steps, 1.0, size, size)
@@ -150,7 +150,7 @@ def main() -> None:
     results: dict = {"scale": args.scale, "size": args.size, "steps": args.steps,
                      "threads": torch.get_num_threads(), "torch": torch.__version__,
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(), "runs": {}}
-    from workbench.core.memory_plan import cpu_has_native_bf16
+    from workbench.pipeline.memory_plan import cpu_has_native_bf16
 
     results["cpu_native_bf16"] = cpu_has_native_bf16()
     runs = {

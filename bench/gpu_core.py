@@ -42,9 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workbench.core.memory_plan import (GB, MB, DeviceInfo, activation_bytes, plan_memory,  # noqa: E402
-                                        probe_device)
-from workbench.core.streaming import apply_plan, module_size  # noqa: E402
+from workbench.pipeline.memory_plan import DeviceInfo, plan_memory, probe_device  # noqa: E402
+from workbench.pipeline.sizes import GB, MB, activation_bytes, module_size  # noqa: E402
+from workbench.pipeline.streaming import apply_plan  # noqa: E402
 
 DATA = ROOT / "workbench" / "formats" / "data"
 BASELINES = ("model_offload", "group_leaf_stream", "layerwise_fp8", "bnb_nf4")
@@ -176,7 +176,7 @@ def run_method(method, arch, master, args, device, dtype, budget_mb, sim) -> dic
             model.to(device)
             model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
         elif method == "bnb_nf4":
-            from workbench.core.precision import apply_storage
+            from workbench.pipeline.precision import apply_storage
             apply_storage(model, "nf4", dtype, device=device)
             model.to(device)
         rec["setup_s"] = round(time.perf_counter() - t0, 2)

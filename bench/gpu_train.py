@@ -45,7 +45,7 @@ def build_unet(scale: str, dtype: torch.dtype, device: str, tiny_dir: Path):
     from diffusers import UNet2DConditionModel
 
     if scale == "tiny":
-        from workbench.core.load import load_pipeline
+        from workbench.pipeline.load import load_pipeline
         from workbench.formats.safetensors_io import read_header
         from workbench.testing import build_tiny
 
@@ -102,7 +102,7 @@ def build_flux(scale: str, dtype: torch.dtype, device: str, tiny_dir: Path):
     from diffusers import FluxTransformer2DModel
 
     if scale == "tiny":
-        from workbench.core.load import load_pipeline
+        from workbench.pipeline.load import load_pipeline
         from workbench.formats.safetensors_io import read_header
         from workbench.testing import build_tiny
 
@@ -157,7 +157,7 @@ def flux_setup(model, shapes, rank: int, base: str, dtype: torch.dtype, device: 
 
 def nf4_missing(device: str) -> str | None:
     """Why NF4 cannot run here, or None (bitsandbytes >= 0.48 also quantizes on the CPU)."""
-    from workbench.core.precision import nf4_available
+    from workbench.pipeline.precision import nf4_available
 
     try:
         import bitsandbytes  # noqa: F401

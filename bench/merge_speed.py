@@ -127,8 +127,8 @@ def our_command(method: str, out: Path, alpha: float, paths: list[Path], threads
     lines += ["steps:", f"  - {{id: m, method: {method}, inputs: [{', '.join(names)}], alpha: {alpha}}}",
               f"output: {{path: {out}, dtype: fp16}}"]
     recipe.write_text("\n".join(lines) + "\n")
-    driver = ("import sys; from workbench.recipes import load_recipe; from workbench.merge.runner import run; "
-              "run(load_recipe(sys.argv[1]), overwrite=True, progress=False, threads=int(sys.argv[2]))")
+    driver = ("import sys; from workbench.recipes import load_recipe; from workbench.kinds import merge; "
+              "merge.run(merge.describe(load_recipe(sys.argv[1]), overwrite=True), progress=False, threads=int(sys.argv[2]))")
     return [sys.executable, "-c", driver, str(recipe), str(threads)]
 
 

@@ -54,7 +54,7 @@ def main() -> None:
 
     import open_clip
 
-    from workbench.compare.scores import ClipBackbone, GridScorer, aesthetic_scores
+    from workbench.grid.scores import ClipBackbone, GridScorer, aesthetic_scores
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

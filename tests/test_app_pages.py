@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from workbench.app.config import ENV, AppConfig  # noqa: E402
 from workbench.jobs.store import JobStore  # noqa: E402
 from workbench.recipes.loader import load_recipe, parse_recipe  # noqa: E402
-from workbench.runner import register_handler  # noqa: E402
+from workbench.dispatch import register_handler  # noqa: E402
 
 MAIN = Path(__file__).resolve().parents[1] / "workbench" / "app" / "main.py"
 PAGES = {"models": "Models", "merge": "Merge", "train": "Train", "compare": "Compare",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 from workbench import __version__
 from workbench.cli import main
 from workbench.recipes import KNOWN_MERGE_METHODS
-from workbench.runner import ENGINES, Engine
 
 GENERATE = """\
 kind: generate
@@ -69,15 +67,6 @@ def test_kind_subcommand_checks_kind(tmp_path, capsys):
     assert "is a generate recipe, not a merge recipe" in err and "workbench generate" in err
 
 
-def test_run_without_engine_names_the_issue(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(ENGINES, "generate",
-                        Engine("workbench._no_such_core", "run", 4, "the generation core"))
-    make_model_folder(tmp_path)
-    assert main(["run", str(write(tmp_path, GENERATE))]) == 2
-    err = capsys.readouterr().err
-    assert "error: kind 'generate': the generation core is not built yet (issue #4)" in err
-
-
 def test_merge_list(capsys):
     assert main(["merge", "--list"]) == 0
     out = capsys.readouterr().out
@@ -94,12 +83,9 @@ def test_models_scan(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
 
 
-def test_app_refuses_remote_host_and_says_not_built(capsys, monkeypatch):
+def test_app_refuses_remote_host(capsys):
     assert main(["app", "--host", "0.0.0.0"]) == 2
     assert "--allow-remote" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "workbench.app", None)  # import fails as if not built
-    assert main(["app", "--port", "8600"]) == 2
-    assert "issue #7" in capsys.readouterr().err
 
 
 def test_demo_calls_demo_main(monkeypatch):

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.core.generate import (
+from workbench.pipeline.generate import (
     ImageSettings,
     LoraUse,
     Model,
     generate,
     load_model,
 )
-from workbench.core.precision import nf4_available
+from workbench.pipeline.precision import nf4_available
 from workbench.errors import WorkbenchError
 
 
@@ -29,8 +29,8 @@ SAMPLER = {"sd15": "Euler a", "sdxl": "DPM++ 2M Karras", "sd3": "Euler", "flux":
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux"])
 def test_same_seed_same_image_as_plain_diffusers(tiny_model, arch):
-    from workbench.core.load import load_pipeline
-    from workbench.core.samplers import make_scheduler
+    from workbench.pipeline.load import load_pipeline
+    from workbench.pipeline.samplers import make_scheduler
 
     path = tiny_model(arch)
     settings = ImageSettings("a lighthouse at dusk", "", SAMPLER[arch], 2, 4.0, 64, 64)
@@ -79,8 +79,8 @@ def test_clip_skip_uses_a1111_numbering(tiny_model):
     ("flux", dict(sampler="DPM++ 2M Karras"), "flow-matching"),
 ])
 def test_settings_the_architecture_cannot_take_are_refused(arch, settings, words):
-    from workbench.core.generate import check_settings
-    from workbench.core.samplers import scheduler_spec
+    from workbench.pipeline.generate import check_settings
+    from workbench.pipeline.samplers import scheduler_spec
 
     s = ImageSettings(**{"prompt": "x", "width": 64, "height": 64, "sampler": "Euler", **settings})
     with pytest.raises(WorkbenchError, match=words):
@@ -108,7 +108,7 @@ def test_lora_at_generation_time_equals_the_baked_merge(tmp_path, tiny_sd15, ext
     """A kohya LoRA applied at weight w gives the image of base + w·(up·down·alpha/rank) baked by
     the merge engine, and the base is left untouched afterwards."""
     from workbench.recipes import parse_recipe
-    from workbench.runner import run_recipe
+    from workbench.dispatch import run_recipe
 
     baked = tmp_path / "baked.safetensors"
     recipe = parse_recipe(
@@ -151,8 +151,8 @@ def _diffusers_lora(pipe, folder: Path) -> Path:
 def test_diffusers_format_lora_gives_diffusers_own_image(tmp_path, tiny_model, arch):
     """A diffusers/peft-format LoRA at weight 0.6 through our core = plain diffusers with
     load_lora_weights + set_adapters(0.6), same seed; and it changes the image."""
-    from workbench.core.load import load_pipeline
-    from workbench.core.samplers import make_scheduler
+    from workbench.pipeline.load import load_pipeline
+    from workbench.pipeline.samplers import make_scheduler
 
     path = tiny_model(arch)
     pipe = load_pipeline(path, arch, torch.float32)
@@ -184,7 +184,7 @@ def test_lora_of_another_architecture_is_refused(tiny_model, extracted_lora):
 def test_tiny_vae_decodes_instead_of_the_full_vae(tmp_path, tiny_model, naming):
     from safetensors.torch import load_file
 
-    from workbench.core.tiny_vae import load_tiny_vae
+    from workbench.pipeline.tiny_vae import load_tiny_vae
     from workbench.testing.taesd import build_tiny_taesd
 
     ref = build_tiny_taesd(tmp_path / "ref.safetensors", seed=3)
@@ -202,7 +202,7 @@ def test_tiny_vae_decodes_instead_of_the_full_vae(tmp_path, tiny_model, naming):
 
 
 def test_tiny_vae_rejects_wrong_files(tmp_path, tiny_model):
-    from workbench.core.tiny_vae import load_tiny_vae
+    from workbench.pipeline.tiny_vae import load_tiny_vae
 
     with pytest.raises(WorkbenchError, match="TAESD"):
         load_tiny_vae(tiny_model("sd15"), "flux")
@@ -211,7 +211,7 @@ def test_tiny_vae_rejects_wrong_files(tmp_path, tiny_model):
 
 
 def test_model_from_pipeline_wraps_an_in_memory_pipeline(tiny_model):
-    from workbench.core.load import load_pipeline
+    from workbench.pipeline.load import load_pipeline
 
     pipe = load_pipeline(tiny_model("sd15"), "sd15", torch.float32)
     model = Model.from_pipeline(pipe, "sd15", name="in-memory")
@@ -259,7 +259,7 @@ def test_nf4_image_is_close_and_takes_a_lora(tiny_sd15, extracted_lora):
     lora = [LoraUse(extracted_lora, 1.0)]
     la, lb = _pixels(generate(full, s, [4], loras=lora)[0]), _pixels(generate(nf4, s, [4], loras=lora)[0])
     # the adapter adds exactly the fp32 delta on top of the 4-bit layer ...
-    from workbench.core.loras import attached_loras
+    from workbench.pipeline.loras import attached_loras
 
     def to_q(m):
         return m.pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
@@ -294,8 +294,8 @@ def test_sde_sampler_is_seeded_per_image(tiny_model):
 def test_a_diffusers_folder_loads_offline_with_the_same_weights(tmp_path, tiny_model):
     import diffusers
 
-    from workbench.core.load import load_pipeline
-    from workbench.core.samplers import make_scheduler
+    from workbench.pipeline.load import load_pipeline
+    from workbench.pipeline.samplers import make_scheduler
 
     path = tiny_model("sd15")
     folder = tmp_path / "sd15-diffusers"
@@ -329,7 +329,7 @@ def test_an_fp8_checkpoint_stays_fp8_and_bit_exact(tmp_path, tiny_sd15):
     from safetensors import safe_open
 
     from workbench.recipes import parse_recipe
-    from workbench.runner import run_recipe
+    from workbench.dispatch import run_recipe
 
     fp8 = tmp_path / "fp8.safetensors"
     recipe = parse_recipe(

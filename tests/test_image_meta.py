@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from workbench.core.image_meta import (format_parameters, lora_hashes_field, parse_parameters,
+from workbench.pipeline.image_meta import (format_parameters, lora_hashes_field, parse_parameters,
                                        read_png_metadata, save_png)
 from workbench.errors import OutputExistsError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from workbench.jobs.store import JobStore, pid_alive
-from workbench.jobs.worker import parse_metrics, work
+from workbench.jobs.worker import ProgressWriter, work
 
 # A worker plug-in: a fake "merge" engine that writes its output slowly and non-atomically (the
 # worst case for cancel), reports progress with a loss, and takes its pace from the description.
@@ -21,7 +21,9 @@ PLUGIN = '''
 import time
 from pathlib import Path
 from workbench import progress
-from workbench.runner import RunResult, register_handler
+from workbench.dispatch import register_handler
+from workbench.plan import RunResult
+
 
 def slow_merge(recipe, *, overwrite=False, progress=True):
     out = Path(recipe.output.path)
@@ -38,7 +40,7 @@ def slow_merge(recipe, *, overwrite=False, progress=True):
             time.sleep(dt)
             f.write(b"x" * 16)
             f.flush()
-            t.advance(1, message=f"loss={1.0 / (i + 1):.4f}")
+            t.advance(1, message=f"loss={1.0 / (i + 1):.4f}", metrics={"loss": 1.0 / (i + 1)})
     return RunResult("merge", recipe.name, False, None, [out])
 
 progress_task = progress.task
@@ -137,9 +139,18 @@ def test_log_and_metrics(store):
     store.add_metrics(job, 2, {"loss": 0.25})
     assert store.log_tail(job, 1) == ["two"]
     assert store.metrics(job) == {"loss": [(1.0, 0.5), (2.0, 0.25)]}
-    assert parse_metrics("step 3: loss=0.12 lr=1e-4") == {"loss": 0.12, "lr": 1e-4}
-    assert parse_metrics("loss 0.1234") == {"loss": 0.1234}  # the training loop's message
-    assert parse_metrics("cell 3/10") == {}
+
+
+def test_metrics_travel_as_numbers(store):
+    """A progress event's metrics reach the store as the floats the engine had (no text round
+    trip: 0.123456789 keeps its digits), and a message alone stores no metrics."""
+    from workbench import progress
+
+    job = store.submit("train", "kind: train")
+    with progress.sink(ProgressWriter(store, job)), progress.task("training", 3, bar=False) as t:
+        t.advance(1, message="loss 0.1235", metrics={"loss": 0.123456789, "lr": 1e-4})
+        t.advance(1, message="cell 2/3")
+    assert store.metrics(job) == {"loss": [(1.0, 0.123456789)], "lr": [(1.0, 1e-4)]}
 
 
 def test_zombie_is_not_alive():

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from workbench.errors import NotAvailableError, WorkbenchError
+from workbench.errors import UnsupportedError, WorkbenchError
 from workbench.formats.blocks import block_of
 from workbench.formats.lora_keys import kohya_modules, module_table
 from workbench.formats.safetensors_io import read_header
 from workbench.recipes import parse_recipe
-from workbench.runner import run_recipe
+from workbench.dispatch import run_recipe
 from workbench.testing import ldm_keys
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -258,16 +258,16 @@ def test_lora_of_another_architecture_is_refused_before_any_read(tmp_path, tiny_
                 (UNET + "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight", None),
                 "lora_te2_text_model_encoder_layers_2_mlp_fc1":
                 ("conditioner.embedders.1.model.transformer.resblocks.2.mlp.c_fc.weight", None)})
-    import workbench.merge.runner as mr
+    import workbench.merge.executor as mx
 
-    monkeypatch.setattr(mr, "open_lazy", lambda *a, **k: pytest.fail("a tensor was read"))
-    from workbench.merge.build import build_plan
+    monkeypatch.setattr(mx, "open_lazy", lambda *a, **k: pytest.fail("a tensor was read"))
+    from workbench.merge.build import plan_merge
 
     body = (f"kind: merge\nname: t\nmodels:\n  A: {tiny_model('sd15', 0)}\n  L: {tmp_path / 'xl.safetensors'}\n"
             "steps:\n  - {id: m, method: add_lora, inputs: [A, L]}\noutput:\n  path: o.safetensors\n")
     recipe = parse_recipe(body, tmp_path / "r.yaml")
     with pytest.raises(WorkbenchError, match=r"A \(sd15_0.safetensors\) is sd15, L \(xl.safetensors\) is sdxl LoRA"):
-        build_plan(recipe)
+        plan_merge(recipe)
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -277,14 +277,14 @@ def test_loha_and_misused_lora_are_clear_errors(tmp_path, tiny_model):
     save_file({f"{name}.hada_w1_a": torch.zeros(16, 2), f"{name}.hada_w1_b": torch.zeros(2, 16),
                f"{name}.hada_w2_a": torch.zeros(16, 2), f"{name}.hada_w2_b": torch.zeros(2, 16),
                f"{name}.alpha": torch.tensor(1.0)}, str(tmp_path / "h.safetensors"))
-    from workbench.merge.build import build_plan
+    from workbench.merge.build import plan_merge
 
     def plan(step, lora="h.safetensors"):
         body = (f"kind: merge\nname: t\nmodels:\n  A: {base_path}\n  L: {tmp_path / lora}\n"
                 f"steps:\n  - {step}\noutput:\n  path: {tmp_path / 'o.safetensors'}\n")
-        return build_plan(parse_recipe(body, tmp_path / "r.yaml"))
+        return plan_merge(parse_recipe(body, tmp_path / "r.yaml"))
 
-    with pytest.raises(NotAvailableError, match="LoHa"):
+    with pytest.raises(UnsupportedError, match="LoHa"):
         plan("{id: m, method: add_lora, inputs: [A, L]}")
     kohya_lora(tmp_path / "k.safetensors", load_file(base_path),
                {name: (UNET + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", None)})
@@ -331,6 +331,9 @@ def test_extraction_round_trip_and_diffusers_loads_it(tmp_path):
     src = json.loads(meta["workbench_extracted_from"])
     from workbench.formats.hashes import sha256_file
     assert src["base"]["sha256"] == sha256_file(base_path)
+    # a shared LoRA names its sources by file name only: no local folder leaks into the file
+    assert src["base"]["file"] == Path(base_path).name
+    assert str(tmp_path) not in json.dumps(meta) and str(Path(base_path).parent) not in json.dumps(meta)
 
     # kohya's default quantile clamp bounds every value at the 0.99 quantile (a small, bounded error)
     clamped = load_file(extract_lora(tmp_path / "tuned.safetensors", base_path, tmp_path / "c.safetensors",
@@ -341,7 +344,7 @@ def test_extraction_round_trip_and_diffusers_loads_it(tmp_path):
     assert joined.abs().max() < free.abs().max()
 
     # diffusers accepts the file with every module matched
-    from workbench.core.load import load_pipeline
+    from workbench.pipeline.load import load_pipeline
 
     pipe = load_pipeline(base_path, "sd15")
     unet = pipe.unet

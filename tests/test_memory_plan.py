@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from workbench.core.memory_plan import (GB, MB, ComponentSize, DeviceInfo, activation_bytes,
-                                        choose_resident, component_sizes_from_header, plan_memory)
-from workbench.errors import NotAvailableError, WorkbenchError
+from workbench.pipeline.memory_plan import DeviceInfo, plan_memory
+from workbench.pipeline.sizes import (GB, MB, ComponentSize, activation_bytes, choose_resident,
+                                      component_sizes_from_header)
+from workbench.errors import UnsupportedError, WorkbenchError
 
 H100 = DeviceInfo("cuda", "H100", 80 * GB, 79 * GB, bf16=True, fp8_matmul=True)
 CARD = DeviceInfo("cuda", "12 GB card", 12_884_901_888, 12_500_000_000, bf16=True, fp8_matmul=True)
@@ -142,7 +143,7 @@ def test_fp8_file_is_kept_fp8_even_when_bf16_would_fit():
 
 
 def test_cpu_plans_fp32_in_ram_and_nf4_only_where_bitsandbytes_can(monkeypatch):
-    from workbench.core import precision
+    from workbench.pipeline import precision
 
     plan = plan_memory(flux_sizes(), device=CPU, arch="flux", ram_free_bytes=128 * GB)
     assert plan.compute_dtype == "fp32"
@@ -157,7 +158,7 @@ def test_cpu_plans_fp32_in_ram_and_nf4_only_where_bitsandbytes_can(monkeypatch):
     assert {d.storage for d in nf4.decisions if d.name != "transformer"} == {"fp32"}
     assert nf4.decision("transformer").total_bytes < 0.3 * plan.decision("transformer").total_bytes
     monkeypatch.setattr(precision, "nf4_available", lambda device_type: False)
-    with pytest.raises(NotAvailableError, match="cannot quantize on cpu.*bitsandbytes >= 0.48"):
+    with pytest.raises(UnsupportedError, match="cannot quantize on cpu.*bitsandbytes >= 0.48"):
         plan_memory(flux_sizes(), device=CPU, arch="flux", weights="nf4")
 
 
@@ -192,8 +193,8 @@ def test_activation_estimate_grows_with_pixels_and_cfg():
 def test_sizes_from_tiny_flux_header_match_the_loaded_pipeline(tiny_model):
     import torch
 
-    from workbench.core.load import load_pipeline
-    from workbench.core.memory_plan import component_sizes_from_pipeline
+    from workbench.pipeline.load import load_pipeline
+    from workbench.pipeline.sizes import component_sizes_from_pipeline
 
     path = tiny_model("flux")
     from_header = {s.name: s for s in component_sizes_from_header(path)}

@@ -14,7 +14,7 @@ from workbench.errors import OutputExistsError, WorkbenchError
 from workbench.formats.blocks import block_of
 from workbench.formats.hashes import sha256_file
 from workbench.recipes import parse_recipe
-from workbench.runner import run_recipe
+from workbench.dispatch import run_recipe
 
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -145,14 +145,14 @@ def test_corrupt_input_gives_clear_error_and_no_output(tmp_path, tiny_sd15, dama
 
 
 def test_cancel_midway_leaves_no_file(tmp_path, tiny_sd15):
-    from workbench.merge import runner as merge_runner
+    from workbench.kinds import merge as merge_kind
     from workbench.merge import executor
 
     body = recipe_text(tiny_sd15, "  - {id: m, method: weighted_sum, inputs: [A, B], alpha: 0.5}")
     recipe = parse_recipe(body, tmp_path / "r.yaml")
     cancel = threading.Event()
     seen = []
-    original = executor._compute
+    original = executor.compute_key
 
     def compute(item):
         seen.append(item.name)
@@ -160,12 +160,12 @@ def test_cancel_midway_leaves_no_file(tmp_path, tiny_sd15):
             cancel.set()
         return original(item)
 
-    executor._compute = compute
+    executor.compute_key = compute
     try:
         with pytest.raises(KeyboardInterrupt):
-            merge_runner.run(recipe, progress=False, cancel=cancel)
+            merge_kind.run(merge_kind.describe(recipe), progress=False, cancel=cancel)
     finally:
-        executor._compute = original
+        executor.compute_key = original
     assert 200 <= len(seen) < 1131
     assert not (tmp_path / "out.safetensors").exists() and not list(tmp_path.glob("*.tmp"))
 

@@ -7,14 +7,14 @@ import torch
 
 from _denoiser_inputs import flux_inputs
 
-from workbench.core.precision import (apply_storage, castable_layers, file_fp8_storage, nf4_available,
+from workbench.pipeline.precision import (apply_storage, castable_layers, file_fp8_storage, nf4_available,
                                       storage_dtype, stored_bytes)
-from workbench.errors import NotAvailableError
+from workbench.errors import UnsupportedError
 
 
 @pytest.fixture(scope="module")
 def flux_pipe(tmp_path_factory):
-    from workbench.core.load import load_pipeline
+    from workbench.pipeline.load import load_pipeline
     from workbench.testing import build_tiny
 
     path = build_tiny("flux", tmp_path_factory.mktemp("prec") / "flux.safetensors")
@@ -144,17 +144,17 @@ def test_fp8_storage_scales_each_layer_so_small_weights_keep_their_bits():
 
 
 def test_nf4_needs_a_device_and_a_capable_bitsandbytes(monkeypatch):
-    from workbench.core import precision
+    from workbench.pipeline import precision
 
     layer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
-    with pytest.raises(NotAvailableError, match="needs a device"):
+    with pytest.raises(UnsupportedError, match="needs a device"):
         apply_storage(layer, "nf4", torch.float16)
     monkeypatch.setattr(precision, "nf4_available", lambda device_type: False)
-    with pytest.raises(NotAvailableError, match="cannot quantize on cpu"):
+    with pytest.raises(UnsupportedError, match="cannot quantize on cpu"):
         apply_storage(layer, "nf4", torch.float16, device="cpu")
     monkeypatch.setattr(precision, "bitsandbytes", lambda: (_ for _ in ()).throw(
-        NotAvailableError("weights nf4 needs bitsandbytes, which is not installed: pip install bitsandbytes")))
-    with pytest.raises(NotAvailableError, match="pip install bitsandbytes"):
+        UnsupportedError("weights nf4 needs bitsandbytes, which is not installed: pip install bitsandbytes")))
+    with pytest.raises(UnsupportedError, match="pip install bitsandbytes"):
         apply_storage(layer, "nf4", torch.float16, device="cpu")
     assert layer[1].weight.dtype == torch.float32                   # nothing changed
 

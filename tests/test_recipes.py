@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import textwrap
+import shutil
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from workbench.errors import NotAvailableError, OutputExistsError, RecipeError
+from workbench.errors import OutputExistsError, RecipeError, WorkbenchError
 from workbench.recipes import (
     KNOWN_MERGE_METHODS,
     MERGE_METHOD_RULES,
@@ -21,7 +22,8 @@ from workbench.recipes import (
     recipe_to_yaml,
     split_lora,
 )
-from workbench.runner import ENGINES, Engine, RunResult, build_plan, register_handler, run_recipe
+from workbench.dispatch import build_plan, register_handler, run_recipe
+from workbench.plan import RunResult
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -418,7 +420,7 @@ def test_dry_run_lists_missing_files_as_problems(tmp_path):
     assert str(result) == text
 
 
-def test_real_run_refuses_problems_and_existing_outputs(tmp_path):
+def test_real_run_refuses_problems_and_existing_outputs(tmp_path, tiny_model):
     model_dir = tmp_path / "models" / "mine_v1.safetensors"  # a diffusers folder stands in
     model_dir.mkdir(parents=True)
     (model_dir / "model_index.json").write_text("{}")
@@ -440,7 +442,9 @@ def test_real_run_refuses_problems_and_existing_outputs(tmp_path):
     (tmp_path / "outputs/merges").mkdir(parents=True)
     out = tmp_path / "outputs/merges/dreamy-v2.safetensors"
     out.write_bytes(b"old")
+    shutil.copy(tiny_model("sd15", 0), tmp_path / "models" / "tiny.safetensors")
     m = load_recipe(write(tmp_path, MERGE_MD.replace("inputs: [A, B, C]", "inputs: [A, A, A]")
+                          .replace("A: models/mine_v1.safetensors", "A: models/tiny.safetensors")
                           .replace("  B: models/dreamshaper_8.safetensors\n", "")
                           .replace("  C: models/sd15_base.safetensors\n", "")))
     plan = build_plan(m)
@@ -454,11 +458,7 @@ def test_real_run_refuses_problems_and_existing_outputs(tmp_path):
         register_handler("merge", None)
 
 
-def test_missing_engine_names_its_issue(tmp_path, monkeypatch):
-    monkeypatch.setitem(ENGINES, "grid", Engine("workbench._no_such_engine", "run", 6, "the grid engine"))
+def test_unknown_kind_is_refused_by_the_dispatcher(tmp_path):
     r = load_recipe(write(tmp_path, GRID_MD))
-    with pytest.raises(NotAvailableError) as e:
-        run_recipe(r)
-    assert str(e.value) == ("kind 'grid': the grid engine is not built yet (issue #6); `--dry-run` "
-                            "shows what was validated")
-    assert run_recipe(r, dry_run=True).plan.problems  # the dry run still works
+    with pytest.raises(WorkbenchError, match="unknown recipe kind 'nope'"):
+        build_plan(r.model_copy(update={"kind": "nope"}))

@@ -3,8 +3,8 @@
 import diffusers
 import pytest
 
-from workbench.core.samplers import SCHEDULERS, UNAVAILABLE, make_scheduler, scheduler_spec
-from workbench.errors import NotAvailableError, WorkbenchError
+from workbench.pipeline.samplers import SCHEDULERS, UNAVAILABLE, make_scheduler, scheduler_spec
+from workbench.errors import UnsupportedError, WorkbenchError
 from workbench.recipes.common import SAMPLERS
 
 SD15_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -50,7 +50,7 @@ def test_unavailable_and_missing_dependency_are_explained():
     try:
         import torchsde  # noqa: F401
     except ImportError:
-        with pytest.raises(NotAvailableError, match="torchsde"):
+        with pytest.raises(UnsupportedError, match="torchsde"):
             make_scheduler("DPM++ SDE Karras", SD15_CONFIG)
     with pytest.raises(WorkbenchError, match="unknown sampler"):
         scheduler_spec("Eulr")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from workbench.core.load import load_pipeline
+from workbench.pipeline.load import load_pipeline
 from workbench.errors import FormatError, WorkbenchError
 from workbench.formats import scaled_fp8
 
@@ -79,7 +79,7 @@ def test_old_layout_sd15_file_loads_as_its_multiplied_out_weights(tmp_path, tiny
 def test_auto_plan_keeps_a_scaled_unet_in_fp8_with_its_own_values(tmp_path, tiny_sd15):
     """Under `auto` the planner keeps an fp8 file in fp8; a scaled file's layers come back to the
     file's fp8 values and scale (to_scaled_fp8 recovers them), not to unscaled rounding."""
-    from workbench.core.generate import ImageSettings, generate, load_model
+    from workbench.pipeline.generate import ImageSettings, generate, load_model
 
     scaled, plain = tmp_path / "scaled.safetensors", tmp_path / "plain.safetensors"
     write_scaled(tiny_sd15["A"], scaled, plain, prefix="model.diffusion_model.", layout="old")
@@ -155,7 +155,7 @@ def test_merge_and_extraction_refuse_a_scaled_file(tmp_path, tiny_sd15):
     """They read stored tensors one by one; combining fp8 values without scales would be silent garbage."""
     from workbench.merge.extract import plan_extraction
     from workbench.recipes import parse_recipe
-    from workbench.runner import run_recipe
+    from workbench.dispatch import run_recipe
 
     scaled, plain = tmp_path / "scaled.safetensors", tmp_path / "plain.safetensors"
     write_scaled(tiny_sd15["A"], scaled, plain, prefix="model.diffusion_model.", layout="old")
@@ -175,7 +175,7 @@ def test_a_forge_bitsandbytes_nf4_file_is_refused_by_name(tmp_path, tiny_model):
     """Forge's flux1-dev-bnb-nf4 layout (bitsandbytes' own serialization: packed uint8 weight plus
     absmax/quant_map/quant_state): a clear refusal, not a shape error deep in a converter."""
     bnb = pytest.importorskip("bitsandbytes")
-    from workbench.core.generate import load_model, plan_for_file
+    from workbench.pipeline.generate import load_model, plan_for_file
 
     tensors = load_file(tiny_model("flux"))
     out = {}

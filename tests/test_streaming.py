@@ -7,9 +7,9 @@ import torch
 
 from _denoiser_inputs import flux_inputs
 
-from workbench.core.memory_plan import (GB, MB, DeviceInfo, component_sizes_from_pipeline,
-                                        plan_memory)
-from workbench.core.streaming import ComponentStreamer, apply_plan, module_size, stream_units
+from workbench.pipeline.memory_plan import DeviceInfo, plan_memory
+from workbench.pipeline.sizes import GB, MB, component_sizes_from_pipeline, module_size, stream_units
+from workbench.pipeline.streaming import ComponentStreamer, apply_plan
 
 FAKE_GPU = DeviceInfo("cuda", "fake", 80 * GB, 80 * GB, bf16=True)
 NO_WORK = {"encode": 0, "denoise": 0, "decode": 0}
@@ -17,7 +17,7 @@ NO_WORK = {"encode": 0, "denoise": 0, "decode": 0}
 
 @pytest.fixture(scope="module")
 def flux_pipe(tmp_path_factory):
-    from workbench.core.load import load_pipeline
+    from workbench.pipeline.load import load_pipeline
     from workbench.testing import build_tiny
 
     path = build_tiny("flux", tmp_path_factory.mktemp("stream") / "flux.safetensors")
@@ -83,7 +83,7 @@ def test_streamer_keeps_the_planned_blocks_and_output_is_identical(flux_pipe, fl
 
 
 def test_fp8_storage_and_streaming_compose(flux_pipe, flux_ref):
-    from workbench.core.precision import apply_storage
+    from workbench.pipeline.precision import apply_storage
 
     inputs, _ = flux_ref
     model = flux_pipe.transformer

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from workbench.core import load_dit
-from workbench.errors import NotAvailableError
+from workbench.pipeline import load_dit
+from workbench.errors import UnsupportedError
 from workbench.formats import pipeline_configs_dit as pcd
 from workbench.formats.safetensors_io import read_header
 from workbench.formats import dit_keys
@@ -212,7 +212,7 @@ def test_tiny_configs_and_t5_tokenizer(files, tmp_path):
 
 def test_real_t5_tokenizer_is_not_invented(tmp_path, monkeypatch):
     monkeypatch.setattr(pcd, "_find_real_t5", lambda: None)
-    with pytest.raises(NotAvailableError, match="WORKBENCH_T5_TOKENIZER"):
+    with pytest.raises(UnsupportedError, match="WORKBENCH_T5_TOKENIZER"):
         pcd.write_t5_tokenizer_dir(tmp_path / "t5", pcd.T5_REAL_VOCAB)
 
 

@@ -258,7 +258,7 @@ def no_network(monkeypatch):
 
 @pytest.mark.parametrize("arch,module", [("sd15", sd15), ("sdxl", sdxl)])
 def test_load_offline_round_trip_and_generate(env, no_network, arch, module):
-    from workbench.core.load import load_pipeline
+    from workbench.pipeline.load import load_pipeline
 
     path, models = env[arch]
     pipe = load_pipeline(path, arch, torch_dtype=torch.float32)

@@ -23,7 +23,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "datasets" / "sample-style"
 @pytest.fixture(scope="module")
 def tiny_vae(tiny_model):
     """The tiny SD1.5 checkpoint's real VAE (diffusers AutoencoderKL), as the loop would load it."""
-    from workbench.core.load import load_pipeline
+    from workbench.pipeline.load import load_pipeline
 
     vae = load_pipeline(tiny_model("sd15"), "sd15").vae.eval()
     return vae

@@ -18,7 +18,7 @@ from workbench.train.network import inject, plan_network, set_multiplier
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model):
-    from workbench.core.load import load_pipeline
+    from workbench.pipeline.load import load_pipeline
 
     cache = {}
 
@@ -112,7 +112,7 @@ def test_flux_kohya_file_bakes_to_the_trained_model(loaded, tmp_path, tiny_model
     linear1 included) to the checkpoint and compare with the adapter in training."""
     from safetensors.torch import load_file, save_file
 
-    from workbench.core.load import load_pipeline
+    from workbench.pipeline.load import load_pipeline
     from workbench.formats.lora_keys import module_table
 
     path, pipe, clean, net = _trained(loaded, "flux", alpha=2.0, rank=4)

@@ -13,7 +13,14 @@ from safetensors.torch import load_file
 from workbench.formats.safetensors_io import read_header
 from workbench.recipes.loader import load_recipe
 from workbench.train.loop import NoiseSchedule, TrainSettings, sd_loss, step_generator
-from workbench.train.runner import build_trainer, run
+from workbench.kinds import train as train_kind
+from workbench.train.setup import build_trainer
+
+
+
+def run(recipe, **options):
+    """The train kind's dry run, then that plan run (as `workbench train` does)."""
+    return train_kind.run(train_kind.describe(recipe), **options)
 
 
 def _recipe(tmp: Path, base: Path, data: Path, out: str, extra: str = "", **fields) -> object:
@@ -66,7 +73,7 @@ def test_resume_equals_uninterrupted_and_outputs(tmp_path, tiny_model, style_set
 def test_loss_falls_on_the_style_set(tmp_path, tiny_model, style_set):
     r = _recipe(tmp_path, tiny_model("sd15"), style_set, "c",
                 "network: {type: lora, rank: 8, alpha: 8}\n", max_steps=12, learning_rate="5.0e-3")
-    trainer, _ = build_trainer(r, out_dir=tmp_path / "c", cache_root=tmp_path / "cache")
+    trainer = build_trainer(r, train_kind.describe(r).detail, out_dir=tmp_path / "c", cache_root=tmp_path / "cache")
     before = trainer.eval_loss(n=8)
     trainer.train(progress=False)
     after = trainer.eval_loss(n=8)
@@ -114,7 +121,7 @@ def test_flux_lora_trains_and_exports(tmp_path, tiny_model, style_set):
 def test_lora_trains_on_an_nf4_base(tmp_path, tiny_model, style_set):
     """base_precision: nf4 (bitsandbytes; its CPU backend here): the frozen UNet is 4-bit, the LoRA
     learns, and the file loads into diffusers."""
-    from workbench.core.precision import nf4_available
+    from workbench.pipeline.precision import nf4_available
 
     if not nf4_available("cpu"):
         pytest.skip("bitsandbytes with a CPU backend is not installed")

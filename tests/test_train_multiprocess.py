@@ -12,9 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from workbench.recipes.loader import load_recipe
-from workbench.train.runner import run
+from workbench.kinds import train as train_kind
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(recipe, **options):
+    """The train kind's dry run, then that plan run (as `workbench train` does)."""
+    return train_kind.run(train_kind.describe(recipe), **options)
 
 
 def _recipe(tmp: Path, base: Path, data: Path, name: str, accumulation: int) -> Path:

@@ -11,7 +11,7 @@ import torch
 
 from _denoiser_inputs import denoiser_inputs
 
-from workbench.errors import NotAvailableError, RecipeError
+from workbench.errors import UnsupportedError, RecipeError
 from workbench.formats.safetensors_io import read_header
 from workbench.train.network import inject, plan_network, quantize_base
 
@@ -21,7 +21,7 @@ GOLDEN = json.loads((Path("/work/shared/reference/lora_kohya_keys.json")).read_t
 
 @pytest.fixture(scope="module")
 def pipes(tiny_model):
-    from workbench.core.load import load_pipeline
+    from workbench.pipeline.load import load_pipeline
 
     cache = {}
 
@@ -61,7 +61,7 @@ def test_blocks_select_only_those_blocks(tiny_model):
 
 
 def test_refusals(tiny_model):
-    with pytest.raises(NotAvailableError, match="lokr"):
+    with pytest.raises(UnsupportedError, match="lokr"):
         plan_network("flux", _shapes(tiny_model("flux")), type="lokr")
     with pytest.raises(RecipeError, match="train_text_encoder"):
         plan_network("flux", _shapes(tiny_model("flux")), train_text_encoder=True)
@@ -106,7 +106,7 @@ def test_fp8_base_stores_fp8_and_trains_fp32(pipes):
     x = torch.randn(2, 32)
     lin = next(m for m in pipe.unet.modules() if type(m) is torch.nn.Linear and m.in_features == 32)
     want = lin(x).detach()
-    from workbench.core.precision import apply_storage
+    from workbench.pipeline.precision import apply_storage
 
     # generation's fp8 storage of the same layer: a LoRA is previewed on the base it trained on
     preview = torch.nn.Sequential(torch.nn.Linear(1, 1), copy.deepcopy(lin))
@@ -120,7 +120,7 @@ def test_fp8_base_stores_fp8_and_trains_fp32(pipes):
     net = inject(pipe, plan_network("sd15", _shapes(path), rank=2, alpha=1))
     assert all(p.dtype == torch.float32 for p in net.named_trainable().values())
     if not _has_bnb():
-        with pytest.raises(NotAvailableError, match="pip install bitsandbytes"):
+        with pytest.raises(UnsupportedError, match="pip install bitsandbytes"):
             quantize_base(copy.deepcopy(pipe.text_encoder), "nf4", torch.bfloat16)
 
 
@@ -138,7 +138,7 @@ def test_nf4_base_quantizes_where_it_is_placed_and_trains(pipes):
     the LoRA on top still gets gradients."""
     import bitsandbytes as bnb
 
-    from workbench.core.precision import nf4_available
+    from workbench.pipeline.precision import nf4_available
 
     if not nf4_available("cpu"):
         pytest.skip("this bitsandbytes has no CPU backend")

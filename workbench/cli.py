@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from workbench import __version__
-from workbench.errors import NotAvailableError, RecipeError, WorkbenchError
+from workbench.errors import RecipeError, WorkbenchError
 
 DESCRIPTION = """\
 Merge checkpoints, train style LoRAs and compare them in scored A/B grids
@@ -155,7 +155,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_recipe(args: argparse.Namespace, kind: str | None) -> int:
     from workbench.recipes import load_recipe
-    from workbench.runner import run_recipe
+    from workbench.dispatch import run_recipe
 
     if getattr(args, "from_metadata", None):
         if args.recipe:
@@ -182,24 +182,10 @@ def _cmd_recipe(args: argparse.Namespace, kind: str | None) -> int:
 
 
 def merge_methods_text() -> str:
-    """The method list for `workbench merge --list`: the engine's when built, else the recipe table."""
-    from workbench.recipes.merge import KNOWN_MERGE_METHODS, MERGE_METHOD_RULES
+    """The method list for `workbench merge --list`: every registered method, formula, parameters."""
+    from workbench.merge.methods import describe_methods
 
-    try:
-        from workbench.merge.methods import METHODS, describe_methods
-    except ImportError:
-        METHODS, describe_methods = {}, None
-    lines = []
-    if describe_methods is not None:
-        lines.append(describe_methods().rstrip())
-    for name, text in KNOWN_MERGE_METHODS.items():
-        if name in METHODS:
-            continue
-        rule = MERGE_METHOD_RULES[name]
-        n = f"{rule.min_inputs}+" if rule.max_inputs is None else str(rule.min_inputs)
-        params = ", ".join(rule.required + rule.optional) or "none"
-        lines.append(f"{name}  inputs: {n}; parameters: {params}\n    {text}")
-    return "\n".join(lines) + "\n"
+    return describe_methods().rstrip() + "\n"
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -241,12 +227,9 @@ def _cmd_app(args: argparse.Namespace) -> int:
     if not loopback and not args.allow_remote:
         raise WorkbenchError(f"--host {args.host} lets other machines reach the dashboard and run "
                              "jobs; add --allow-remote if that is what you want")
-    try:
-        from workbench.app import launch  # type: ignore[attr-defined]
-        from workbench.app.config import AppConfig
-    except ImportError:
-        raise NotAvailableError("the dashboard is not built yet (issue #7); use `workbench run` "
-                                "with recipe files meanwhile") from None
+    from workbench.app import launch  # streamlit and the app load only for this command
+    from workbench.app.config import AppConfig
+
     roots = {"models": args.models, "outputs": [args.outputs] if args.outputs else None,
              "datasets": args.datasets, "recipes": [args.recipes] if args.recipes else None}
     if args.config:

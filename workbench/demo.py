@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from workbench.errors import NotAvailableError, WorkbenchError
+from workbench.errors import UnsupportedError, WorkbenchError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO_ROOT / "outputs" / "demo"
@@ -57,7 +57,7 @@ _ORDER = {"extract-demo": 0, "merge-demo": 1, "merge-lora-demo": 2, "train-demo"
 def run_recipes(recipes_dir: Path) -> list[tuple[str, str]]:
     """Run every example recipe; returns (recipe, outcome) lines for the summary."""
     from workbench.recipes import load_recipe
-    from workbench.runner import run_recipe
+    from workbench.dispatch import run_recipe
 
     outcomes = []
     paths = sorted(recipes_dir.glob("*.yaml"), key=lambda p: (_ORDER.get(p.stem, 99), p.name))
@@ -66,7 +66,7 @@ def run_recipes(recipes_dir: Path) -> list[tuple[str, str]]:
         try:
             result = run_recipe(recipe, overwrite=True)
             outcomes.append((path.name, f"done: {result}"))
-        except NotAvailableError as e:
+        except UnsupportedError as e:
             plan = run_recipe(recipe, dry_run=True, progress=False)
             print(f"\n--- {path.name}: dry run (the engine for '{recipe.kind}' is not built yet)")
             print(plan)
@@ -76,7 +76,7 @@ def run_recipes(recipes_dir: Path) -> list[tuple[str, str]]:
 
 def render_previews(models: dict[str, Path], out_dir: Path) -> list[tuple[str, Path]]:
     """One small image per architecture through the generation core, with its metadata."""
-    from workbench.core.generate import ImageSettings, generate, load_model, save_image
+    from workbench.pipeline.generate import ImageSettings, generate, load_model, save_image
 
     written = []
     for name, (arch, _) in DEMO_MODELS.items():

@@ -28,5 +28,9 @@ class OutputExistsError(WorkbenchError):
     """An output path that already exists while the user did not ask to overwrite it."""
 
 
-class NotAvailableError(WorkbenchError):
-    """A capability that is planned but not built yet (named with its issue)."""
+class UnsupportedError(WorkbenchError):
+    """Something the workbench does not do (an architecture a feature lacks, NF4 without
+    bitsandbytes, ...); the message says what is supported instead."""
+
+
+NotAvailableError = UnsupportedError  # the old name, kept while branches written against it land

@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 from workbench.errors import WorkbenchError
 
@@ -33,6 +33,7 @@ class ProgressEvent:
     elapsed_s: float
     eta_s: float | None
     message: str | None = None
+    metrics: Mapping[str, float] | None = None  # numbers for curves (loss, lr, s/it), as numbers
 
 
 Sink = Callable[[ProgressEvent], None]
@@ -100,22 +101,25 @@ class Task:
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, **tqdm_kwargs)
 
-    def event(self, message: str | None = None) -> ProgressEvent:
+    def event(self, message: str | None = None,
+              metrics: Mapping[str, float] | None = None) -> ProgressEvent:
         elapsed = time.monotonic() - self.start
         eta = None
         if self.total and self.done > 0:
             eta = elapsed * (self.total - self.done) / self.done
-        return ProgressEvent(self.desc, self.done, self.total, self.unit, elapsed, eta, message)
+        return ProgressEvent(self.desc, self.done, self.total, self.unit, elapsed, eta, message,
+                             dict(metrics) if metrics else None)
 
-    def advance(self, n: float = 1, message: str | None = None, check: bool = True) -> None:
-        """Count `n` more units done, report them, and stop here if a cancel was requested
-        (check=False from helper threads: the engine's own loop checks the flag)."""
+    def advance(self, n: float = 1, message: str | None = None, check: bool = True,
+                metrics: Mapping[str, float] | None = None) -> None:
+        """Count `n` more units done, report them (with any `metrics`), and stop here if a
+        cancel was requested (check=False from helper threads: the engine's loop checks it)."""
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
             if message:
                 self._bar.set_postfix_str(message, refresh=False)
-        self._emit(message)
+        self._emit(message, metrics)
         if check:
             check_cancelled()
 
@@ -125,10 +129,10 @@ class Task:
             self._bar.set_postfix_str(message)
         self._emit(message)
 
-    def _emit(self, message: str | None) -> None:
+    def _emit(self, message: str | None, metrics: Mapping[str, float] | None = None) -> None:
         sinks = _sinks()
         if sinks:
-            event = self.event(message)
+            event = self.event(message, metrics)
             for callback in sinks:
                 callback(event)
 

@@ -368,7 +368,7 @@ def dry_run_and_submit(spec: FormSpec, recipe, problems: Problems, cfg: AppConfi
     """'Dry run' shows the plan; 'Submit job' is enabled once the plan of exactly this recipe has
     no problems. Returns the new job id on submit."""
     from workbench.recipes.loader import recipe_to_yaml
-    from workbench.runner import build_plan
+    from workbench.dispatch import build_plan
 
     text = recipe_to_yaml(recipe) if recipe is not None else None
     c1, c2 = st.columns(2)

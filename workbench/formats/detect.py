@@ -11,32 +11,15 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import UnknownModelError
 from workbench.formats.lora_detect import detect_lora, is_lora
+from workbench.formats.model_info import ModelInfo
 from workbench.formats.safetensors_io import SafetensorsHeader, read_header
 
 ARCHS = ("sd15", "sd2", "sdxl", "sd3", "flux")
 Shapes = Mapping[str, "tuple[int, ...] | None"]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a file is. `archs` lists every architecture the file can serve (a CLIP-L or a VAE is
-    shared by several); `arch` is the single best guess (file-name hints, else the first listed)."""
-
-    arch: str
-    variant: str | None
-    kind: str          # checkpoint | unet | transformer | vae | text_encoder | lora
-    layout: str        # ldm | sgm | comfyui | bfl | diffusers | kohya | peft
-    components: frozenset[str] = frozenset()
-    lora_format: str | None = None   # lora | loha | lokr | full | oft (LoRAs only)
-    rank: int | None = None
-    notes: tuple[str, ...] = ()
-    archs: frozenset[str] = frozenset()
-    key_count: int = 0
 
 
 # ---- key groups -------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 
+from workbench.formats.model_info import ModelInfo
+
 # weight suffix -> (lora_format, role); "down" tensors give the rank (dim 0) and input width (dim 1)
 SUFFIXES = {
     ".lora_down.weight": ("lora", "down"), ".lora_up.weight": ("lora", "up"),
@@ -53,9 +55,7 @@ def is_lora(shapes: Mapping) -> bool:
 
 def detect_lora(shapes: Mapping, metadata: Mapping[str, str], label: str,
                 unknown: Callable[..., Exception]):
-    """ModelInfo for a LoRA-family file (imported lazily to avoid a cycle with detect.py)."""
-    from workbench.formats.detect import ModelInfo
-
+    """ModelInfo for a LoRA-family file."""
     modules: dict[str, dict[str, tuple | None]] = {}
     formats: Counter = Counter()
     for key, shape in shapes.items():

@@ -8,7 +8,7 @@ and a tiny test file gets a tiny one through the same code.
 Shapes use one namespace, the ComfyUI all-in-one layout: `model.diffusion_model.*` (transformer),
 `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`, VAE under `first_stage_model.*` (SD3) or `vae.*`
 (FLUX). Bare BFL/SAI transformer keys (no prefix) are accepted too. Split files are merged into this
-namespace by the loader (`workbench.core.load_dit`).
+namespace by the loader (`workbench.pipeline.load_dit`).
 
 What shapes cannot tell: attention head counts of CLIP (real models use 64-wide heads; widths under
 64 are our tiny models, which use 2 heads) and the VAE's GroupNorm groups (min(32, first width)).
@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from workbench.errors import FormatError, NotAvailableError
+from workbench.errors import FormatError, UnsupportedError
 
 DATA = Path(__file__).parent / "data"
 Shapes = Mapping[str, tuple[int, ...]]
@@ -325,7 +325,7 @@ def write_t5_tokenizer_dir(out_dir: str | os.PathLike, vocab_size: int, max_leng
         return out
     src = _find_real_t5()
     if src is None:
-        raise NotAvailableError(
+        raise UnsupportedError(
             f"the T5 text encoder has {vocab_size} tokens and needs the real T5-XXL tokenizer, which is not "
             "bundled: set WORKBENCH_T5_TOKENIZER to a folder with tokenizer.json (or spiece.model), e.g. "
             "the tokenizer_2 folder of black-forest-labs/FLUX.1-dev")

@@ -29,15 +29,13 @@ import traceback
 from pathlib import Path
 
 from workbench import progress as wb_progress
+from workbench.dispatch import build_plan, run_plan
 from workbench.errors import WorkbenchError
 from workbench.jobs.store import HEARTBEAT_S, Job, JobStore
+from workbench.recipes.loader import parse_recipe
 
 CANCEL_GRACE_S = 3.0
 REPORT_EVERY_S = 0.3  # at most this often a progress row is written (messages always are)
-_NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
-_METRIC_RE = re.compile(r"([A-Za-z_][\w./-]*)\s*[=:]\s*" + _NUMBER)
-# "loss 0.1234" (the training loop's message): a space suffices for these well-known names
-_NAMED_RE = re.compile(r"\b(loss|avg_loss|lr|grad_norm)\s+" + _NUMBER)
 
 
 class JobLog(io.TextIOBase):
@@ -74,16 +72,6 @@ class _LogHandler(logging.Handler):
         self.job_log.write(self.format(record) + "\n")
 
 
-def parse_metrics(message: str | None) -> dict[str, float]:
-    """'loss=0.123 lr=1e-4' or 'loss 0.123' -> {'loss': 0.123, ...}: how engines report curves
-    (the Train page draws 'loss')."""
-    if not message:
-        return {}
-    found = {name: float(value) for name, value in _NAMED_RE.findall(message)}
-    found.update((name, float(value)) for name, value in _METRIC_RE.findall(message))
-    return found
-
-
 class ProgressWriter:
     """The progress sink of a job: events -> progress/ETA rows, log lines and metrics."""
 
@@ -97,7 +85,7 @@ class ProgressWriter:
         frac = None
         if event.total:
             frac = max(0.0, min(1.0, event.done / event.total))
-        metrics = parse_metrics(event.message)
+        metrics = event.metrics
         if metrics:
             self.store.add_metrics(self.job_id, event.done, metrics)
         final = event.total is not None and event.done >= event.total
@@ -144,18 +132,6 @@ class Watchdog(threading.Thread):
         return self.cancelled_at is not None
 
 
-def planned_outputs(recipe) -> list[Path]:
-    """The files and folders a recipe writes, from its plan (no engine checks, no hashing)."""
-    from workbench.runner import PLANNERS, Plan
-
-    plan = Plan(recipe.kind, recipe.name or recipe.kind)
-    try:
-        PLANNERS[recipe.kind](recipe, plan, True)
-    except Exception:
-        return []
-    return [Path(p) for p in plan.outputs]
-
-
 def snapshot(outputs: list[Path]) -> dict[Path, bool]:
     """Which outputs, and which of their parent folders, exist before the job starts."""
     seen: dict[Path, bool] = {}
@@ -194,9 +170,6 @@ def remove_new_outputs(outputs: list[Path], existed: dict[Path, bool]) -> list[P
 
 def run_job(store: JobStore, job: Job, echo: bool = False) -> str:
     """Run one claimed job to its end; returns the final status written to the store."""
-    from workbench.recipes.loader import parse_recipe
-    from workbench.runner import run_recipe
-
     log = JobLog(store, job.id, echo=sys.__stderr__ if echo else None)
     store.log(job.id, f"worker {os.getpid()} started {job.kind} '{job.name}'")
     wb_progress.reset_cancel()
@@ -210,13 +183,14 @@ def run_job(store: JobStore, job: Job, echo: bool = False) -> str:
     status, results, error = "failed", [], None
     try:
         recipe = parse_recipe(job.recipe, job.source)
-        outputs = planned_outputs(recipe)
+        plan = build_plan(recipe)  # the one plan of this job: its outputs, then its run
+        outputs = [Path(p) for p in plan.outputs]
         existed = snapshot(outputs)
         watchdog.start()
         root.addHandler(handler)
         sys.stdout = sys.stderr = log
         with wb_progress.sink(ProgressWriter(store, job.id)):
-            result = run_recipe(recipe, progress=False)
+            result = run_plan(plan, progress=False)
         status, results = "done", [str(p) for p in result.outputs]
         log.write(f"{result}\n")
     except (wb_progress.Cancelled, KeyboardInterrupt) as e:

@@ -175,7 +175,7 @@ def _bake_vae_source(path: Path, arch: str, out_keys: list[str]) -> tuple[InputN
     return InputNode("vae", path, header), mapping
 
 
-def build_plan(recipe) -> MergePlan:
+def plan_merge(recipe) -> MergePlan:
     """Everything the merge will do, from headers only."""
     inputs = read_inputs(dict(recipe.models))
     arch = next(iter(inputs.values())).info.arch

@@ -16,8 +16,6 @@ then receives each module's three tensors right after its SVD.
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,6 +24,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.formats.detect import detect
+from workbench.formats.hashes import sha256_file
 from workbench.formats.lazy import open_lazy
 from workbench.formats.lora_keys import Target, kohya_modules, module_table
 from workbench.formats import scaled_fp8
@@ -89,8 +88,21 @@ def plan_extraction(tuned: Path, base: Path, rank: int, conv_rank: int | None,
         for k in t.kernel:
             cap *= k
         modules[name] = (t, max(1, min(limit, t.out_features, cap)))
+    plan = ExtractPlan(bi.arch, modules, 0, missing)
+    if not check_identical:
+        if not modules:
+            raise WorkbenchError(f"{tuned}: no module a LoRA covers has the same shape in {base} "
+                                 f"(components: {', '.join(components)}); nothing to extract")
+        return plan
+    return drop_unchanged(plan, tuned, base, components)
+
+
+def drop_unchanged(plan: ExtractPlan, tuned: Path, base: Path, components: tuple[str, ...]) -> ExtractPlan:
+    """The header-only plan less every module whose weights are bit-identical in both files (one
+    pass over both; a frozen text encoder yields no modules)."""
+    modules = dict(plan.modules)
     unchanged = 0
-    if check_identical and modules:
+    if modules:
         with open_lazy(tuned) as ft, open_lazy(base) as fb:
             for name in list(modules):
                 t = modules[name][0]
@@ -100,7 +112,7 @@ def plan_extraction(tuned: Path, base: Path, rank: int, conv_rank: int | None,
     if not modules:
         raise WorkbenchError(f"{tuned}: no weight differs from {base} in the modules a LoRA covers "
                              f"(components: {', '.join(components)}); nothing to extract")
-    return ExtractPlan(bi.arch, modules, unchanged, missing)
+    return ExtractPlan(plan.arch, modules, plan.unchanged + unchanged, plan.missing)
 
 
 @torch.no_grad()
@@ -134,25 +146,28 @@ def extraction_metadata(plan: ExtractPlan, rank: int, conv_rank: int | None, tun
         meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)})
     if hashes is not None:
         meta["workbench_extracted_from"] = json.dumps({
-            "tuned": {"path": str(tuned), "sha256": hashes["tuned"]},
-            "base": {"path": str(base), "sha256": hashes["base"]}})
+            "tuned": {"file": tuned.name, "sha256": hashes["tuned"]},
+            "base": {"file": base.name, "sha256": hashes["base"]}})
     return meta
 
 
 def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, rank: int,
                  conv_rank: int | None = None, dtype: str = "fp16",
                  components: tuple[str, ...] = ("unet", "text_encoder"), overwrite: bool = False,
-                 progress: bool = True, clamp_quantile: float | None = CLAMP_QUANTILE) -> Path:
-    """Write a kohya-format LoRA approximating `tuned − base`; returns the output path."""
-    from workbench.formats.hashes import sha256_file
-
+                 progress: bool = True, clamp_quantile: float | None = CLAMP_QUANTILE,
+                 header_plan: ExtractPlan | None = None) -> Path:
+    """Write a kohya-format LoRA approximating `tuned − base`; returns the output path.
+    `header_plan` is the dry run's plan (`check_identical=False`), refined here rather than redone."""
     tuned, base, out = Path(tuned), Path(base), Path(out)
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise WorkbenchError(f"rank and conv_rank must be at least 1 (got {rank}, {conv_rank})")
     if dtype not in DTYPES:
         raise WorkbenchError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     torch_dtype, st = DTYPES[dtype]
-    plan = plan_extraction(tuned, base, rank, conv_rank, components)
+    if header_plan is None:
+        plan = plan_extraction(tuned, base, rank, conv_rank, components)
+    else:
+        plan = drop_unchanged(header_plan, tuned, base, components)
     meta = extraction_metadata(plan, rank, conv_rank, tuned, base,
                                {"tuned": sha256_file(tuned), "base": sha256_file(base)})
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,54 +184,3 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, rank: int
             del delta, up, down
             bar.advance(1)  # reports to the dashboard's job too; a cancel stops here, no file left
     return out
-
-
-# ------------------------------------------------------------------------------- recipe engine
-
-def describe(recipe, overwrite: bool = False) -> tuple[list[str], list[str]]:
-    """Dry-run lines: architecture, module counts per component and ranks (headers only)."""
-    try:
-        plan = plan_extraction(Path(recipe.tuned), Path(recipe.base), recipe.rank, recipe.conv_rank,
-                               tuple(recipe.components), check_identical=False)
-    except WorkbenchError as e:
-        return [], [str(e)]
-    by_comp: dict[str, int] = {}
-    for t, _ in plan.modules.values():
-        by_comp[t.component] = by_comp.get(t.component, 0) + 1
-    n_bytes = sum(math.prod(s) for _, s in plan.tensor_plan("F16").values()) * DTYPES[recipe.output.dtype][0].itemsize
-    lines = [f"architecture: {plan.arch}; {len(plan.modules)} modules at most "
-             f"({', '.join(f'{c}: {n}' for c, n in sorted(by_comp.items()))}); modules whose weights "
-             "are identical in both files are left out",
-             f"rank {recipe.rank}" + (f", conv rank {recipe.conv_rank}" if recipe.conv_rank else "")
-             + f"; alpha = rank (scale 1); at most {n_bytes / 1024**2:.1f} MiB as {recipe.output.dtype}"]
-    if plan.missing:
-        lines.append(f"  {len(plan.missing)} modules absent from the tuned model, e.g. {plan.missing[0]}")
-    return lines, []
-
-
-
-
-def run(recipe, *, overwrite: bool = False, progress: bool = True):
-    """The `extract_lora` recipe kind: extract, then write provenance next to the LoRA."""
-    from workbench.provenance import Provenance
-    from workbench.runner import RunResult
-
-    started = time.perf_counter()
-    target = Path(recipe.output.path)
-    extract_lora(recipe.tuned, recipe.base, target, recipe.rank, recipe.conv_rank, recipe.output.dtype,
-                 tuple(recipe.components), overwrite or recipe.output.overwrite, progress,
-                 recipe.clamp_quantile)
-    elapsed = time.perf_counter() - started
-    meta = read_header(target).metadata
-    prov = Provenance(kind="extract_lora", name=recipe.name,
-                      recipe_path=str(recipe.source_path) if recipe.source_path else None,
-                      recipe_text=recipe.source_text)
-    src = json.loads(meta["workbench_extracted_from"])
-    for label in ("tuned", "base"):
-        prov.inputs[label] = src[label]
-    prov.timings["extract"] = round(elapsed, 3)
-    prov.outputs.append(str(target))
-    prov_path = prov.write(target.parent, f"{target.stem}.provenance.json")
-    n = len(read_header(target).tensors) // 3
-    return RunResult("extract_lora", recipe.name, False, None, [target, prov_path],
-                     summary=f"extract_lora '{recipe.name}': wrote {target} ({n} modules, {elapsed:.1f} s)")

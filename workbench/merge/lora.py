@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from workbench.errors import NotAvailableError, WorkbenchError
+from workbench.errors import UnsupportedError, WorkbenchError
 from workbench.formats.lora_detect import split_suffix
 from workbench.formats.lora_keys import ModuleTable, Target, module_table
 from workbench.formats.safetensors_io import SafetensorsHeader, TensorInfo
@@ -102,7 +102,7 @@ def parse_modules(header: SafetensorsHeader, table: ModuleTable, label: str
             continue
         module, suffix = sp
         if suffix in UNSUPPORTED:
-            raise NotAvailableError(
+            raise UnsupportedError(
                 f"{label}: {UNSUPPORTED[suffix]} modules (e.g. {key}) cannot be merged yet; "
                 "merging takes LoRA/LoCon files (lora_down/lora_up, lora_A/lora_B)")
         groups.setdefault(module, {})[suffix] = key

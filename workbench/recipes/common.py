@@ -31,7 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from workbench.core.samplers import SCHEDULERS, UNAVAILABLE
+from workbench.pipeline.samplers import SCHEDULERS, UNAVAILABLE
 
 # --------------------------------------------------------------------------------------------------
 # choices and "did you mean"
@@ -252,7 +252,7 @@ LoraSpec = Annotated[LoraRef, BeforeValidator(_parse_lora), PlainSerializer(_dum
 # samplers (A1111 names; the generation core maps them to schedulers)
 
 # A1111 sampler names: those the generation core maps to a diffusers scheduler, and those it
-# explains it cannot run (workbench.core.samplers is the one table of both).
+# explains it cannot run (workbench.pipeline.samplers is the one table of both).
 SAMPLERS: tuple[str, ...] = (*SCHEDULERS, *UNAVAILABLE)
 _SAMPLER_BY_KEY = {s.lower().replace(" ", ""): s for s in SAMPLERS}
 

@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, Discriminator, Field, Tag
 
+from workbench.recipes.generate import MemorySpec
 from workbench.recipes.common import (
     LoraSpec,
     PixelSize,
@@ -240,6 +241,8 @@ class GridRecipe(RecipeBase):
     z: Axis | None = None
     seeds: list[int] | None = Field(default=None, min_length=1)
     scores: Scores | None = None
+    # VRAM budget, weight storage and device for every model the grid loads (as in `kind: generate`)
+    memory: MemorySpec = Field(default_factory=MemorySpec)
     output: GridOutput
 
     def axes(self) -> list[tuple[str, object]]:

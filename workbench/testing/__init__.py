@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from workbench.errors import NotAvailableError, UnknownModelError
+from workbench.errors import UnsupportedError, UnknownModelError
 
 # arch -> module with `build(path, seed=0, dtype=torch.float16) -> Path`
 BUILDERS = {
@@ -30,7 +30,7 @@ def builder_module(arch: str):
     except ModuleNotFoundError as exc:
         if exc.name != name:
             raise
-        raise NotAvailableError(f"the tiny {arch} builder ({name}) is not available in this checkout") from None
+        raise UnsupportedError(f"the tiny {arch} builder ({name}) is not available in this checkout") from None
 
 
 def build_tiny(arch: str, path: str | Path, seed: int = 0, **kwargs) -> Path:

@@ -23,7 +23,11 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.formats.writer import atomic_write_text, save_file_atomic
+from workbench.formats.hashes import a1111_legacy_hash, sha256_file
 from workbench.merge.extract import BASE_MODEL_VERSION, DTYPES, NETWORK_MODULE
+from workbench.train.captions import tag_frequency, with_trigger
+from workbench.train.check import bucket_info
+from workbench.train.loop import optimizer_label
 from workbench.train.network import ADAPTER, Network
 
 MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
@@ -129,6 +133,50 @@ class TrainFacts:
     bucket_info: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)  # ss_<key> -> value (optimizer, lr, ...)
     recipe_text: str | None = None
+
+
+def resolution_of(recipe) -> tuple[int, int]:
+    """(width, height) of a train recipe's `resolution` (one side or two)."""
+    r = recipe.resolution
+    return (r, r) if isinstance(r, int) else (r[0], r[1])
+
+
+def train_facts(recipe, setup, trainer, session_id: str, started: float,
+                finished: float | None) -> TrainFacts:
+    """The facts a saved LoRA carries, from the recipe, the dry run's setup and the trainer."""
+    report, s = setup.dataset, trainer.s
+    by_folder: dict[str, list[str]] = {}
+    dirs: dict[str, dict[str, int]] = {}
+    for e in report.examples:
+        folder = e.image_path.parent.name
+        by_folder.setdefault(folder, []).append(with_trigger(e.caption, recipe.trigger))
+        d = dirs.setdefault(folder, {"n_repeats": e.repeats, "img_count": 0})
+        d["img_count"] += 1
+    base = Path(recipe.base)
+    opt = {"learning_rate": s.learning_rate, "unet_lr": s.unet_lr, "text_encoder_lr": s.text_encoder_lr,
+           "optimizer": optimizer_label(s.optimizer, trainer.optimizer), "lr_scheduler": s.lr_scheduler, "lr_warmup_steps": s.lr_warmup_steps,
+           "max_train_steps": s.max_steps, "gradient_accumulation_steps": s.gradient_accumulation_steps,
+           "gradient_checkpointing": s.gradient_checkpointing, "mixed_precision": s.mixed_precision,
+           "max_grad_norm": s.max_grad_norm, "seed": s.seed, "cache_latents": recipe.cache_latents,
+           "fp8_base": recipe.base_precision == "fp8", "noise_offset": s.noise_offset,
+           "min_snr_gamma": s.min_snr_gamma, "caption_dropout_rate": s.caption_dropout_rate,
+           "shuffle_caption": s.shuffle_caption, "keep_tokens": s.keep_tokens,
+           "clip_skip": s.clip_skip, "batch_size_per_device": recipe.batch_size,
+           "enable_bucket": recipe.bucketing, "min_bucket_reso": recipe.min_bucket_reso,
+           "max_bucket_reso": recipe.max_bucket_reso,
+           "num_batches_per_epoch": trainer.data.sampler.batches_per_epoch}
+    if setup.arch == "flux":
+        opt.update({"guidance_scale": s.guidance, "timestep_sampling": "shift",
+                    "discrete_flow_shift": s.flow_shift})
+    pred = "flow" if setup.arch == "flux" else trainer.sched.prediction_type
+    return TrainFacts(
+        output_name=recipe.name, arch=setup.arch, base_path=base, base_sha256=sha256_file(base),
+        base_legacy_hash=a1111_legacy_hash(base), steps=trainer.state.step,
+        epoch=trainer.data.sampler.epoch, started_at=started, finished_at=finished,
+        session_id=session_id, resolution=resolution_of(recipe), trigger=recipe.trigger,
+        prediction_type=pred, num_train_images=len(report.examples),
+        tag_frequency=tag_frequency(by_folder), dataset_dirs=dirs, bucket_info=bucket_info(report),
+        training=opt, recipe_text=recipe.source_text or recipe.model_dump_json(exclude_none=True))
 
 
 def _network_module_and_args(net: Network) -> tuple[str, dict[str, str]]:

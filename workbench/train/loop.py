@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from workbench.errors import NotAvailableError, RecipeError
+from workbench.errors import UnsupportedError, RecipeError
 from workbench.progress import task
 
 LOSS_FIELDS = ("step", "loss", "lr", "epoch", "elapsed_s")
@@ -122,7 +122,7 @@ def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     try:
         mod = __import__(module, fromlist=[cls])
     except ImportError:
-        raise NotAvailableError(f"optimizer {name} needs the `{pip}` package (pip install {pip}); "
+        raise UnsupportedError(f"optimizer {name} needs the `{pip}` package (pip install {pip}); "
                                 "AdamW and Adafactor need nothing extra") from None
     return getattr(mod, cls)(groups, **kwargs)
 
@@ -155,7 +155,7 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
 def encode_text(pipe, arch: str, captions: list[str], settings: TrainSettings,
                 device: torch.device) -> dict[str, torch.Tensor]:
     """The conditioning tensors each architecture's denoiser takes, batch-first."""
-    from workbench.core.generate import clip_skip_compat
+    from workbench.pipeline.generate import clip_skip_compat
 
     # A1111 numbering (1 = last layer) -> diffusers' (layers skipped), as the generation core does
     skip = settings.clip_skip - 1 if settings.clip_skip and settings.clip_skip > 1 else None
@@ -410,7 +410,9 @@ class Trainer:
                     f.flush()
                 if hooks.on_step:
                     hooks.on_step(self.state.step)
-                bar.advance(1, message=f"loss {loss:.4f}")
+                bar.advance(1, message=f"loss {loss:.4f}",
+                            metrics={"loss": loss, "lr": row["lr"],
+                                     "s/it": self.state.elapsed_s / max(1, self.state.step)})
         return self.state
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.errors import NotAvailableError, RecipeError, WorkbenchError
+from workbench.errors import UnsupportedError, RecipeError, WorkbenchError
 from workbench.formats.blocks import block_of
 from workbench.formats.lora_keys import ModuleTable, Target, kohya_modules, module_table
 from workbench.formats.safetensors_io import read_header
@@ -109,12 +109,12 @@ def plan_network(arch: str, shapes: dict[str, tuple[int, ...]], *, type: str = "
     if type not in TYPES:
         raise RecipeError(f"network.type: expected one of {', '.join(TYPES)} (got {type!r})")
     if arch not in DENOISER or arch in ("sd2", "sd3"):
-        raise NotAvailableError(f"training a LoRA for {arch} is not supported (sd15, sdxl, flux)")
+        raise UnsupportedError(f"training a LoRA for {arch} is not supported (sd15, sdxl, flux)")
     if train_text_encoder and arch not in TE_TRAINABLE:
         raise RecipeError(f"network.train_text_encoder: text-encoder training is only offered for "
                           f"{' and '.join(TE_TRAINABLE)} (base is {arch})")
     if arch == "flux" and type == "lokr":
-        raise NotAvailableError("network.type lokr: a Kronecker factor cannot be split over FLUX's "
+        raise UnsupportedError("network.type lokr: a Kronecker factor cannot be split over FLUX's "
                                 "fused qkv/linear1 layers; use lora, dora or loha for FLUX")
     table = module_table(arch, shapes)
     comps = {"unet"} | ({"text_encoder"} if train_text_encoder else set())
@@ -330,7 +330,7 @@ def _all_paths(net: Network):
 
 class Fp8Linear(torch.nn.Linear):
     """A frozen Linear whose weight is stored as float8_e4m3fn (x `fp8_scale`) and upcast for each
-    matmul; the same fp8 values and scale as `core.precision` stores for generation, so a LoRA is
+    matmul; the same fp8 values and scale as `pipeline.precision` stores for generation, so a LoRA is
     previewed on exactly the base it was trained on."""
 
     fp8_scale: float = 1.0
@@ -350,7 +350,7 @@ def quantize_base(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype)
         return 0
     linears = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear]
     if mode == "fp8":
-        from workbench.core.precision import to_scaled_fp8
+        from workbench.pipeline.precision import to_scaled_fp8
 
         for _, m in linears:
             m.weight.requires_grad_(False)
@@ -359,12 +359,12 @@ def quantize_base(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype)
             m.fp8_scale = scale
         return len(linears)
     if mode == "nf4":
-        from workbench.core.precision import nf4_linear
+        from workbench.pipeline.precision import nf4_linear
 
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise NotAvailableError("base_precision nf4 needs bitsandbytes (pip install bitsandbytes); "
+            raise UnsupportedError("base_precision nf4 needs bitsandbytes (pip install bitsandbytes); "
                                     "use fp8 otherwise") from None
         for name, m in linears:  # quantized when the runner moves the model to its device
             parent, _, leaf = name.rpartition(".")

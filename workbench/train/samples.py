@@ -22,7 +22,7 @@ def make_samples(pipe, arch: str, spec, step: int, out_dir: Path, *, width: int,
                  models: dict[str, torch.nn.Module], model_name: str = "", model_hash: str = "",
                  clip_skip: int | None = None) -> list[Path]:
     """One image per prompt of `spec` (a recipe `samples:` section) at `step`; returns the paths."""
-    from workbench.core.generate import ImageSettings, Model, generate, save_image
+    from workbench.pipeline.generate import ImageSettings, Model, generate, save_image
 
     model = Model.from_pipeline(pipe, arch, name=model_name, model_hash=model_hash)
     scheduler = pipe.scheduler

@@ -1,0 +1,177 @@
+"""The merge-parameter axis: a merge recipe's alpha (or beta) previewed without writing a checkpoint.
+
+For each value the merge engine's own plan is built with that value (workbench.merge.build: same
+methods, per-key policies and output dtype as a real `workbench run` of the recipe), every key is
+evaluated in memory from memory-mapped inputs, and the resulting single-file state dict is converted
+by diffusers' single-file converters and copied into the pipeline that is already loaded. The base
+pipeline is loaded once (from the merge's first input, whose layout the output keeps); each value
+costs one pass over the weights, no disk write and no second pipeline kept.
+
+Supported for the UNet architectures (sd15, sdxl); SD3/FLUX previews need a written checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from workbench.errors import UnsupportedError, RecipeError, WorkbenchError
+from workbench.merge.build import plan_merge
+from workbench.merge.executor import compute_key, open_inputs
+
+PREVIEW_ARCHS = ("sd15", "sdxl")
+
+
+def load_merge_recipe(path: Path):
+    """The merge recipe a merge axis names (a RecipeError names the grid field when it is not one)."""
+    from workbench.recipes.loader import load_recipe
+    from workbench.recipes.merge import MergeRecipe
+
+    recipe = load_recipe(path)
+    if not isinstance(recipe, MergeRecipe):
+        raise RecipeError(f"merge axis recipe {path}: is a '{recipe.kind}' recipe; expected kind merge")
+    return recipe
+
+
+def steps_with(recipe, param: str, step: str | None) -> list[str]:
+    """Ids of the steps whose `param` the axis sets: `step`, or every step whose method reads it."""
+    from workbench.recipes.merge import MERGE_METHOD_RULES
+
+    ids = [s.id for s in recipe.steps]
+    if step is not None:
+        if step not in ids:
+            raise RecipeError(f"merge axis: step {step!r} is not in {recipe.source_path} (steps: "
+                              f"{', '.join(ids)})")
+        return [step]
+    found = []
+    for s in recipe.steps:
+        rule = MERGE_METHOD_RULES.get(s.method)
+        reads = (rule.required + rule.optional) if rule else ()
+        if param in reads and not (param == "alpha" and s.blocks is not None):
+            found.append(s.id)
+    if not found:
+        raise RecipeError(f"merge axis: no step of {recipe.source_path} takes `{param}` (steps: "
+                          + ", ".join(f"{s.id} ({s.method})" for s in recipe.steps) + ")")
+    return found
+
+
+def with_value(recipe, param: str, step: str | None, value: float):
+    """A copy of the merge recipe with `param` = value on the axis' steps."""
+    targets = set(steps_with(recipe, param, step))
+    steps = [s.model_copy(update={param: float(value), **({"blocks": None} if param == "alpha" else {})})
+             if s.id in targets else s for s in recipe.steps]
+    return recipe.model_copy(update={"steps": steps})
+
+
+def merge_identity(source) -> dict:
+    """What decides a preview's weights: input hashes, the steps (with the value) and the dtype."""
+    from workbench.formats.hashes import sha256_file
+
+    recipe = with_value(load_merge_recipe(source.path), source.merge_param, source.merge_step,
+                        source.merge_value)
+    return {"merge": {
+        "inputs": {name: sha256_file(path) for name, path in recipe.models.items()},
+        "steps": [s.model_dump(mode="json", by_alias=True) for s in recipe.steps],
+        "final": recipe.final_step, "dtype": recipe.output.dtype,
+        "prune": recipe.output.prune,
+        "bake_vae": sha256_file(recipe.output.bake_vae) if recipe.output.bake_vae else None,
+    }}
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def merged_state_dict(recipe) -> tuple[dict[str, torch.Tensor], str, Path]:
+    """(state dict in the single-file layout, arch, path of the leaf input), computed in memory."""
+    plan = plan_merge(recipe)
+    with open_inputs(plan):
+        # clone: values copied from an input are views of its memory map, closed on exit
+        state = {k.name: compute_key(k).clone() for k in plan.keys}
+    from workbench.merge.graph import leaf
+
+    return state, plan.arch, leaf(plan.final).path
+
+
+def load_into_pipeline(pipe, state: dict[str, torch.Tensor], arch: str, leaf_path: Path) -> None:
+    """Copy a single-file state dict into the loaded pipeline's components (same shapes)."""
+    if arch not in PREVIEW_ARCHS:
+        raise UnsupportedError(f"merge preview: {arch} is not supported in memory (only "
+                                f"{', '.join(PREVIEW_ARCHS)}); write the merge with `workbench run` "
+                                "and use a model axis instead")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+    from workbench.formats.pipeline_config import config_dir
+
+    from workbench.pipeline.load import LOAD_LOCK
+
+    folder = str(config_dir(leaf_path, arch))
+    with LOAD_LOCK:  # diffusers' model construction is not thread-safe (see LOAD_LOCK)
+        # built in the dtype of the component they replace: no transient fp32 copy of a fp16 UNet
+        built = {
+            "unet": UNet2DConditionModel.from_single_file(state, config=folder, subfolder="unet",
+                                                          local_files_only=True, torch_dtype=pipe.unet.dtype),
+            "vae": AutoencoderKL.from_single_file(state, config=folder, subfolder="vae",
+                                                  local_files_only=True, torch_dtype=pipe.vae.dtype),
+        }
+        for name in ("text_encoder", "text_encoder_2"):
+            current = getattr(pipe, name, None)
+            if current is not None:
+                built[name] = create_diffusers_clip_model_from_ldm(
+                    type(current), state, subfolder=name, config=folder, local_files_only=True,
+                    torch_dtype=current.dtype)
+    for name, module in built.items():
+        target = getattr(pipe, name)
+        missing, unexpected = target.load_state_dict(module.state_dict(), strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise WorkbenchError(f"merge preview: the merged {name} does not match the loaded one "
+                                 f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. "
+                                 f"{(missing + unexpected)[:2]})")
+        del module
+
+
+def _swap_weights(model, state, arch: str, leaf_path: Path) -> None:
+    """Load the merged weights into a loaded Model; a GPU memory plan (offload, streaming, fp8
+    storage) is undone first and applied again after, so no stale host copy survives."""
+    applied = getattr(model, "offload", None)
+    if applied is None:
+        load_into_pipeline(model.pipe, state, arch, leaf_path)
+        return
+    from workbench.pipeline import streaming
+
+    applied.remove()
+    try:
+        load_into_pipeline(model.pipe, state, arch, leaf_path)
+    finally:
+        model.offload = streaming.apply_plan(model.pipe, model.memory_plan, model.device)
+
+
+class MergePreviewer:
+    """Keeps one pipeline for a merge recipe and swaps in the weights of each parameter value."""
+
+    def __init__(self, device: str | None = None, load=None):
+        self.device = device
+        self._load = load  # load_model (tests may pass another)
+        self._models: dict[Path, object] = {}  # leaf path -> Model
+
+    def model_for(self, source):
+        """A generation Model holding the merge at `source.merge_value`."""
+        from workbench.pipeline.generate import Model, load_model
+
+        recipe = with_value(load_merge_recipe(source.path), source.merge_param, source.merge_step,
+                            source.merge_value)
+        state, arch, leaf_path = merged_state_dict(recipe)
+        base = self._models.get(leaf_path)
+        if base is None:
+            base = (self._load or load_model)(leaf_path, device=self.device)
+            self._models = {leaf_path: base}  # one base pipeline at a time
+        _swap_weights(base, state, arch, leaf_path)
+        del state
+        digest = identity_hash(merge_identity(source))
+        return Model.from_pipeline(base.pipe, base.arch, name=f"{source.path.stem}-{source.merge_param}"
+                                   f"{source.merge_value:g}", model_hash=digest[:10], device=base.device)

@@ -1,0 +1,196 @@
+"""What a run will do, and what it did: the objects every recipe kind shares.
+
+`describe(recipe)` in each `workbench/kinds/<kind>.py` returns a `RunPlan`: inputs checked on disk,
+the lines the dry run prints, the outputs, the problems, and the kind's own plan object (`detail`:
+the merge plan, the training setup, the memory plan, the grid's cells). `run(plan)` executes that
+same object, so a real run does exactly what `--dry-run` printed and nothing is planned twice.
+This module sits below every kind and imports only `errors`, `units` and `formats`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.formats.detect import detect
+from workbench.units import human_size
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+
+
+@dataclass
+class InputCheck:
+    """One file or folder the run reads."""
+
+    label: str
+    path: Path
+    exists: bool
+    size: int | None = None  # bytes, files only
+    detail: str = ""  # architecture, image count, ...
+    arch: str | None = None  # detected architecture id (sd15, sdxl, sd3, flux, ...)
+    kind: str | None = None  # detected kind (checkpoint, lora, ...)
+
+
+@dataclass
+class RunPlan:
+    """What a run will read and write, and what is wrong; `render()` is the dry-run text.
+
+    `recipe` and `overwrite` are what the plan was made for; `detail` is the kind's own plan,
+    consumed by its `run` (None when the inputs were too broken to plan further)."""
+
+    kind: str
+    name: str
+    source: Path | None = None
+    inputs: list[InputCheck] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    existing_outputs: list[Path] = field(default_factory=list)
+    recipe: Any = None
+    overwrite: bool = False
+    detail: Any = None
+
+    @classmethod
+    def for_recipe(cls, recipe: Any, overwrite: bool) -> "RunPlan":
+        return cls(recipe.kind, recipe.name or recipe.kind, recipe.source_path, recipe=recipe,
+                   overwrite=overwrite)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def render(self) -> str:
+        head = f"plan: {self.kind} '{self.name}'" + (f" from {self.source}" if self.source else "")
+        out = [head]
+        if self.inputs:
+            out.append("inputs:")
+            width = max(len(i.label) for i in self.inputs)
+            for i in self.inputs:
+                state = (f"{human_size(i.size)}" if i.size is not None else "folder") if i.exists \
+                    else "MISSING"
+                extra = f", {i.detail}" if i.detail else ""
+                out.append(f"  {i.label:<{width}}  {i.path}  ({state}{extra})")
+        out += self.lines
+        if self.outputs:
+            out.append("outputs:")
+            out += [f"  {p}" for p in self.outputs]
+        if self.problems:
+            out.append(f"problems ({len(self.problems)}):")
+            out += [f"  - {p}" for p in self.problems]
+        else:
+            out.append("problems: none")
+        return "\n".join(out)
+
+    __str__ = render
+
+
+@dataclass
+class RunResult:
+    """What a run did (or, for a dry run, would do)."""
+
+    kind: str
+    name: str
+    dry_run: bool
+    plan: RunPlan | None = None
+    outputs: list[Path] = field(default_factory=list)
+    summary: str = ""
+
+    def __str__(self) -> str:
+        if self.dry_run and self.plan is not None:
+            return self.plan.render()
+        if self.summary:
+            return self.summary
+        return f"{self.kind} '{self.name}': wrote " + (", ".join(map(str, self.outputs)) or "nothing")
+
+
+def _detect(check: InputCheck) -> str | None:
+    """Fill in the architecture of a model file; returns a problem or None."""
+    try:
+        info = detect(check.path)
+    except WorkbenchError as e:
+        check.detail = "unreadable"
+        return str(e)
+    check.arch = info.arch
+    check.kind = info.kind
+    if check.arch is None:
+        check.detail = str(info)
+        return None
+    bits = [check.arch + (f" {info.variant}" if info.variant else "")]
+    if info.kind:
+        bits.append(info.kind)
+    check.detail = " ".join(bits)
+    return None
+
+
+def check_input(plan: RunPlan, label: str, path: Path, expect: str = "model") -> InputCheck:
+    """Record one input: `expect` is 'model' (a .safetensors file or a diffusers folder), 'file',
+    'any' (a file or folder), 'dir' or 'images' (a folder of images). Missing or unusable inputs
+    become plan problems."""
+    path = Path(path)
+    check = InputCheck(label, path, path.exists())
+    if not check.exists:
+        plan.problems.append(f"{label}: not found: {path}")
+    elif path.is_dir():
+        if expect == "file":
+            plan.problems.append(f"{label}: is a folder, expected a file: {path}")
+        elif expect == "images":
+            images = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+            captions = [p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".caption")]
+            check.detail = f"{len(images)} images, {len(captions)} captions"
+            if not images:
+                plan.problems.append(f"{label}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                                     f"in {path}")
+        elif expect == "model":
+            if (path / "model_index.json").exists():
+                check.detail = "diffusers folder"
+            else:
+                plan.problems.append(f"{label}: folder without model_index.json; expected a "
+                                     f"single .safetensors file or a diffusers folder: {path}")
+    else:
+        check.size = path.stat().st_size
+        if expect in ("dir", "images"):
+            plan.problems.append(f"{label}: is a file, expected a folder: {path}")
+        elif expect == "model":
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                plan.problems.append(
+                    f"{label}: {path.suffix} files are Python pickles, which can run code when "
+                    f"loaded; convert it once with `workbench convert {path}` and use the "
+                    f".safetensors copy")
+            elif path.suffix.lower() not in (".safetensors", ".gguf"):
+                plan.problems.append(f"{label}: expected a .safetensors model file "
+                                     f"(got {path.suffix or 'no suffix'}): {path}")
+            else:
+                problem = _detect(check)
+                if problem:
+                    plan.problems.append(f"{label}: {problem}")
+    plan.inputs.append(check)
+    return check
+
+
+def check_output_file(plan: RunPlan, path: Path, overwrite: bool, how: str) -> None:
+    """Record an output file; an existing one is a problem unless the run may overwrite it."""
+    plan.outputs.append(path)
+    if path.exists() and not overwrite:
+        plan.existing_outputs.append(path)
+        plan.problems.append(f"output exists: {path} ({how})")
+
+
+def disk_problem(target: Path, needed: int, margin: float = 1.05) -> str | None:
+    """'not enough disk space ...' when the file system `target` goes to lacks room."""
+    folder = Path(target)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.is_file():
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free < needed * margin:
+        return (f"not enough disk space in {folder} for {target}: needs {human_size(needed)}, "
+                f"{human_size(free)} free")
+    return None
