@@ -21,6 +21,7 @@ import streamlit as st
 import yaml
 
 from workbench.app.config import AppConfig, load_config
+from workbench.app.jobs_ui import progress_text
 from workbench.errors import RecipeError, WorkbenchError
 from workbench.jobs.store import JobStore
 
@@ -462,8 +463,6 @@ def job_picker(kind: str, label: str = "Results of job") -> Any:
 
 def job_progress(job) -> None:
     """A one-line progress bar for a job (the Jobs page has the full view)."""
-    from workbench.app.views.jobs import progress_text
-
     value = min(max(job.progress or 0.0, 0.0), 1.0)
     st.progress(value, text=f"#{job.id}: " + progress_text(job, job_store().gpu_holder()))
     if job.error:

@@ -22,12 +22,15 @@ CHUNK = 4 * 1024 * 1024
 CACHE_VERSION = 1
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("WORKBENCH_CACHE") or Path.home() / ".cache" / "workbench")
+def cache_root() -> Path:
+    """The one cache folder of the workbench: `$WORKBENCH_CACHE`, else `~/.cache/workbench` (on
+    Windows `C:\\Users\\<you>\\.cache\\workbench`). Hashes, configs, latents and text caches live here."""
+    env = os.environ.get("WORKBENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "workbench"
 
 
 def _cache_file() -> Path:
-    return cache_dir() / "hashes.json"
+    return cache_root() / "hashes.json"
 
 
 def _load_cache() -> dict:
@@ -45,7 +48,7 @@ def _save_cache(data: dict) -> None:
     from workbench.formats.writer import atomic_write_text
 
     try:
-        cache_dir().mkdir(parents=True, exist_ok=True)
+        cache_root().mkdir(parents=True, exist_ok=True)
         atomic_write_text(_cache_file(), json.dumps(data, indent=0, sort_keys=True),
                           overwrite=True)
     except OSError:

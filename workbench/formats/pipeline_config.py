@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import FormatError, UnknownModelError
+from workbench.formats.hashes import cache_root
 from workbench.formats.safetensors_io import SafetensorsHeader, read_header
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -63,12 +64,6 @@ def _load_builders() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != name:  # the module exists but one of its own imports failed: a real bug
                 raise
-
-
-def cache_root() -> Path:
-    """`$WORKBENCH_CACHE` or `~/.cache/workbench`."""
-    env = os.environ.get("WORKBENCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "workbench"
 
 
 def _shapes_of(path_or_header: str | os.PathLike | SafetensorsHeader | Shapes) -> tuple[Shapes, str]:

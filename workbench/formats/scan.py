@@ -19,6 +19,7 @@ from workbench.formats.detect import detect
 from workbench.formats.hashes import autov2
 from workbench.formats.lazy import PICKLE_SUFFIXES
 from workbench.formats.safetensors_io import read_header
+from workbench.units import human_size
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
@@ -141,14 +142,6 @@ def scan(root: str | Path, with_hash: bool = True) -> list[ModelEntry]:
         if entry is not None:
             entries.append(entry)
     return entries
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def format_table(entries: list[ModelEntry]) -> str:

@@ -38,11 +38,6 @@ DDPM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_c
                 "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
                 "logvar"}
 CONV_IN_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "input_blocks.0.0.weight")
-# Methods whose result at each element depends only on the inputs at that element: the executor
-# may evaluate them on cache-sized slices of a tensor (same bits, far less memory traffic).
-ELEMENTWISE = frozenset({"weighted_sum", "add_difference", "triple_sum", "sum_twice", "no_merge"})
-
-
 class Policy(str, enum.Enum):
     MERGE = "merged"
     MISSING = "missing in an input: first input kept"
@@ -128,7 +123,7 @@ def chunkable(node: Node, key: str) -> bool:
         return False
     if policy is not Policy.MERGE:
         return chunkable(node.inputs[0], key)
-    return node.method.name in ELEMENTWISE and all(chunkable(n, key) for n in node.inputs)
+    return node.method.elementwise and all(chunkable(n, key) for n in node.inputs)
 
 
 def evaluate(node: Node, key: str, memo: dict[int, torch.Tensor] | None = None,

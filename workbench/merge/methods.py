@@ -79,6 +79,9 @@ class MergeMethod:
     formula: str
     input_names: tuple[str, ...]
     uses_key: bool = field(default=False)
+    # each output element depends only on the inputs at that element: the executor may evaluate
+    # the method on cache-sized slices of a tensor (same bits, far less memory traffic)
+    elementwise: bool = False
 
     @property
     def inputs_text(self) -> str:
@@ -105,7 +108,8 @@ METHODS: dict[str, MergeMethod] = {}
 
 
 def merge_method(name: str, *, inputs: int | str, params: Mapping[str, ParamSpec] | None = None,
-                 description: str, formula: str) -> Callable[[Callable], Callable]:
+                 description: str, formula: str, elementwise: bool = False
+                 ) -> Callable[[Callable], Callable]:
     """Register `fn` under `name`. Checks the signature at import time, so a slip fails loudly.
 
     `inputs` is an int (exact) or "N+" (at least N). The function's keyword-only arguments must be
@@ -137,7 +141,8 @@ def merge_method(name: str, *, inputs: int | str, params: Mapping[str, ParamSpec
         names = tuple(positional) + ((f"{star[0]}...",) if star else ())
         METHODS[name] = MergeMethod(name=name, fn=fn, n_inputs=n_inputs, variadic=variadic,
                                     params=MappingProxyType(params), description=description,
-                                    formula=formula, input_names=names, uses_key="key" in kwonly)
+                                    formula=formula, input_names=names, uses_key="key" in kwonly,
+                                    elementwise=elementwise)
         return fn
 
     return register
@@ -233,7 +238,8 @@ ALPHA_TASK = ParamSpec(1.0, "multiplier of the merged task vector added to the b
 
 @merge_method("weighted_sum", inputs=2, params={"alpha": ALPHA_B},
               formula="(1 - alpha)*a + alpha*b",
-              description="Linear interpolation; bit-exact with A1111's formula (not torch.lerp).")
+              description="Linear interpolation; bit-exact with A1111's formula (not torch.lerp).",
+              elementwise=True)
 def weighted_sum(a: torch.Tensor, b: torch.Tensor, *, alpha: float) -> torch.Tensor:
     return (1 - alpha) * a + alpha * b
 
@@ -248,7 +254,7 @@ merge_method("block_weighted", inputs=2, params={"alpha": ALPHA_B},
 
 @merge_method("add_difference", inputs=3, params={"alpha": ALPHA_DIFF},
               formula="a + alpha*(b - c)",
-              description="Add b's difference from its base c onto a.")
+              description="Add b's difference from its base c onto a.", elementwise=True)
 def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float) -> torch.Tensor:
     return a + alpha * (b - c)
 
@@ -256,7 +262,7 @@ def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: 
 @merge_method("triple_sum", inputs=3,
               params={"alpha": ParamSpec(REQUIRED, "share of b"), "beta": ParamSpec(REQUIRED, "share of c")},
               formula="(1 - alpha - beta)*a + alpha*b + beta*c",
-              description="Three-model weighted sum (supermerger 'Triple sum').")
+              description="Three-model weighted sum (supermerger 'Triple sum').", elementwise=True)
 def triple_sum(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float, beta: float) -> torch.Tensor:
     return (1 - alpha - beta) * a + alpha * b + beta * c
 
@@ -265,13 +271,15 @@ def triple_sum(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: floa
               params={"alpha": ParamSpec(REQUIRED, "share of b in the first sum"),
                       "beta": ParamSpec(REQUIRED, "share of c in the second sum")},
               formula="(1 - beta)*((1 - alpha)*a + alpha*b) + beta*c",
-              description="Weighted sum of a and b, then weighted sum with c (supermerger 'Sum twice').")
+              description="Weighted sum of a and b, then weighted sum with c (supermerger 'Sum twice').",
+              elementwise=True)
 def sum_twice(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float, beta: float) -> torch.Tensor:
     return (1 - beta) * ((1 - alpha) * a + alpha * b) + beta * c
 
 
 @merge_method("no_merge", inputs=1, formula="a",
-              description="Copy a unchanged (convert dtype, prune, bake a VAE with a later step).")
+              description="Copy a unchanged (convert dtype, prune, bake a VAE with a later step).",
+              elementwise=True)
 def no_merge(a: torch.Tensor) -> torch.Tensor:
     return a.clone()
 

@@ -31,7 +31,8 @@ from safetensors.torch import save as st_save
 
 from workbench.errors import WorkbenchError
 from workbench.train.buckets import Bucket, image_to_tensor, resize_and_crop
-from workbench.train.dataset import Example, default_cache_root, open_image
+from workbench.formats.hashes import cache_root
+from workbench.train.dataset import Example, open_image
 
 CACHE_FORMAT = "1"  # bump when the cached layout or the preprocessing changes
 SAMPLE_ELEMENTS = 1 << 20  # per tensor: larger ones are hashed on a strided sample
@@ -136,7 +137,7 @@ class LatentCache:
 
 def default_latent_cache(vae_id: str, root: Path | None = None) -> LatentCache:
     """`$WORKBENCH_CACHE/latents/<vae_id>/`: shared by every run that uses the same VAE."""
-    return LatentCache((root or default_cache_root()) / "latents", vae_id)
+    return LatentCache((root or cache_root()) / "latents", vae_id)
 
 
 def pixels_for(example: Example, bucket: Bucket) -> tuple[torch.Tensor, tuple[int, int],
@@ -226,7 +227,7 @@ class TextCache:
 
 def default_text_cache(te_id: str, root: Path | None = None) -> TextCache:
     """`$WORKBENCH_CACHE/text/<te_id>/`."""
-    return TextCache((root or default_cache_root()) / "text", te_id)
+    return TextCache((root or cache_root()) / "text", te_id)
 
 
 def cache_text(captions: Iterable[str], cache: TextCache, encode: TextEncoder, *,

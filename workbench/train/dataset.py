@@ -30,6 +30,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from workbench.errors import WorkbenchError
+from workbench.formats.hashes import cache_root
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTS = (".txt", ".caption")
@@ -85,13 +86,6 @@ class ScanResult:
     problems: list[DatasetProblem] = field(default_factory=list)
     # image path -> (sha256 of decoded RGB pixels + size, `thumbnail` bytes)
     fingerprints: dict[Path, tuple[str, bytes]] = field(default_factory=dict)
-
-
-def default_cache_root() -> Path:
-    """`$WORKBENCH_CACHE` or `~/.cache/workbench`, shared with the file-hash cache."""
-    from workbench.formats.hashes import cache_dir
-
-    return cache_dir()
 
 
 def _is_image(p: Path) -> bool:
@@ -279,7 +273,7 @@ def _hf_disk_candidates(root: Path, cache_dir: Path | None,
     icol = image_cols[0]
     ccol = _caption_column(list(ds.column_names), root)
     ds = ds.cast_column(icol, datasets.Image(decode=False))
-    target = (cache_dir or default_cache_root()) / "hf-images"
+    target = (cache_dir or cache_root()) / "hf-images"
     out: list[_Candidate] = []
     for n, row in enumerate(ds):
         cell = row[icol] or {}

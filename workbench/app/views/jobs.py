@@ -13,42 +13,11 @@ from pathlib import Path
 import streamlit as st
 
 from workbench.app import forms
+from workbench.app.jobs_ui import STATE, job_label, progress_text
 from workbench.jobs.store import Job
 
 S = st.session_state
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-STATE = {"queued": "running", "running": "running", "done": "complete", "failed": "error",
-         "cancelled": "error"}
-
-
-def fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "ETA unknown"
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"ETA {seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"ETA {seconds // 60} min {seconds % 60:02d} s"
-    return f"ETA {seconds} s"
-
-
-def job_label(job: Job) -> str:
-    return f"#{job.id} {job.kind} '{job.name}': {job.status}"
-
-
-def progress_text(job: Job, holder: Job | None) -> str:
-    if job.status == "queued":
-        if job.gpu and holder is not None:
-            return f"queued: waiting for the GPU (job #{holder.id} is using it)"
-        return "queued: waiting for a worker"
-    if job.status == "running":
-        pct = f"{job.progress * 100:.0f}%" if job.progress is not None else "starting"
-        stage = f"{job.stage}: " if job.stage else ""
-        return f"{stage}{pct} · {fmt_eta(job.eta_s)}"
-    took = f" in {job.elapsed_s:.1f} s" if job.elapsed_s is not None else ""
-    return f"{job.status}{took}"
-
-
 def show_results(job: Job) -> None:
     """Written files: images shown, models pointed to the Models page, folders listed."""
     if not job.results:
