@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _denoiser_inputs import flux_inputs
+from helpers.denoiser_inputs import flux_inputs
 
 from workbench.core.memory_plan import (GB, MB, DeviceInfo, component_sizes_from_pipeline,
                                         plan_memory)
