@@ -48,7 +48,7 @@ def server(tmp_path, tiny_sd15):
     log = open(tmp_path / "streamlit.log", "wb")
     proc = start(cfg, "127.0.0.1", port, stdout=log, stderr=subprocess.STDOUT)
     try:
-        assert wait_healthy(url, timeout=60, proc=proc), (tmp_path / "streamlit.log").read_text()
+        assert wait_healthy(url, timeout=180, proc=proc), (tmp_path / "streamlit.log").read_text()
         yield url, tmp_path
     finally:
         proc.terminate()
@@ -62,9 +62,9 @@ def server(tmp_path, tiny_sd15):
 def settle(page) -> None:
     """Wait until the app is connected and its script has finished (Streamlit's e2e helpers)."""
     page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']",
-                           timeout=30_000)
+                           timeout=120_000)
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']",
-                           timeout=30_000)
+                           timeout=120_000)
 
 
 def fill(page, label: str, text: str) -> None:
@@ -80,7 +80,7 @@ def test_merge_from_the_dashboard(server):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.set_default_timeout(30_000)
+        page.set_default_timeout(120_000)
         try:
             page.goto(url)
             settle(page)
@@ -99,7 +99,7 @@ def test_merge_from_the_dashboard(server):
 
             page.get_by_role("link", name="Watch job #1 on the Jobs page").click()
             settle(page)
-            page.get_by_text("#1 merge 'my-merge': done").first.wait_for(timeout=60_000)
+            page.get_by_text("#1 merge 'my-merge': done").first.wait_for(timeout=180_000)
             page.get_by_text("merge 'my-merge': wrote").first.wait_for()
             page.screenshot(path=SHOTS / "2-jobs-done.png", full_page=True)
 

@@ -53,7 +53,7 @@ def fake_engines():
 
 
 def open_page(page: str) -> AppTest:
-    at = AppTest.from_file(str(MAIN), default_timeout=60).run()
+    at = AppTest.from_file(str(MAIN), default_timeout=180).run()
     at.switch_page(f"views/{page}.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at

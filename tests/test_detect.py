@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import struct
-from pathlib import Path
 
 import pytest
 
-from _formats_keys import (flux, flux_checkpoint, hf_clip, ldm_unet, ldm_vae, mmdit, open_clip,
-                           sd15_checkpoint, sd2_checkpoint, sd3_checkpoint, sdxl_checkpoint,
-                           sdxl_refiner_unet, sdxl_unet, t5xxl, write_header_only)
+from helpers.formats_keys import (flux, flux_checkpoint, hf_clip, ldm_unet, ldm_vae, mmdit,
+                                   open_clip, sd15_checkpoint, sd2_checkpoint, sd3_checkpoint,
+                                   sdxl_checkpoint, sdxl_refiner_unet, sdxl_unet, t5xxl,
+                                   write_header_only)
+from helpers.kohya_keys import KOHYA_MODULES
 from workbench.errors import FormatError, UnknownModelError
 from workbench.formats.detect import detect
 
-KOHYA = json.loads((Path("/work/shared/reference/lora_kohya_keys.json")).read_text())["models"] \
-    if Path("/work/shared/reference/lora_kohya_keys.json").exists() else None
+KOHYA = KOHYA_MODULES
 
 
 def kohya_lora(mods: dict, suffix=("lora_down.weight", "lora_up.weight")) -> dict:
@@ -120,7 +119,6 @@ def test_diffusers_component_files():
     assert detect(s3).variant == "sd3-medium"
 
 
-@pytest.mark.skipif(KOHYA is None, reason="golden kohya key list not present")
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "flux"])
 def test_golden_kohya_loras(tmp_path, arch):
     """Real module names and real shapes (header only; the data is a sparse hole)."""
@@ -137,7 +135,6 @@ def test_golden_kohya_loras(tmp_path, arch):
     assert detect(kohya_lora(te_only)).arch == arch
 
 
-@pytest.mark.skipif(KOHYA is None, reason="golden kohya key list not present")
 def test_sd2_lora_by_cross_attention_width_and_lycoris():
     sd2 = {}
     for m, (down, up) in KOHYA["sd15"].items():
@@ -221,12 +218,9 @@ def test_truncated_file_is_a_format_error(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux"])
-def test_tiny_builders_if_present(tmp_path, arch):
+def test_tiny_builders_detect_as_their_arch(tiny_model, arch):
     """The real-layout tiny model builders (workbench.testing.<arch>) detect as their arch."""
-    mod = pytest.importorskip(f"workbench.testing.{arch}")
-    path = tmp_path / f"{arch}.safetensors"
-    mod.build(path, seed=0)
-    info = detect(path)
+    info = detect(tiny_model(arch))
     assert (info.arch, info.kind) == (arch, "checkpoint")
     assert info.components == COMPONENTS[arch]
     assert not any("does not belong" in n or "not in the file" in n for n in info.notes)

@@ -71,13 +71,19 @@ def plugin_env(tmp_path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
 
 
+# Ceiling for every wait on a worker process or a condition. Waits return as soon as the condition
+# holds, so only a failing test waits this long; a loaded machine (2 cores, several test runs) can
+# take tens of seconds just to start a worker that imports torch.
+WAIT_S = 180.0
+
+
 def start_worker(db: Path, env: dict, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "workbench.jobs.worker", "--db", str(db),
                              "--plugin", "fake_engines", *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+def wait_for(predicate, timeout: float = WAIT_S, what: str = "condition"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = predicate()
@@ -171,7 +177,7 @@ def test_four_concurrent_jobs_each_run_once(store, tiny_sd15, tmp_path, plugin_e
     workers = [start_worker(store.path, plugin_env, "--idle-exit", "0.5") for _ in range(2)]
     try:
         for w in workers:
-            assert w.wait(timeout=60) == 0, w.stdout.read().decode()
+            assert w.wait(timeout=WAIT_S) == 0, w.stdout.read().decode()
     finally:
         for w in workers:
             w.kill()
@@ -205,7 +211,7 @@ def test_cancel_running_job_leaves_no_partial_output(store, tiny_sd15, tmp_path,
     try:
         wait_for(lambda: out.exists() and out.stat().st_size > 0, what="partial output")
         assert store.request_cancel(job) == "running"
-        assert worker.wait(timeout=30) == 0
+        assert worker.wait(timeout=WAIT_S) == 0
     finally:
         worker.kill()
     done = store.get(job)
@@ -223,7 +229,7 @@ def test_cancel_reaches_an_engine_that_never_reports_progress(store, tiny_sd15, 
     try:
         wait_for(lambda: out.exists() and out.stat().st_size > 0, what="partial output")
         store.request_cancel(job)
-        assert worker.wait(timeout=30) == 0  # interrupted after the grace time, then exited
+        assert worker.wait(timeout=WAIT_S) == 0  # interrupted after the grace time, then exited
     finally:
         worker.kill()
     assert store.get(job).status == "cancelled" and not out.exists()
@@ -247,7 +253,7 @@ def test_real_merge_in_process(store, tiny_sd15, tmp_path):
 def test_ensure_workers_starts_only_what_can_run(store, monkeypatch):
     import workbench.jobs.worker as worker
 
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     started = []
 
     class FakeProc:

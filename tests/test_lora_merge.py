@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import formats_keys as fk
+from helpers.kohya_keys import KOHYA_MODULES
 from workbench.errors import UnsupportedError, WorkbenchError
 from workbench.formats.blocks import block_of
 from workbench.formats.lora_keys import kohya_modules, module_table
@@ -18,12 +19,7 @@ from workbench.recipes import parse_recipe
 from workbench.dispatch import run_recipe
 from workbench.testing import ldm_keys
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _formats_keys as fk  # noqa: E402
-
-GOLDEN = json.loads(Path("/work/shared/reference/lora_kohya_keys.json").read_text())["models"] \
-    if Path("/work/shared/reference/lora_kohya_keys.json").exists() else None
-needs_golden = pytest.mark.skipif(GOLDEN is None, reason="golden kohya key list not available")
+GOLDEN = KOHYA_MODULES
 UNET = "model.diffusion_model."
 SD15_TE = "cond_stage_model.transformer."
 
@@ -90,7 +86,6 @@ def sd15_unet_names(base) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------- module tables
 
-@needs_golden
 @pytest.mark.parametrize("arch,shapes", [("sd15", fk.sd15_checkpoint), ("sdxl", fk.sdxl_checkpoint),
                                          ("flux", fk.flux_checkpoint)])
 def test_kohya_default_modules_equal_the_golden_lists_at_real_sizes(arch, shapes):
@@ -101,7 +96,7 @@ def test_kohya_default_modules_equal_the_golden_lists_at_real_sizes(arch, shapes
     for name, (down, up) in gold.items():
         t = table.lookup(name)
         assert t is mods[name]
-        # _formats_keys writes SDXL proj_in/out as 1x1 convs (real files: Linear); both take [r, in]
+        # helpers/formats_keys writes SDXL proj_in/out as 1x1 convs (real files: Linear); both take [r, in]
         assert down[1] == t.in_features and (list(down[2:]) == list(t.kernel) or set(t.kernel) == {1}), name
         assert up[0] == t.out_features and up[1] == down[0], name
     if arch == "sdxl":  # CLIP-G q/k/v are row thirds of the fused OpenCLIP in_proj_weight
@@ -110,7 +105,6 @@ def test_kohya_default_modules_equal_the_golden_lists_at_real_sizes(arch, shapes
         assert q.row_range() == (1280, 2560)
 
 
-@needs_golden
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "flux"])
 def test_golden_modules_resolve_in_tiny_checkpoints(arch, tiny_model):
     header = read_header(tiny_model(arch, 0))
@@ -151,7 +145,7 @@ def test_kohya_lora_changes_exactly_the_targeted_keys(tmp_path, tiny_model):
     base_path = tiny_model("sd15", 1)
     base = load_file(base_path)
     names = sd15_unet_names(base)
-    modules = {n: (k, None) for n, k in names.items() if GOLDEN is None or n in GOLDEN["sd15"]}
+    modules = {n: (k, None) for n, k in names.items() if n in GOLDEN["sd15"]}
     for n in list(modules)[::3]:
         del modules[n]  # a subset, so untouched attention keys exist too
     modules["lora_unet_down_blocks_0_resnets_0_conv1"] = (names["lora_unet_down_blocks_0_resnets_0_conv1"], None)
@@ -318,8 +312,7 @@ def test_extraction_round_trip_and_diffusers_loads_it(tmp_path):
     lora = load_file(out)
     names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora}
     assert names == set(deltas)
-    if GOLDEN is not None:
-        assert names <= set(GOLDEN["sd15"])
+    assert names <= set(GOLDEN["sd15"])
     for name, delta in deltas.items():
         up, down, alpha = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"], lora[f"{name}.alpha"]
         assert alpha.item() == r and down.shape[0] == r

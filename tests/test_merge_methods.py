@@ -34,7 +34,8 @@ def test_weighted_sum_bit_exact_and_not_lerp(alpha):
 
 
 def test_weighted_sum_differs_from_lerp_somewhere():
-    # merge.md §4: torch.lerp rounds differently; our result must be the A1111 formula, not lerp
+    # torch.lerp rounds differently from (1 - a)*A + a*B even in fp32; A1111 uses the formula, so
+    # a bit-exact match with A1111 needs the formula, not lerp
     out = get_method("weighted_sum")(A, B, alpha=0.3)
     assert not torch.equal(out, torch.lerp(A, B, 0.3))
 

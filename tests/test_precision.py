@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _denoiser_inputs import flux_inputs
+from helpers.denoiser_inputs import flux_inputs
 
 from workbench.pipeline.precision import (apply_storage, castable_layers, file_fp8_storage, nf4_available,
                                       storage_dtype, stored_bytes)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from _formats_keys import flux, hf_clip, ldm_vae, sd15_checkpoint, write_header_only
+from helpers.formats_keys import flux, hf_clip, ldm_vae, sd15_checkpoint, write_header_only
 from workbench.errors import WorkbenchError
 from workbench.formats.scan import format_table, scan, summarize_metadata
 

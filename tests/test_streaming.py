@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _denoiser_inputs import flux_inputs
+from helpers.denoiser_inputs import flux_inputs
 
 from workbench.pipeline.memory_plan import DeviceInfo, plan_memory
 from workbench.pipeline.sizes import GB, MB, component_sizes_from_pipeline, module_size, stream_units

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from _denoiser_inputs import denoiser_inputs
+from helpers.denoiser_inputs import denoiser_inputs
 
 from workbench.formats.hashes import addnet_hash
 from workbench.formats.safetensors_io import read_header
@@ -201,8 +201,9 @@ def test_lycoris_layouts_match_the_trained_delta(loaded, kind):
 
 
 def test_legacy_hash_is_the_64k_at_1mib_of_the_ss_only_file():
-    """lora.md: sshs_legacy_hash = sha256 of bytes [1 MiB, 1 MiB + 64 KiB) of the file safetensors
-    writes with only the ss_* metadata; a LoRA above 1 MiB so the window holds tensor bytes."""
+    """kohya's sshs_legacy_hash (`precalculate_safetensors_hashes`) = sha256 of bytes
+    [1 MiB, 1 MiB + 64 KiB) of the file safetensors writes with only the ss_* metadata; a LoRA above
+    1 MiB so the window holds tensor bytes."""
     import hashlib
 
     from safetensors.torch import save_file

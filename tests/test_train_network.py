@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from _denoiser_inputs import denoiser_inputs
+from helpers.denoiser_inputs import denoiser_inputs
+from helpers.kohya_keys import KOHYA_MODULES
 
 from workbench.errors import UnsupportedError, RecipeError
 from workbench.formats.safetensors_io import read_header
 from workbench.train.network import inject, plan_network, quantize_base
 
-GOLDEN = json.loads((Path("/work/shared/reference/lora_kohya_keys.json")).read_text()) \
-    if Path("/work/shared/reference/lora_kohya_keys.json").exists() else None
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +36,9 @@ def _shapes(path):
     return read_header(path).shapes()
 
 
-@pytest.mark.skipif(GOLDEN is None, reason="golden kohya key list not available")
 @pytest.mark.parametrize("arch, te", [("sd15", True), ("sdxl", True), ("flux", False)])
 def test_module_names_are_kohyas(tiny_model, arch, te):
-    golden = set(GOLDEN["models"][arch])
+    golden = set(KOHYA_MODULES[arch])
     plan = plan_network(arch, _shapes(tiny_model(arch)), rank=16, alpha=8, train_text_encoder=te)
     names = set(plan.modules)
     assert names <= golden, sorted(names - golden)[:5]

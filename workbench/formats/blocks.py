@@ -1,6 +1,7 @@
 """Key -> merge-block tables (supermerger convention) and block-weight value parsing.
 
-One convention for every architecture (shared/reference/merge.md §3):
+One convention for every architecture, supermerger's where it has one (the user-facing summary is
+docs/recipes.md, "Block weights"):
 - SD1.5/SD2 (26 ids) and SDXL (20 ids): BASE = text encoder(s) + VAE (+ anything outside the UNet);
   `time_embed` and `label_emb` -> IN00; `out.*` -> the last OUT block (OUT11 / OUT08).
 - SD3: BASE, IN (pos_embed, x/context/y/t embedders), J00..J37 (joint_blocks; medium has 24),
@@ -150,7 +151,7 @@ def parse_block_values(arch: str, value: object, default: float | None = None,
                        ids: Sequence[str] | None = None) -> dict[str, float]:
     """Turn a recipe's `blocks:` value into {block id: weight} for every id of `arch`.
 
-    Accepted forms (recipes.md): a comma string or list of values in supermerger order (SD1.5 26,
+    Forms (docs/recipes.md): a comma string or list of values in supermerger order (SD1.5 26,
     SDXL 20 — a 26-value list is also accepted for SDXL and converted the way supermerger does,
     dropping IN09-11/OUT09-11; SD3/FLUX: one value per id of BLOCK_IDS[arch]); a single number
     (every block); a mapping {id: value} (ids are case-insensitive; ids not listed take `default`,

@@ -3,7 +3,8 @@
 Detection never reads tensor data, so it is instant even on 24 GB files and works on files whose
 data section is damaged. The decision tables below are facts about published layouts (SD1.5 / SD2 /
 SDXL LDM-SGM single files, SAI/ComfyUI SD3 files, BFL and ComfyUI FLUX files, diffusers component
-files, kohya and diffusers/PEFT LoRAs); see shared/reference/merge.md §3 and lora.md §6.
+files, kohya and diffusers/PEFT LoRAs); the block tables are in workbench/formats/blocks.py and the
+LoRA module names in workbench/formats/lora_keys.py.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Why a table built from the checkpoint's own keys: a kohya module name is a module path with every
 "." replaced by "_", which cannot be split back unambiguously (`to_q`, `proj_in`, `self_attn`...).
 So we go the other way: for every weight of the checkpoint we derive each name a LoRA may use for
-it, and look LoRA modules up in that table (the ComfyUI approach). Names follow shared/reference/
-lora.md §6.2 and §3.2-3.4:
+it, and look LoRA modules up in that table (the ComfyUI approach). The names are the ones kohya
+sd-scripts writes (checked against its own output in tests/helpers/lora_kohya_keys.json) and the
+ones diffusers writes and converts (`convert_state_dict_to_kohya`, `load_lora_weights`):
 
 - kohya SD1.5/SD2 UNet: diffusers module paths (`lora_unet_down_blocks_0_attentions_0_...`); kohya
   SDXL UNet: LDM/SGM paths (`lora_unet_input_blocks_4_1_...`); both styles are accepted for both;

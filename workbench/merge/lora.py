@@ -6,10 +6,11 @@ Why a node and not a separate tool: with the LoRA exposed as deltas under the ba
 all come from the merge engine unchanged. Keys the LoRA does not touch have no delta (`info` is
 None), which the MISSING policy turns into "first input kept".
 
-ΔW of one module = (alpha / rank) · up @ down (shared/reference/lora.md §6.1; alpha missing or 0
-means alpha = rank), reshaped to the checkpoint weight (conv k×k, conv 1×1 vs linear). Modules that
-map to row slices of one fused weight (SDXL CLIP-G q/k/v -> `in_proj_weight`, FLUX diffusers
-to_q/to_k/to_v -> `qkv`) are summed into one delta of the fused shape.
+ΔW of one module = (alpha / rank) · up @ down (kohya `networks/lora.py`, and A1111's and ComfyUI's
+loaders alike; alpha missing or 0 means alpha = rank), reshaped to the checkpoint weight (conv k×k,
+conv 1×1 vs linear). Modules that map to row slices of one fused weight (SDXL CLIP-G q/k/v ->
+`in_proj_weight`, FLUX diffusers to_q/to_k/to_v -> `qkv`) are summed into one delta of the fused
+shape.
 """
 
 from __future__ import annotations

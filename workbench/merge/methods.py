@@ -1,9 +1,10 @@
 """Merge methods: small pure functions on ONE key's tensors, registered by name.
 
-Why this shape (sd-mecha's idea, see reference/style.md §2): the math of a merge is a few lines per
-method, and everything else (reading files, casting to fp32, choosing α per block, threads, writing)
-belongs to the executor. So a method is `fn(*tensors, **params) -> Tensor`, with its parameters
-declared once in the decorator (default, one-line doc, type), checked before any tensor is read.
+Why this shape (sd-mecha's idea: a merge method is a small typed function): the math of a merge is
+a few lines per method, and everything else (reading files, casting to fp32, choosing α per block,
+threads, writing) belongs to the executor. So a method is `fn(*tensors, **params) -> Tensor`, with
+its parameters declared once in the decorator (default, one-line doc, type), checked before any
+tensor is read.
 
 Contract for every method:
 - inputs are fp32 tensors of one key with equal shapes (the executor casts and handles mismatches);

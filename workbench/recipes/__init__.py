@@ -1,4 +1,4 @@
-"""Recipes: the YAML files users keep, share and re-run (see /work/shared/recipes.md).
+"""Recipes: the YAML files users keep, share and re-run (the format: docs/recipes.md).
 
 `load_recipe(path)` returns a typed recipe (one pydantic model per kind) or raises one RecipeError
 listing every problem as `FILE:LINE: field: what was expected (got X)`.

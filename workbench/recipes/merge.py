@@ -1,9 +1,9 @@
 """The `merge` recipe: named input models, ordered merge steps, one output file.
 
-The merge engine (issue #3) registers the methods' math; this module only knows their names, how
-many inputs each takes and which parameters it reads, so that a recipe is checked before any tensor
-is touched. Numbers in the method descriptions follow recipes.md (alpha is the share of the second
-input, as in A1111 and supermerger).
+The merge engine (workbench/merge/methods.py) registers the methods' math; this module only knows
+their names, how many inputs each takes and which parameters it reads, so that a recipe is checked
+before any tensor is touched. Numbers in the method descriptions follow docs/recipes.md (alpha is
+the share of the second input, as in A1111 and supermerger).
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Write the trained adapter as a kohya LoRA (+ A1111 sidecar), optionally in diffusers/PEFT form.
 
-kohya layout (shared/reference/lora.md §6.1): per module `M.lora_down.weight`, `M.lora_up.weight`,
-`M.alpha` (the trained alpha, so every loader's scale alpha/rank equals the trained scale); LoHa/LoKr
+kohya layout (kohya sd-scripts `networks/lora.py`; the one format A1111, Forge, ComfyUI and
+diffusers all load): per module `M.lora_down.weight`, `M.lora_up.weight`, `M.alpha` (the trained
+alpha, so every loader's scale alpha/rank equals the trained scale); LoHa/LoKr
 use LyCORIS names (`hada_w1_a`…, `lokr_w1`…), DoRA adds `M.dora_scale` (the magnitude vector, shape
 [out, 1(,1,1)]). Fused FLUX modules stack the parts' output-side factors in the table's row order;
 their input-side factor is shared in training (network.py), so this is exact.
 
-Metadata: the `ss_*` and `modelspec.*` keys A1111/Forge read (§6.4), `sshs_model_hash` (sha256 of the
+Metadata: the `ss_*` and `modelspec.*` keys A1111/Forge read (Forge picks the model tab a LoRA shows
+in from `ss_base_model_version` and `modelspec.architecture`), `sshs_model_hash` (sha256 of the
 tensor bytes, what A1111 computes for the file), and the recipe (`workbench_recipe`).
 """
 
@@ -102,7 +104,8 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 def legacy_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """kohya's `sshs_legacy_hash`: the old 8-hex AddNet hash, sha256 of the 64 KiB at offset 1 MiB of
-    the file safetensors would write with only the `ss_*` metadata (lora.md, "Hashes")."""
+    the file safetensors would write with only the `ss_*` metadata (kohya's
+    `precalculate_safetensors_hashes`)."""
     from safetensors.torch import save
 
     ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}

@@ -1,7 +1,10 @@
 """The trained adapter: which layers get one (from the fixed kohya tables) and peft injection.
 
 Why the tables: an exported kohya name must be what A1111/ComfyUI/Forge map, whatever the installed
-transformers/diffusers call their modules (shared/reference/lora.md §0.2). So the module list comes
+transformers/diffusers call their modules (with transformers 5, `CLIPTextModel` has no
+`text_model.` level, so names built from `named_modules()` come out as
+`lora_te_encoder_layers_0_...` instead of the `lora_te_text_model_encoder_layers_0_...` every UI
+maps). So the module list comes
 from `workbench.formats.lora_keys` (built from the base checkpoint's own keys); the installed pipeline
 is only asked where each listed layer lives, trying the table's spellings in order.
 

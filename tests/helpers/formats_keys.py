@@ -1,7 +1,7 @@
 """Real-layout key lists (names + shapes) for format tests, built from published architectures.
 
 The names follow the original LDM/SGM, SAI-MMDiT, BFL, OpenCLIP, HF-CLIP and T5 layouts (the counts
-are checked against shared/reference/merge.md §3 in test_blocks.py). Files are written "header
+are checked against the real files' per-block counts in tests/test_blocks.py). Files are written "header
 only": the data section is a sparse hole (or garbage), which is all detection and scanning need.
 """
 
