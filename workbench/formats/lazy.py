@@ -112,17 +112,24 @@ class LazySafetensors:
     def _populate(self, offset: int, length: int) -> None:
         """Map a large tensor's pages in one call (Linux MADV_POPULATE_READ) rather than by one
         page fault per few KiB as the computation touches them; for a file not yet in the page
-        cache this is also the read. Small tensors and other systems use plain faults."""
-        if length < (1 << 20):
+        cache this is also the read. Small tensors, and systems whose maps have no `madvise`
+        (Windows) or whose kernel refuses the advice (macOS, Linux < 5.14), use plain faults:
+        the same bytes, read on first touch."""
+        if length < (1 << 20) or MADV_POPULATE_READ is None:
+            return
+        advise = getattr(self._map, "madvise", None)
+        if advise is None:
             return
         start = offset - offset % mmap.PAGESIZE
         try:
-            self._map.madvise(_MADV_POPULATE_READ, start, offset + length - start)
-        except (OSError, ValueError, AttributeError):
+            advise(MADV_POPULATE_READ, start, offset + length - start)
+        except (OSError, ValueError):
             pass
 
 
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+# Linux >= 5.14; Python 3.11 does not name it, hence the number (another kernel answers EINVAL).
+# None turns the advice off (tests/test_portability.py forces that fallback).
+MADV_POPULATE_READ: int | None = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 def open_lazy(path: str | Path) -> LazySafetensors:

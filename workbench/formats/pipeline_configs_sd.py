@@ -20,7 +20,7 @@ import json
 import math
 import re
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from workbench.errors import FormatError
@@ -36,10 +36,17 @@ SDXL_CLIP_L = "conditioner.embedders.0.transformer.text_model."
 SDXL_CLIP_G = "conditioner.embedders.1.model."
 
 
+def config_key(path: PurePath, root: PurePath) -> str:
+    """The table key of a bundled config file: `unet/config.json` on every OS (str() of the
+    relative path would give `unet\\config.json` on Windows, which no lookup here matches)."""
+    return path.relative_to(root).as_posix()
+
+
 @cache
 def _bundled(arch: str) -> dict[str, dict[str, Any]]:
     root = DATA / arch
-    return {str(p.relative_to(root)): json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))}
+    return {config_key(p, root): json.loads(p.read_text(encoding="utf-8"))
+            for p in sorted(root.rglob("*.json"))}
 
 
 def bundled_files(arch: str) -> dict[str, dict[str, Any]]:

@@ -7,23 +7,36 @@ planned tensors are written, the file is fsynced, its header re-read and checked
 the target (os.replace, atomic on one file system) and the folder is fsynced. Any exception or Ctrl-C deletes the temp file and leaves
 the target untouched. A process killed with SIGKILL cannot clean up: a stale `*.tmp` may remain next
 to the target, but the target itself is never half-written.
+
+Portable by construction (docs/portability.md): bytes go out with plain sequential `os.write` from
+one I/O thread (no `pwrite`), files are opened with `O_BINARY` where it exists (Windows would
+otherwise translate newlines), `O_DIRECT` and `posix_fallocate` are used only where the OS has
+them, free space is checked with `shutil.disk_usage` everywhere, and the rename retries while
+another program holds the target open (workbench/system.py). A failed write (a full disk, a
+vanished network drive) removes the temp file and says what the OS said, in a WorkbenchError.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
+import queue
 import secrets
+import shutil
 import struct
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from workbench import system
 from workbench.errors import FormatError, OutputExistsError, WorkbenchError
 from workbench.formats.safetensors_io import DTYPE_SIZES, TORCH_NAMES, read_header
 
 TORCH_TO_ST = {torch_name: st for st, torch_name in TORCH_NAMES.items()}
+O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation; 0 (not needed) elsewhere
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # full disk, or quota used up
 
 
 def st_dtype(tensor) -> str:
@@ -44,17 +57,75 @@ def _temp_path(target: Path) -> Path:
     return target.with_name(f"{target.name}.{secrets.token_hex(4)}.tmp")
 
 
-def _fsync_dir(folder: Path) -> None:
+def _size(n: int) -> str:
+    """`8.6 MB` (decimal units, as the rest of the workbench prints sizes) plus the exact bytes."""
+    value, unit = float(n), "bytes"
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            break
+        value /= 1000
+    return f"{n:,} bytes" if unit == "bytes" else f"{value:.1f} {unit} ({n:,} bytes)"
+
+
+def _free_bytes(folder: Path) -> int | None:
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        return shutil.disk_usage(folder).free
     except OSError:
-        return  # not supported on this platform / file system
+        return None
+
+
+def _not_enough_space(target: Path, needed: int, free: int | None) -> WorkbenchError:
+    have = f"{_size(free)} free" if free is not None else "its free space is unknown"
+    return WorkbenchError(f"{target}: not enough disk space: the file needs {_size(needed)} in "
+                          f"{target.parent}, which has {have}; nothing was saved")
+
+
+def _write_error(target: Path, needed: int, e: OSError) -> WorkbenchError:
+    """The OS error of a failed write, said plainly (what failed, where, how much was needed)."""
+    said = e.strerror or str(e)
+    code = errno.errorcode.get(e.errno, e.errno) if e.errno is not None else None
+    said += f" [{code}]" if code is not None else ""
+    if e.errno in _DISK_FULL:
+        free = _free_bytes(target.parent)
+        have = f"has {_size(free)} free now" if free is not None else "reports no free space"
+        return WorkbenchError(f"{target}: the disk is full ({said}): the file needs "
+                              f"{_size(needed)} in {target.parent}, which {have}; nothing was "
+                              "saved")
+    return WorkbenchError(f"{target}: writing in {target.parent} failed ({said}); nothing was "
+                          "saved")
+
+
+def _create(path: Path, flags: int = 0) -> int:
+    """A new file (never an existing one) open for writing, in binary mode on every OS."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_BINARY | flags, 0o666)
+
+
+def _write_all(fd: int, data) -> None:
+    """Write every byte of `data` at the file's current position. The only place the writers
+    hand bytes to the OS (so tests inject a full disk here); the view is released even when the
+    write fails, so a stored error never pins a buffer."""
+    with memoryview(data) as view:
+        done, total = 0, view.nbytes
+        while done < total:
+            done += os.write(fd, view[done:])
+
+
+def _reserve(fd: int, target: Path, size: int) -> None:
+    """Fail now, before any work, when `size` bytes do not fit: free space from shutil (every
+    OS), and the blocks reserved with posix_fallocate where the OS has it (so a disk filling up
+    meanwhile cannot make the write fail halfway)."""
+    free = _free_bytes(target.parent)
+    if free is not None and free < size:
+        raise _not_enough_space(target, size, free)
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        fallocate(fd, 0, max(size, 1))
+    except OSError as e:
+        if e.errno in _DISK_FULL:  # the caller removes the temp file, then reports it
+            raise
+        # EOPNOTSUPP/EINVAL: a file system without preallocation; the write itself will tell
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
@@ -68,8 +139,8 @@ def _check_target(target: Path, overwrite: bool) -> None:
 def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
     if not overwrite and target.exists():
         raise OutputExistsError(f"{target}: output appeared while writing; not overwritten")
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    system.replace_file(tmp, target)
+    system.fsync_dir(target.parent)
 
 
 class _SequentialSink:
@@ -87,9 +158,7 @@ class _SequentialSink:
     COUNT = 3
 
     def __init__(self, fd: int, direct: bool):
-        import queue
-
-        import torch
+        import torch  # heavy: only a writer that streams tensors needs it
 
         self.fd, self.direct = fd, direct
         self._maps = [mmap.mmap(-1, self.BUFFER) for _ in range(self.COUNT)]
@@ -103,23 +172,21 @@ class _SequentialSink:
         self._thread.start()
         self._cur = self._free.get()
         self._fill = 0
-        self._offset = 0
 
     def _write_loop(self) -> None:
+        # one thread takes the buffers in submission order, so plain sequential writes put each
+        # at its place in the file (no pwrite, which Windows lacks)
         while True:
             job = self._io.get()
             if job is None:
                 return
-            index, offset, length = job
-            try:
-                if self._error is None:
-                    view = memoryview(self._maps[index])[:length]
-                    done = 0
-                    while done < length:
-                        done += os.pwrite(self.fd, view[done:], offset + done)
-                    view.release()
-            except BaseException as e:  # reported to the producer on its next call
-                self._error = e
+            index, length = job
+            if self._error is None:
+                try:
+                    with memoryview(self._maps[index]) as whole, whole[:length] as part:
+                        _write_all(self.fd, part)
+                except BaseException as e:  # reported to the producer on its next call
+                    self._error = e
             self._free.put(index)
 
     def _check(self) -> None:
@@ -127,8 +194,7 @@ class _SequentialSink:
             raise self._error
 
     def _submit(self, length: int) -> None:
-        self._io.put((self._cur, self._offset, length))
-        self._offset += self.BUFFER
+        self._io.put((self._cur, length))
         self._cur = self._free.get()
         self._fill = 0
         self._check()
@@ -162,21 +228,24 @@ class _SequentialSink:
             self._thread.join()
         self._views = []
         for m in self._maps:
-            m.close()
+            try:
+                m.close()
+            except BufferError:  # a view still alive somewhere: the map goes when it is collected
+                pass
         self._maps = []
 
 
 def _open_sequential(path: Path) -> tuple[int, bool]:
-    """(fd, direct): a new file opened with O_DIRECT where supported, else a buffered one."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    """(fd, direct): a new binary file opened with O_DIRECT where the OS and the file system
+    support it, else a buffered one."""
     direct = getattr(os, "O_DIRECT", 0)
     if direct:
         try:
-            return os.open(path, flags | direct, 0o644), True
+            return _create(path, direct), True
         except OSError:  # tmpfs and some network file systems refuse O_DIRECT
             if path.exists():
                 path.unlink()
-    return os.open(path, flags, 0o644), False
+    return _create(path), False
 
 
 class SafetensorsWriter:
@@ -243,22 +312,27 @@ class SafetensorsWriter:
         self._tmp = _temp_path(self.path)
         try:
             self._fd, direct = _open_sequential(self._tmp)
-            total = 8 + len(self._header) + self.data_size
-            try:  # reserve the blocks: a full disk fails now, before any work
-                os.posix_fallocate(self._fd, 0, max(total, 1))
-            except OSError as e:
-                if e.errno == 28:  # ENOSPC
-                    raise WorkbenchError(f"{self.path}: not enough disk space for "
-                                         f"{total / 1e9:.2f} GB") from e
-            except AttributeError:  # not POSIX
-                pass
+            _reserve(self._fd, self.path, self.size)
             self._sink = _SequentialSink(self._fd, direct)
             head = struct.pack("<Q", len(self._header)) + self._header
             self._sink.append(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+        except OSError as e:
+            raise self._failed(e) from e
         except BaseException:
             self._abort()
             raise
         return self
+
+    @property
+    def size(self) -> int:
+        """Bytes of the finished file."""
+        return 8 + len(self._header) + self.data_size
+
+    def _failed(self, e: OSError) -> WorkbenchError:
+        """Clean up after an OS error and say it plainly (the temp file is gone first, so the
+        free space reported is what the user really has)."""
+        self._abort()
+        return _write_error(self.path, self.size, e)
 
     def write(self, name: str, tensor) -> None:
         """Append one tensor; it must be the next in plan order with the planned dtype/shape."""
@@ -281,7 +355,10 @@ class SafetensorsWriter:
 
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         if flat.numel():  # raw little-endian bytes: a uint8 view, no conversion
-            self._sink.append(flat.view(torch.uint8))
+            try:
+                self._sink.append(flat.view(torch.uint8))
+            except OSError as e:  # from the I/O thread: the disk filled up, a drive went away
+                raise self._failed(e) from e
         self._next += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -294,19 +371,21 @@ class SafetensorsWriter:
                 raise WorkbenchError(
                     f"{self.path}: only {self._next} of {len(self._order)} planned tensors were "
                     f"written (next missing: {missing[0]!r}); nothing was saved")
-            self._sink.finish(8 + len(self._header) + self.data_size)
+            self._sink.finish(self.size)
             self._sink = None
             os.close(self._fd)
             self._fd = None
             self._verify()
             _publish(self._tmp, self.path, self.overwrite)
+        except OSError as e:
+            raise self._failed(e) from e
         except BaseException:
             self._abort()
             raise
 
     def _verify(self) -> None:
         header = read_header(self._tmp)
-        expected = 8 + len(self._header) + self.data_size
+        expected = self.size
         if header.file_size != expected:
             raise FormatError(f"{self.path}: written file has {header.file_size} bytes, expected "
                               f"{expected}")
@@ -317,20 +396,21 @@ class SafetensorsWriter:
                 raise FormatError(f"{self.path}: verification failed for tensor {name!r}")
 
     def _abort(self) -> None:
-        if self._sink is not None:
-            self._sink.close()
-            self._sink = None
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
-        if self._tmp is not None:
-            try:
-                self._tmp.unlink()
-            except FileNotFoundError:
-                pass
+        """Stop the I/O thread, close the file, delete the temp file (in that order: Windows
+        cannot delete a file that is still open); the temp file goes even if a step fails."""
+        try:
+            if self._sink is not None:
+                sink, self._sink = self._sink, None
+                sink.close()
+        finally:
+            if self._fd is not None:
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+                self._fd = None
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
 
 
 def save_file_atomic(tensors: Mapping, path: str | Path, metadata: Mapping[str, str] | None = None,
@@ -349,11 +429,17 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -
     _check_target(target, overwrite)
     tmp = _temp_path(target)
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, target, overwrite)
+        try:
+            fd = _create(tmp)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _publish(tmp, target, overwrite)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)  # first, so the free space reported is the real one
+            raise _write_error(target, len(data), e) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -8,7 +8,9 @@ workers can claim jobs without claiming one twice (`BEGIN IMMEDIATE` takes the w
 
 Status moves queued -> running -> done | failed | cancelled (queued -> cancelled directly). A job
 whose worker died (pid gone, or no heartbeat for `STALE_AFTER_S`) is marked failed by `reap`,
-never left "running". GPU jobs run one at a time: `claim` skips a GPU job while another runs.
+never left "running"; whether a pid is alive comes from psutil (workbench/system.py), which also
+answers on Windows, where `os.kill(pid, 0)` would terminate the process instead of probing it.
+GPU jobs run one at a time: `claim` skips a GPU job while another runs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from workbench.system import pid_alive  # noqa: F401 - re-exported: the jobs package's liveness test
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
@@ -119,23 +123,6 @@ def _job(row: sqlite3.Row) -> Job:
     d["cancel_requested"] = bool(d["cancel_requested"])
     d["results"] = json.loads(d["results"] or "[]")
     return Job(**d)
-
-
-def pid_alive(pid: int | None) -> bool:
-    """Whether a process with this pid exists and is not a zombie (a killed, unreaped child)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 class JobStore:

@@ -8,6 +8,12 @@ job's cancel flag; a cancel becomes `workbench.progress.request_cancel()` (the e
 next progress update), and if the engine does not stop within `CANCEL_GRACE_S` the worker
 interrupts its own main thread, so an engine that never reports progress still unwinds through its
 `finally` blocks. Outputs the job created before it was cancelled are removed.
+
+Nothing here depends on POSIX signals, so cancelling works the same on Windows: the cancel flag is
+a row the worker polls, and `_thread.interrupt_main` raises KeyboardInterrupt in-process on every
+OS. `force_stop` is the hard stop for a worker that no longer reacts at all: it terminates, then
+kills, the worker's process tree through psutil (workbench/system.py). The SIGTERM handler only
+makes that exit clean where the OS delivers SIGTERM (POSIX; Windows terminates without handlers).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import traceback
 from pathlib import Path
 
 from workbench import progress as wb_progress
+from workbench import system
 from workbench.dispatch import build_plan, run_plan
 from workbench.errors import WorkbenchError
 from workbench.jobs.store import HEARTBEAT_S, Job, JobStore
@@ -204,7 +211,11 @@ def run_job(store: JobStore, job: Job, echo: bool = False) -> str:
         error = f"{type(e).__name__}: {e}"
         log.write(traceback.format_exc())
     except BaseException:  # SystemExit from SIGTERM: record it, then let the worker stop
-        store.finish(job.id, "failed", error="worker stopped (terminated)")
+        if watchdog.cancelled or _cancel_requested(store, job.id):  # a hard stop of a cancel
+            remove_new_outputs(outputs, existed)
+            store.finish(job.id, "cancelled", error="cancelled by request (worker stopped)")
+        else:
+            store.finish(job.id, "failed", error="worker stopped (terminated)")
         raise
     finally:
         watchdog.stop.set()
@@ -222,6 +233,14 @@ def run_job(store: JobStore, job: Job, echo: bool = False) -> str:
         store.log(job.id, f"{status}: {error}")
     store.finish(job.id, status, results, error)
     return status
+
+
+def _cancel_requested(store: JobStore, job_id: int) -> bool:
+    try:
+        job = store.get(job_id)
+    except Exception:  # a locked or vanished database: the worker is stopping anyway
+        return False
+    return bool(job and job.cancel_requested)
 
 
 def work(store: JobStore, idle_exit_s: float | None = None, poll_s: float = 0.5,
@@ -264,7 +283,8 @@ def work(store: JobStore, idle_exit_s: float | None = None, poll_s: float = 0.5,
 
 def spawn_worker(db: str | Path, idle_exit_s: float = 15.0, plugins: tuple[str, ...] = (),
                  log_dir: str | Path | None = None) -> subprocess.Popen:
-    """Start a detached worker process (its own session: it outlives the dashboard)."""
+    """Start a detached worker process (its own session or process group, whichever the OS
+    offers: it outlives the dashboard and its terminal's Ctrl-C)."""
     db = Path(db)
     log_dir = Path(log_dir) if log_dir else db.parent / "worker-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -274,7 +294,8 @@ def spawn_worker(db: str | Path, idle_exit_s: float = 15.0, plugins: tuple[str, 
         cmd += ["--plugin", p]
     out = open(log_dir / f"worker-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log", "ab")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            **system.detached_process_kwargs())
     out.close()
     threading.Thread(target=proc.wait, daemon=True).start()  # reap it: no zombie when it exits
     return proc
@@ -290,6 +311,27 @@ def ensure_workers(store: JobStore, max_workers: int = 2, **spawn_kwargs) -> int
         proc = spawn_worker(store.path, **spawn_kwargs)
         store.register_worker(proc.pid)  # counted at once, so a second submit does not over-spawn
     return max(0, wanted)
+
+
+def force_stop(store: JobStore, job_id: int, grace_s: float = 10.0) -> bool:
+    """Stop a running job's worker by force: for a worker that ignores its cancel flag (stuck in
+    a long native call, hung). Its process tree is terminated, then killed after `grace_s`
+    (psutil: the same on every OS), and the job is recorded as cancelled. Returns whether a
+    worker was stopped. A temp file its writer had open may stay (`*.tmp` next to the output,
+    skipped by the model scan), as after any killed process."""
+    job = store.get(job_id)
+    if job is None or job.status != "running" or not job.worker_pid:
+        return False
+    if job.worker_pid == os.getpid():
+        raise WorkbenchError(f"job {job_id} runs in this process ({job.worker_pid}); cancel it "
+                             "instead of stopping it by force")
+    store.request_cancel(job_id)  # a worker that still reacts records its own cancel
+    stopped = system.stop_process_tree(job.worker_pid, grace_s)
+    store.finish(job_id, "cancelled", error="cancelled by request (worker stopped by force)")
+    store.unregister_worker(job.worker_pid)
+    if stopped:
+        store.log(job_id, f"worker {job.worker_pid} stopped by force")
+    return bool(stopped)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from workbench import system
 from workbench.errors import WorkbenchError
 from workbench.formats import scaled_fp8
 from workbench.formats.detect import detect
@@ -143,14 +144,8 @@ def load_model(path: str | os.PathLike, *, device: str | None = None, weights: s
 
 
 def _ram_available() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is none: the RAM check is skipped)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """Free RAM from psutil on every OS (None where unknown: the RAM check is skipped)."""
+    return system.ram_available()
 
 
 def plan_memory_for(sizes, arch: str, info, weights: str, vram_budget_mb: int | None,

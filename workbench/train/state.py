@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from workbench import system
 from workbench.errors import WorkbenchError
 from workbench.formats.writer import save_file_atomic
 
@@ -41,13 +42,9 @@ def network_fingerprint(net) -> dict:
 
 def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
-        with open(f, "rb") as fh:
+        with open(f, "r+b") as fh:  # writable: Windows flushes only handles open for writing
             os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    system.fsync_dir(folder)  # POSIX only: Windows cannot open a folder (workbench/system.py)
 
 
 def save_state(out_dir: str | Path, trainer, keep_last: int | None = None) -> Path:
@@ -81,7 +78,7 @@ def save_state(out_dir: str | Path, trainer, keep_last: int | None = None) -> Pa
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        system.replace_file(tmp, final)  # retried while another program holds it (Windows)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,117 @@
+"""What the workbench asks of the operating system, each in one way that works on Windows, macOS
+and Linux.
+
+The user we build for runs Windows; the tests run on Linux. So nothing here reads `/proc`, sends
+POSIX signals or relies on POSIX-only `os` functions: process facts come from psutil, and where a
+platform offers something better it is chosen by capability (`getattr(subprocess, ...)`), never
+by OS name. tests/test_portability.py forces every fallback on Linux, and fails the build when a
+POSIX-only call appears elsewhere without a guard; docs/portability.md lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from workbench.errors import WorkbenchError
+
+# Renames onto a file another program holds open fail on Windows (PermissionError: the file is in
+# use); virus scanners and indexers hold new files for a moment, so a few retries usually pass.
+REPLACE_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0)
+
+
+def ram_available() -> int | None:
+    """Bytes of RAM that can be used without swapping (None where the OS does not say: the RAM
+    check is then skipped)."""
+    try:
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, psutil.Error):
+        return None
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists and has not exited (a killed child its parent has
+    not reaped yet is a zombie: it counts as gone)."""
+    if not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # someone else's process: it exists
+        return True
+
+
+def detached_process_kwargs() -> dict:
+    """Popen arguments that start a process outside this one's console group, so Ctrl-C in (or
+    closing) the dashboard's terminal does not stop it: a new process group without a console
+    window where `subprocess` offers that (Windows), else a new session (POSIX setsid)."""
+    group = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", None)
+    if group is not None:
+        return {"creationflags": group | getattr(subprocess, "CREATE_NO_WINDOW", 0)}
+    return {"start_new_session": True}
+
+
+def stop_process_tree(pid: int, grace_s: float = 10.0) -> list[int]:
+    """Stop a process and all its descendants: terminate (POSIX SIGTERM, which the worker turns
+    into a clean exit; TerminateProcess on Windows), then kill what is left after `grace_s`.
+    Returns the pids that were running. Cancelling a job never needs this (the worker polls the
+    job's cancel flag, workbench/jobs/worker.py); it is the hard stop for a worker that hangs."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    return [p.pid for p in procs]
+
+
+def replace_file(src: str | Path, dst: str | Path) -> None:
+    """os.replace, retried while the target is in use (Windows refuses to replace a file another
+    process has open: a model loaded in Forge, an image open in a viewer); a WorkbenchError
+    saying so when it never frees up. `src` is left for the caller to remove."""
+    for delay in (*REPLACE_DELAYS_S, None):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError as e:
+            if delay is None:
+                waited = sum(REPLACE_DELAYS_S)
+                raise WorkbenchError(
+                    f"{dst}: cannot be replaced ({e.strerror or e}; tried "
+                    f"{len(REPLACE_DELAYS_S) + 1} times over {waited:.1f} s). Another program "
+                    "probably has it open (a UI that loaded the model, an image viewer, a "
+                    "virus scanner): close it and run again, or choose another output name"
+                ) from e
+            time.sleep(delay)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in `folder` durable where the OS can open a folder for that (POSIX). Windows
+    cannot open a folder this way; the rename is atomic there too, only its durability across a
+    power cut is then left to the file system."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
