@@ -41,12 +41,12 @@ def card(name: str, capability: tuple[int, int], vram_gb: int = 12) -> list[Gpu]
 
 
 RTX_2060 = machine()
-RTX_3060 = machine(os="Linux", python_cmd=".venv/bin/python",
+LINUX = dict(os="Linux", os_release="6.8.0", python_cmd=".venv/bin/python", cpu="x86_64 (AVX2)")
+RTX_3060 = machine(**LINUX,
                    gpus=card("NVIDIA GeForce RTX 3060", (8, 6)))
-RTX_4090 = machine(os="Linux", python_cmd=".venv/bin/python",
+RTX_4090 = machine(**LINUX,
                    gpus=card("NVIDIA GeForce RTX 4090", (8, 9), 24))
-NO_GPU = machine(os="Linux", python_cmd=".venv/bin/python", torch="2.14.1+cu130", cuda_available=False,
-                 torch_archs=[], driver=None, driver_cuda=None, gpus=[], cpu="x86_64 (AVX2)")
+NO_GPU = machine(**LINUX, cuda_available=False, torch_archs=[], driver=None, driver_cuda=None, gpus=[])
 CPU_TORCH_ON_2060 = machine(torch="2.14.1+cpu", torch_cuda=None, torch_archs=[], cuda_available=False,
                             gpus=[Gpu("NVIDIA GeForce RTX 2060", 12 * 2**30, (7, 5))])
 
@@ -100,7 +100,8 @@ def test_cpu_only_torch_on_a_gpu_machine_is_an_error_with_the_install_command():
     assert "CPU-only build" in error.what and "RTX 2060" in error.what
     assert error.fix == "run: .venv\\Scripts\\python " + CU130
     text = report_text(CPU_TORCH_ON_2060, findings)
-    assert "(once torch can use the GPU)" in text and "(not used by this torch)" in text
+    assert "once torch can use the GPU: compute fp16" in text and "(not used by this torch)" in text
+    assert "12.9 GB (12 GiB) VRAM" in text
 
 
 @pytest.mark.parametrize("driver_cuda, index", [((12, 8), "cu128"), ((12, 6), "cu126"), ((13, 1), "cu130")])
@@ -206,3 +207,15 @@ def test_cli_doctor_json(tmp_path, capsys):
     errors = [f for f in data["findings"] if f["level"] == "error"]
     assert code == (1 if errors else 0)
     assert data["facts"]["folders"][0]["path"] == str(Path(tmp_path).resolve() / "models")
+
+
+def test_old_python_and_missing_torch():
+    old = diagnose(machine(python="3.9.18"))[0]
+    assert old.level == "error" and "Python 3.9.18 is too old" in old.what
+    broken = machine(torch=None, torch_problem="ImportError: DLL load failed", torch_cuda=None,
+                     cuda_available=False, gpus=[Gpu("NVIDIA GeForce RTX 2060", 12 * 2**30, (7, 5))])
+    findings = diagnose(broken)
+    assert levels(findings)[0] == "error" and "DLL load failed" in findings[0].what
+    assert findings[0].fix == (r"run: .venv\Scripts\python -m pip install --force-reinstall "
+                               "torch==2.14.1 torchvision==0.29.1")
+    assert "torch" in report_text(broken, findings) and "not importable" in report_text(broken, findings)

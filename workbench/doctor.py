@@ -462,16 +462,19 @@ def _gb(n: int | None) -> str:
     return "?" if n is None else f"{n / GB:.1f} GB"
 
 
+def _vram_text(n: int | None) -> str:
+    """VRAM in GB (10^9, as everywhere in workbench) and in GiB, the number on the box."""
+    return "? VRAM" if n is None else f"{n / GB:.1f} GB ({n / 2**30:.0f} GiB) VRAM"
+
+
 def _precision_line(f: Facts) -> str:
     dev = f.device()
     if dev.kind != "cuda":
         return f"compute {hardware.why(dev)}"
     fp8 = "fp8 storage: yes; fp8 matmul: " + ("yes" if dev.fp8_matmul else "no (needs 8.9)")
-    text = (f"compute {hardware.why(dev)}; bf16 native: {'yes' if dev.bf16 else 'no'}; "
+    when = "" if f.cuda_available else "once torch can use the GPU: "
+    return (f"{when}compute {hardware.why(dev)}; bf16 native: {'yes' if dev.bf16 else 'no'}; "
             f"fp16: yes; {fp8}")
-    if not f.cuda_available:
-        text += " (once torch can use the GPU)"
-    return text
 
 
 def facts_lines(f: Facts) -> list[tuple[str, str]]:
@@ -489,7 +492,7 @@ def facts_lines(f: Facts) -> list[tuple[str, str]]:
     for i, gpu in enumerate(f.gpus):
         cc = f"compute capability {gpu.capability[0]}.{gpu.capability[1]}" if gpu.capability else "?"
         seen = "" if gpu.seen_by_torch else " (not used by this torch)"
-        rows.append((f"GPU {i}", f"{gpu.name}, {_gb(gpu.vram_bytes)} VRAM, {cc}{seen}"))
+        rows.append((f"GPU {i}", f"{gpu.name}, {_vram_text(gpu.vram_bytes)}, {cc}{seen}"))
     rows.append(("precision", _precision_line(f)))
     rows.append(("CPU", f"{f.cpu or '?'}; bf16 in hardware: {'yes' if f.cpu_bf16 else 'no'}"))
     nf4 = ("not installed" if f.bitsandbytes is None else
