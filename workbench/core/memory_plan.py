@@ -11,7 +11,8 @@ the GPU during it plus its working memory (activations, streaming buffers, fp8 u
 
 Policy, applied one rung at a time until every stage fits the budget (what a 12 GB user wants):
   0. everything resident in the compute dtype (fp16 for SD1.5/SDXL, bf16 for SD3/FLUX where the
-     card computes bf16 natively, workbench/hardware.py); a file already stored in fp8 stays fp8 (`weights="auto"`): nothing is lost.
+     card computes bf16 natively, else fp16: workbench/hardware.py); a file already stored in fp8
+     stays fp8 (`weights="auto"`): nothing is lost.
   1. text encoders are offloaded between stages, largest first: they run once per prompt, so
      moving them costs little; they wait in (pinned) RAM.
   2. `weights="auto"` only: the denoiser is stored in fp8 (e4m3fn), upcast per layer.
