@@ -1,40 +1,27 @@
-# Two commands do everything on a fresh machine:
-#   make demo   create .venv if missing, install, run `workbench demo` on the built-in tiny models
-#   make test   same set-up plus the test extras, then run the whole test suite
+# Thin aliases for run.py, which does the set-up on every platform (Windows has no make):
+#   make demo        = python run.py demo        create .venv if missing, install, run `workbench demo`
+#   make test        = python run.py test        same set-up plus the test extras, the whole suite
+#   make test-fast   = python run.py test-fast   the suite without the slow end-to-end tests
+#   make app / make doctor                       the dashboard / what this machine has
+# Arguments: make test PYTEST_ARGS="-x tests/test_cli.py", make demo ARGS=--fresh
 PYTHON ?= python3
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast install install-test clean-venv
+.PHONY: demo test test-fast app doctor clean-venv
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
+demo:
+	$(PYTHON) run.py demo $(ARGS)
 
-$(VENV)/.torch: | $(PY)
-	$(PY) -m pip install $(TORCH)
-	touch $@
+app:
+	$(PYTHON) run.py app $(ARGS)
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install -e .
-	touch $@
+doctor:
+	$(PYTHON) run.py doctor $(ARGS)
 
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PY) -m pip install -e '.[test]'
-	touch $@
+test:
+	$(PYTHON) run.py test $(PYTEST_ARGS)
 
-install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
-
-demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/workbench demo
-
-test: install-test
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
-
-test-fast: install-test  # the tests not marked slow: about a minute
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+test-fast:
+	$(PYTHON) run.py test-fast $(PYTEST_ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf .venv

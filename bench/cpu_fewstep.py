@@ -150,7 +150,7 @@ def main() -> None:
     results: dict = {"scale": args.scale, "size": args.size, "steps": args.steps,
                      "threads": torch.get_num_threads(), "torch": torch.__version__,
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(), "runs": {}}
-    from workbench.pipeline.memory_plan import cpu_has_native_bf16
+    from workbench.hardware import cpu_has_native_bf16
 
     results["cpu_native_bf16"] = cpu_has_native_bf16()
     runs = {

@@ -139,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "one at a time)")
     p.add_argument("--no-browser", dest="browser", action="store_false",
                    help="do not open a browser tab")
+
+    p = sub.add_parser("doctor", help="check this machine: GPU, torch build, precision, RAM, disk, "
+                       "tokenizers, model folders", description="Report what this machine has for "
+                       "workbench and give one fix for each problem found; exit status 1 when "
+                       "something must be fixed.", formatter_class=fmt)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--home", metavar="DIR", default=None,
+                   help="the dashboard's workspace folder whose models/ and outputs/ are checked "
+                        "(default: current folder)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="the dashboard's YAML config whose folders are checked")
     return parser
 
 
@@ -244,6 +255,15 @@ def _cmd_app(args: argparse.Namespace) -> int:
                       open_browser=args.browser) or 0)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from workbench import doctor
+    from workbench.app.config import AppConfig
+
+    config = (AppConfig.from_file(args.config, home=args.home) if args.config else
+              AppConfig(home=Path(args.home)) if args.home else None)
+    return doctor.main(as_json=args.json, config=config)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `workbench` console script; returns the exit status."""
     parser = build_parser()
@@ -264,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_models(args, parser)
         if args.command == "app":
             return _cmd_app(args)
+        if args.command == "doctor":
+            return _cmd_doctor(args)
         parser.error(f"unknown command {args.command}")
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr)

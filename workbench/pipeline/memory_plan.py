@@ -11,7 +11,8 @@ the GPU during it plus its working memory (activations, streaming buffers, fp8 u
 
 Policy, applied one rung at a time until every stage fits the budget (what a 12 GB user wants):
   0. everything resident in the compute dtype (fp16 for SD1.5/SDXL, bf16 for SD3/FLUX where the
-     card has bf16); a file already stored in fp8 stays fp8 (`weights="auto"`): nothing is lost.
+     card computes bf16 natively, else fp16: workbench/hardware.py); a file already stored in fp8
+     stays fp8 (`weights="auto"`): nothing is lost.
   1. text encoders are offloaded between stages, largest first: they run once per prompt, so
      moving them costs little; they wait in (pinned) RAM.
   2. `weights="auto"` only: the denoiser is stored in fp8 (e4m3fn), upcast per layer.
@@ -36,6 +37,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+from workbench import hardware
 from workbench.errors import UnsupportedError, WorkbenchError
 
 from workbench.pipeline.sizes import (
@@ -68,22 +70,10 @@ class DeviceInfo:
     name: str = "cpu"
     total_vram: int = 0           # bytes
     free_vram: int = 0            # bytes, at probe time
-    bf16: bool = False            # bf16 compute supported (Ampere and later)
+    bf16: bool = False            # bf16 computed natively (workbench/hardware.py: not on Turing)
     fp8_matmul: bool = False      # sm >= 8.9 (Ada/Hopper): fp8 tensor cores; storage-only fp8 works anywhere
     pinned_ok: bool = True        # page-locked host memory may be used for offloaded weights
     index: int = 0
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls/convolutions run in hardware. Without them oneDNN emulates
-    bf16 and a SD1.5 UNet step is ~5x slower than fp32 (measured on an AVX2 EPYC: 45.7 s vs 8.6 s;
-    bench/cpu_fewstep.py), so the CPU path only picks bf16 where the hardware has it."""
-    import torch
-
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # private probes moved: be safe, fp32 is never slow
-        return False
 
 
 def probe_device(device: str | None = None) -> DeviceInfo:
@@ -94,16 +84,15 @@ def probe_device(device: str | None = None) -> DeviceInfo:
     dev = torch.device(name)
     if dev.type != "cuda":
         return DeviceInfo(kind="cpu", name=f"cpu ({torch.backends.cpu.get_cpu_capability()})",
-                          bf16=cpu_has_native_bf16())
+                          bf16=hardware.cpu_has_native_bf16())
     if not torch.cuda.is_available():
         raise UnsupportedError(f"device {name!r} asked for, but torch sees no CUDA GPU "
                                 f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
-    major, minor = torch.cuda.get_device_capability(index)
-    return DeviceInfo(kind="cuda", name=torch.cuda.get_device_name(index), total_vram=total,
-                      free_vram=free, bf16=torch.cuda.is_bf16_supported(),
-                      fp8_matmul=(major, minor) >= (8, 9),
+    facts = hardware.probe(f"cuda:{index}")
+    return DeviceInfo(kind="cuda", name=facts.name, total_vram=total, free_vram=free,
+                      bf16=facts.bf16, fp8_matmul=facts.fp8_matmul,
                       pinned_ok=os.environ.get("WORKBENCH_NO_PIN") != "1", index=index)
 
 
@@ -226,14 +215,18 @@ class _State:
 
 
 def compute_dtype_for(arch: str, weights: str, device: DeviceInfo) -> str:
-    """The dtype layers compute in. CPU: bf16 when asked for, or under `auto` where the CPU computes
-    bf16 natively (AVX512-BF16/AMX: about half the fp32 step); fp32 otherwise. GPU: the
-    asked 16/32-bit dtype, else bf16 for the DiT models (they overflow in fp16) and fp16 for UNets."""
+    """The dtype layers compute in. CPU: bf16 when asked for, or under `auto` the device's own
+    (`hardware.compute_dtype`: bf16 where the CPU computes it natively, AVX512-BF16/AMX, about half
+    the fp32 step); fp32 otherwise. GPU: the asked 16/32-bit dtype, else for the DiT models the
+    device's own (bf16 where native: they prefer its range; fp16 on Turing and older, where
+    diffusers clamps FLUX's activations and T5 keeps its fp32 layers) and fp16 for UNets."""
     if device.kind != "cuda":
-        return "bf16" if weights == "bf16" or (weights == "auto" and device.bf16) else "fp32"
+        if weights == "bf16":
+            return "bf16"
+        return hardware.compute_dtype(device) if weights == "auto" else "fp32"
     if weights in ("fp32", "fp16", "bf16"):
         return weights
-    return "bf16" if arch in ("sd3", "flux") and device.bf16 else "fp16"
+    return hardware.compute_dtype(device) if arch in ("sd3", "flux") else "fp16"
 
 
 def _initial_storage(c: ComponentSize, weights: str, compute: str) -> tuple[str, str]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Union
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from workbench.errors import RecipeError
 from workbench.recipes.common import RecipeBase, did_you_mean
@@ -103,6 +103,7 @@ def parse_recipe(text: str, path: str | Path | None = None) -> Recipe:
     except ValidationError as e:
         problems += [_pydantic_problem(err, node, data, context, file) for err in e.errors()]
         raise recipe_error(file, problems) from None
+    problems += _escaped_paths(recipe, node, text, file)
     for loc, message in recipe.reference_errors():
         line, col, field = _locate(node, loc, keep_unfound=True)
         problems.append(RecipeProblem(file, line, col, field, message))
@@ -136,6 +137,10 @@ def _read_yaml(text: str, file: str) -> tuple[yaml.Node | None, Any]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
+        escape = _escape_error(e, text)
+        if escape:
+            raise recipe_error(file, [RecipeProblem(file, line, (mark.column + 1) if mark else 1, "",
+                                                    escape)]) from None
         what = e.problem or "cannot read this"
         if "'\\t'" in what:
             what += " (YAML indents with spaces, not tabs)"
@@ -149,6 +154,81 @@ def _read_yaml(text: str, file: str) -> tuple[yaml.Node | None, Any]:
         raise recipe_error(file, [RecipeProblem(file, line, 1, "", f"YAML error: {e}")]) from None
     finally:
         loader.dispose()
+
+
+# Windows paths in double quotes: YAML reads a backslash there as the start of an escape sequence, so
+# "C:\Users\me" is a syntax error (\U wants 8 hex digits) and "D:\new\art.safetensors" silently
+# becomes "D:" + newline + "ew" + bell + "rt.safetensors". Both get a message with the fix.
+_ESCAPE_PROBLEMS = ("unknown escape character", "expected escape sequence")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_NAMES = {"\n": "a newline (\\n)", "\t": "a tab (\\t)", "\r": "a carriage return (\\r)",
+                  "\a": "a bell character (\\a)", "\b": "a backspace (\\b)", "\f": "a form feed (\\f)",
+                  "\v": "a vertical tab (\\v)", "\0": "a null character (\\0)", "\x1b": "an escape (\\e)"}
+
+
+def _path_fix(inner: str) -> str:
+    """The two ways to write a Windows path so that YAML keeps its backslashes."""
+    single = inner.replace("'", "''")
+    forward = inner.replace("\\", "/")
+    return f"write it in single quotes ('{single}') or with forward slashes (\"{forward}\")"
+
+
+def _double_quoted(text: str, index: int) -> str | None:
+    """The inside of the double-quoted scalar that starts at `index` in `text` (up to the next
+    double quote: a path holds none), or None when there is no such scalar."""
+    if index >= len(text) or text[index] != '"':
+        return None
+    end = text.find('"', index + 1)
+    return text[index + 1:end] if end > index else None
+
+
+def _escape_error(e: yaml.MarkedYAMLError, text: str) -> str | None:
+    """A message for a backslash escape error inside double quotes (a Windows path, most often)."""
+    problem = e.problem or ""
+    in_double_quotes = (e.context or "").endswith("double-quoted scalar")
+    if not in_double_quotes or not any(p in problem for p in _ESCAPE_PROBLEMS):
+        return None
+    inner = _double_quoted(text, e.context_mark.index) if e.context_mark else None
+    advice = _path_fix(inner) if inner else "write it in single quotes or with forward slashes"
+    return (f"YAML syntax error: in double quotes a backslash starts an escape sequence ({problem}); "
+            f"for a Windows path, {advice}")
+
+
+def _path_values(value: Any, loc: Loc = ()):
+    """(location, path) of every path in a validated recipe (model fields, mappings and lists)."""
+    if isinstance(value, PurePath):
+        yield loc, value
+    elif isinstance(value, BaseModel):
+        for name, info in type(value).model_fields.items():
+            yield from _path_values(getattr(value, name, None), loc + (info.alias or name,))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _path_values(item, loc + (key,))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _path_values(item, loc + (i,))
+
+
+def _escaped_paths(recipe: RecipeBase, root: yaml.Node | None, text: str,
+                   file: str) -> list[RecipeProblem]:
+    """Paths holding control characters: escapes that double quotes made of a Windows path."""
+    problems = []
+    for loc, path in _path_values(recipe):
+        found = _CONTROL.search(str(path))
+        if not found:
+            continue
+        node, *_ = _walk(root, None, loc, keep_unfound=False)
+        char = found.group()
+        name = _CONTROL_NAMES.get(char, f"a control character ({char!r})")
+        inner = _double_quoted(text, node.start_mark.index) if isinstance(node, yaml.ScalarNode) else None
+        if inner is not None:
+            message = (f"this path contains {name}: in double quotes YAML reads a backslash as an "
+                       f"escape sequence, so \"{inner}\" became another path; {_path_fix(inner)}")
+        else:
+            message = f"this path contains {name}; write the path without it"
+        line, col, field = _locate(root, loc)
+        problems.append(RecipeProblem(file, line, col, field, message))
+    return problems
 
 
 def _duplicate_keys(node: yaml.Node | None, file: str, path: str = "") -> list[RecipeProblem]:

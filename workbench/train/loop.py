@@ -27,7 +27,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from workbench.errors import UnsupportedError, RecipeError
+from workbench import hardware
+from workbench.errors import RecipeError, UnsupportedError
 from workbench.progress import task
 
 LOSS_FIELDS = ("step", "loss", "lr", "epoch", "elapsed_s")
@@ -71,14 +72,14 @@ class TrainSettings:
 # ----------------------------------------------------------------------------- precision, optim
 
 def resolve_precision(mode: str, device: torch.device) -> str:
-    """auto -> bf16 on a GPU that has it, fp16 on other GPUs, no (fp32) on CPU."""
+    """auto -> the device's own compute dtype (workbench/hardware.py, the rule generation uses too):
+    bf16 on GPUs that compute it natively (Ampere and later), fp16 with loss scaling on older GPUs
+    (Turing's bf16 is emulated), bf16 on CPUs with AVX512-BF16/AMX, no (fp32) on other CPUs."""
     if mode != "auto":
         if device.type == "cpu" and mode == "fp16":
             raise RecipeError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
         return mode
-    if device.type != "cuda":
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return hardware.training_precision(hardware.probe(str(device)))
 
 
 WEIGHT_DTYPE = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
