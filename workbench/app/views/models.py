@@ -15,7 +15,8 @@ from workbench.app import forms
 from workbench.errors import WorkbenchError
 from workbench.formats.hash_fill import HashFiller
 from workbench.formats.model_folders import KIND_TITLES, ModelFolders
-from workbench.formats.scan import PICKLE_NOTE, human_size, scan, scan_install
+from workbench.formats.scan import PICKLE_NOTE, scan, scan_install
+from workbench.units import human_size
 
 S = st.session_state
 LONG_VALUE = 400  # metadata values longer than this are shortened in the table
