@@ -76,8 +76,10 @@ def test_scan_tree(tmp_path):
     pickle = by["models/Stable-diffusion/old.ckpt"]
     assert pickle.unsafe and pickle.error is None and pickle.short_hash is None
     table = format_table(entries)
-    assert "ERROR:" in table and "UNSAFE pickle" in table and "rank 8" in table
-    assert table.splitlines()[-1] == "7 files, 1 with problems, 1 unsafe pickles not read"
+    assert "ERROR:" in table and "pickle: convert with `workbench convert`" in table
+    assert "rank 8" in table
+    assert table.splitlines()[-1] == ("7 files, 1 with problems, 1 pickles not read "
+                                      "(`workbench convert` makes a safetensors copy)")
 
 
 def test_scan_without_hash_and_bad_root(tmp_path):

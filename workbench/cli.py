@@ -28,6 +28,8 @@ examples:
   workbench run recipes/merge-demo.yaml             do it
   workbench merge --list                            list the merge methods
   workbench models scan ~/models                    what is in a model folder
+  workbench models scan --tool ~/stable-diffusion-webui-forge   an install's models by kind
+  workbench convert old.ckpt                        a safetensors copy of a pickle checkpoint
   workbench app                                     open the dashboard in the browser
 
 `workbench COMMAND --help` explains each command."""
@@ -106,10 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
                         description="List every model file under a folder with its architecture "
                         "(from the file header, nothing is loaded), precision, size and A1111 "
                         "short hash.", formatter_class=fmt,
-                        epilog="example:\n  workbench models scan ~/stable-diffusion-webui/models")
-    s.add_argument("dir", metavar="DIR", help="the folder to scan (recursively)")
+                        epilog="examples:\n  workbench models scan ~/stable-diffusion-webui/models\n"
+                        "  workbench models scan --tool C:\\ComfyUI_windows_portable")
+    s.add_argument("dir", metavar="DIR", nargs="?", default=None,
+                   help="the folder to scan (recursively)")
+    s.add_argument("--tool", metavar="ROOT", default=None,
+                   help="an A1111, Forge or ComfyUI install (or a ComfyUI extra_model_paths.yaml):"
+                        " list its checkpoint, LoRA, VAE, text-encoder and UNet folders by kind")
     s.add_argument("--no-hash", action="store_true", help="skip hashing (fast on large folders)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("convert", help="write a .safetensors copy of a .ckpt/.pt/.bin checkpoint",
+                       description="Read a pickle checkpoint with PyTorch's restricted unpickler "
+                       "(tensors only; a file that asks for other Python objects is refused with "
+                       "their names and nothing is written) and write a .safetensors copy.",
+                       formatter_class=fmt, epilog="example:\n  workbench convert "
+                       "models/Stable-diffusion/old.ckpt")
+    p.add_argument("src", metavar="FILE.ckpt", help="the pickle checkpoint (.ckpt/.pt/.pth/.bin)")
+    p.add_argument("--out", metavar="FILE.safetensors", default=None,
+                   help="where to write (default: beside the source, .safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("app", help="open the dashboard (Streamlit) in the browser",
                        description="Start the dashboard: edit recipes, run them as jobs, watch "
@@ -131,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder of training datasets (repeatable; default HOME/datasets)")
     p.add_argument("--recipes", metavar="DIR", default=None,
                    help="where forms are saved as recipes (default HOME/recipes)")
+    p.add_argument("--tool", metavar="ROOT", action="append", default=None,
+                   help="an A1111, Forge or ComfyUI install whose model folders the dashboard "
+                        "lists and reads (repeatable)")
+    p.add_argument("--output-to-tool-folders", action="store_true", default=None,
+                   help="also put finished merges and trained LoRAs into the --tool install's "
+                        "checkpoint and LoRA folders (an existing file there is never replaced)")
     p.add_argument("--config", metavar="FILE", default=None,
                    help="a YAML file with home, models, outputs, datasets, recipes, db, workers "
                         "(flags given here override it)")
@@ -212,13 +236,50 @@ def _cmd_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if args.models_command != "scan":
         parser.parse_args(["models", "--help"])
         return 2
-    from workbench.formats.scan import format_table, scan
+    from workbench.formats.hash_fill import HashFiller
+    from workbench.formats.model_folders import find_install
+    from workbench.formats.scan import (apply_hashes, format_table, hash_targets, scan,
+                                        scan_install)
 
-    entries = scan(Path(args.dir), with_hash=not args.no_hash)
+    if (args.dir is None) == (args.tool is None):
+        raise WorkbenchError("workbench models scan: give a folder DIR or --tool ROOT (one of them)")
+    if args.tool:
+        folders = find_install(args.tool)
+        print(folders.describe(), file=sys.stderr)
+        root, entries = folders.root, scan_install(folders, with_hash=False)
+    else:
+        root = Path(args.dir)
+        entries = scan(root, with_hash=False)  # names, architectures, sizes: no file is hashed yet
+    filler, shown_early = HashFiller(), False
+    if not args.no_hash:
+        targets = hash_targets(entries, root)
+        apply_hashes(entries, root, filler.known(targets))
+        if filler.add(targets):
+            if sys.stdout.isatty() and not args.json:  # a person is watching: the list first
+                print(format_table(entries), flush=True)
+                shown_early = True
+            from tqdm import tqdm
+
+            with tqdm(total=filler.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=f"hashing {filler.pending} files", disable=None) as bar:
+                filler.run(on_bytes=bar.update)
+            apply_hashes(entries, root, filler.hashes, filler.errors)
     if args.json:
         print(json.dumps([_jsonable(e) for e in entries], indent=2, default=str))
+    elif shown_early:
+        for path, digest in filler.hashes.items():
+            print(f"{digest[:10]}  {path}")
+        for path, error in filler.errors.items():
+            print(f"ERROR  {error}")
     else:
         print(format_table(entries))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from workbench.formats.convert import convert
+
+    print(convert(args.src, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -245,10 +306,12 @@ def _cmd_app(args: argparse.Namespace) -> int:
              "datasets": args.datasets, "recipes": [args.recipes] if args.recipes else None}
     if args.config:
         config = AppConfig.from_file(args.config, home=args.home, roots=roots,
-                                     max_workers=args.workers)
+                                     max_workers=args.workers, tools=args.tool,
+                                     output_to_tool_folders=args.output_to_tool_folders)
     else:
         config = AppConfig(home=Path(args.home or "."), roots={k: v for k, v in roots.items() if v},
-                           max_workers=args.workers or 2)
+                           max_workers=args.workers or 2, tools=args.tool or [],
+                           output_to_tool_folders=bool(args.output_to_tool_folders))
     if config.max_workers < 1:
         raise WorkbenchError(f"--workers {config.max_workers}: expected at least 1")
     return int(launch(host=args.host, port=args.port, config=config,
@@ -282,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_recipe(args, args.command)
         if args.command == "models":
             return _cmd_models(args, parser)
+        if args.command == "convert":
+            return _cmd_convert(args)
         if args.command == "app":
             return _cmd_app(args)
         if args.command == "doctor":

@@ -1,4 +1,5 @@
-"""The Streamlit dashboard: `launch()` starts `streamlit run` on main.py with a resolved config.
+"""The Streamlit dashboard: `launch()` starts `streamlit run` on main.py with a resolved config,
+and stops it with its workers and their jobs when the dashboard is stopped (lifecycle.py).
 
 Pages (workbench/app/views/) only edit recipes and submit them as jobs, and read the job store and
 result files; see forms.py for the shared form machinery and config.py for the allowed folders.
@@ -7,6 +8,7 @@ result files; see forms.py for the shared form machinery and config.py for the a
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +17,10 @@ import urllib.request
 from pathlib import Path
 
 from workbench.app.config import ENV, AppConfig
+from workbench.app.lifecycle import (Shutdown, StopRequested, install_console_close_hook,
+                                     stop_signals)
+from workbench.app.tool_outputs import ToolPublisher
+from workbench.jobs.store import JobStore
 
 MAIN = Path(__file__).with_name("main.py")
 
@@ -47,7 +53,6 @@ def start(config: AppConfig, host: str = "127.0.0.1", port: int = 8501,
           **popen_kwargs) -> subprocess.Popen:
     """Start the dashboard server in the background (the e2e test uses this); queued jobs left
     from an earlier session get a worker at once."""
-    from workbench.jobs.store import JobStore
     from workbench.jobs.worker import ensure_workers
 
     store = JobStore(config.db)
@@ -60,12 +65,18 @@ def start(config: AppConfig, host: str = "127.0.0.1", port: int = 8501,
 
 def launch(host: str = "127.0.0.1", port: int = 8501, config: AppConfig | None = None,
            open_browser: bool = True) -> int:
-    """Run the dashboard until Ctrl-C; returns Streamlit's exit status."""
+    """Run the dashboard until it is stopped (Ctrl-C, SIGTERM, a closed terminal or console
+    window) or the server exits; then stop the server, its workers and their jobs
+    (lifecycle.Shutdown). Returns Streamlit's exit status, or 128+signal / 130 when stopped."""
     config = config or AppConfig(home=Path.cwd())
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    store = JobStore(config.db)
+    publisher = (ToolPublisher(store, config.installs()) if config.output_to_tool_folders
+                 else None)
     proc = start(config, host, port)
-    print(f"workbench dashboard: {url}  (job store {config.db}; Ctrl-C stops it, running jobs "
-          "go on)", file=sys.stderr)
+    shutdown = Shutdown(proc, store)
+    print(f"workbench dashboard: {url}  (job store {config.db}; Ctrl-C stops it and its running "
+          "jobs)", file=sys.stderr)
     if open_browser:
         def _open() -> None:
             if wait_healthy(url, proc=proc):
@@ -73,15 +84,33 @@ def launch(host: str = "127.0.0.1", port: int = 8501, config: AppConfig | None =
 
                 webbrowser.open(url)
         threading.Thread(target=_open, daemon=True).start()
+
+    def _on_signal(signum, frame):
+        raise StopRequested(signum)
+
+    main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = {sig: signal.signal(sig, _on_signal) for sig in stop_signals()} if main else {}
+    console_hook = install_console_close_hook(shutdown)  # noqa: F841  (kept alive until return)
+    status = 0
     try:
-        return proc.wait()
+        while (status := proc.poll()) is None:
+            if publisher is not None:
+                for line in publisher.poll():
+                    print(line, file=sys.stderr)
+            time.sleep(0.5)
     except KeyboardInterrupt:
-        proc.terminate()
+        status = 130
+    except StopRequested as e:
+        status = 128 + int(e.args[0])
+    finally:
+        for sig in previous:  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         try:
-            return proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return 130
+            shutdown()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return status
 
 
 __all__ = ["AppConfig", "launch", "start", "wait_healthy"]

@@ -5,6 +5,11 @@ against a few configured roots: models (inputs), outputs (results, also readable
 datasets (training images) and recipes (saved forms). A path anywhere else is refused with a message
 that says which folders are allowed and how to add one. `workbench app` writes the resolved config
 into the environment of the Streamlit process (WORKBENCH_APP_CONFIG, JSON); the pages read it back.
+
+`tools` are A1111/Forge/ComfyUI installs (workbench/formats/model_folders.py): their model folders
+join the models roots, so the files people already have are listed and usable where they lie; with
+`output_to_tool_folders` finished merges and LoRAs are also put where those tools list them
+(workbench/app/__init__.py does that while the dashboard runs).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from workbench.errors import WorkbenchError
+from workbench.formats.model_folders import ModelFolders, find_install
 
 ENV = "WORKBENCH_APP_CONFIG"
 ROOT_KINDS = ("models", "outputs", "datasets", "recipes")
@@ -33,6 +39,8 @@ class AppConfig:
     db: Path | None = None
     max_workers: int = 2
     spawn_workers: bool = True  # tests turn this off to inspect queued jobs
+    tools: list[Path] = field(default_factory=list)  # A1111/Forge/ComfyUI install roots
+    output_to_tool_folders: bool = False
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).resolve()
@@ -41,6 +49,18 @@ class AppConfig:
                  for k in ROOT_KINDS}
         self.roots = roots
         self.db = Path(self.db).resolve() if self.db else self.home / ".workbench" / "jobs.sqlite"
+        self.tools = [Path(os.path.expanduser(str(t))).resolve() for t in self.tools or []]
+        if self.output_to_tool_folders and not self.tools:
+            raise WorkbenchError("output_to_tool_folders: needs an install to write to; give "
+                                 "`--tool ROOT` (or `tools:` in the config file)")
+        for install in self.installs():  # their folders become model folders the forms accept
+            for folder in install.paths():
+                if folder.resolve() not in self.roots["models"]:
+                    self.roots["models"].append(folder.resolve())
+
+    def installs(self) -> list[ModelFolders]:
+        """The model folders of each configured install (a WorkbenchError names a bad one)."""
+        return [find_install(t) for t in self.tools]
 
     # ------------------------------------------------------------------------------- transport
 
@@ -49,6 +69,7 @@ class AppConfig:
         data["home"] = str(self.home)
         data["db"] = str(self.db)
         data["roots"] = {k: [str(p) for p in v] for k, v in self.roots.items()}
+        data["tools"] = [str(p) for p in self.tools]
         return json.dumps(data)
 
     @classmethod
@@ -56,12 +77,14 @@ class AppConfig:
         data = json.loads(text)
         return cls(home=Path(data["home"]), roots=data.get("roots") or {}, db=data.get("db"),
                    max_workers=int(data.get("max_workers", 2)),
-                   spawn_workers=bool(data.get("spawn_workers", True)))
+                   spawn_workers=bool(data.get("spawn_workers", True)),
+                   tools=data.get("tools") or [],
+                   output_to_tool_folders=bool(data.get("output_to_tool_folders", False)))
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "AppConfig":
-        """A small YAML file: {home, models: [..], outputs, datasets: [..], recipes, db, workers};
-        relative paths resolve against the file's folder."""
+        """A small YAML file: {home, models: [..], outputs, datasets: [..], recipes, db, workers,
+        tools: [..], output_to_tool_folders}; relative paths resolve against the file's folder."""
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -70,7 +93,7 @@ class AppConfig:
         if not isinstance(data, dict):
             raise WorkbenchError(f"{path}: expected a mapping with home, models, outputs, "
                                  "datasets, recipes, db, workers")
-        allowed = {"home", "db", "workers", *ROOT_KINDS}
+        allowed = {"home", "db", "workers", "tools", "output_to_tool_folders", *ROOT_KINDS}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise WorkbenchError(f"{path}: unknown field(s) {', '.join(unknown)} (expected: "
@@ -85,9 +108,16 @@ class AppConfig:
             value = data.get(kind)
             if value is not None:
                 roots[kind] = [absolute(v) for v in (value if isinstance(value, list) else [value])]
+        tools = data.get("tools") or []
+        flag = data.get("output_to_tool_folders", False)
+        if not isinstance(flag, bool):
+            raise WorkbenchError(f"{path}: output_to_tool_folders: expected true or false, got "
+                                 f"{flag!r}")
         cfg = dict(home=absolute(data.get("home", ".")), roots=roots,
                    db=absolute(data["db"]) if data.get("db") else None,
-                   max_workers=int(data.get("workers", 2)))
+                   max_workers=int(data.get("workers", 2)),
+                   tools=[absolute(t) for t in (tools if isinstance(tools, list) else [tools])],
+                   output_to_tool_folders=flag)
         for key, value in overrides.items():
             if key == "roots":
                 cfg["roots"] = {**cfg["roots"], **{k: v for k, v in value.items() if v}}

@@ -82,7 +82,26 @@ def _cached(path: Path, kind: str, compute) -> str:
     return value
 
 
-def _sha256_range(path: Path, offset: int = 0, length: int | None = None) -> str:
+def cached(paths, kind: str = "sha256") -> dict[Path, str]:
+    """The still-valid cached hashes of these files, {path: hash}; nothing is read but the cache
+    (read once): listings show what is known at once and hash the rest in the background
+    (workbench/formats/hash_fill.py)."""
+    entries = _load_cache()["entries"]
+    out = {}
+    for path in map(Path, paths):
+        try:
+            key, size, mtime = _stat_key(path)
+        except FormatError:
+            continue
+        entry = entries.get(key)
+        if isinstance(entry, dict) and entry.get("size") == size and \
+                entry.get("mtime_ns") == mtime and isinstance(entry.get(kind), str):
+            out[path] = entry[kind]
+    return out
+
+
+def _sha256_range(path: Path, offset: int = 0, length: int | None = None,
+                  on_bytes=None) -> str:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -93,6 +112,8 @@ def _sha256_range(path: Path, offset: int = 0, length: int | None = None) -> str
                 if not chunk:
                     break
                 h.update(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
                 if left is not None:
                     left -= len(chunk)
     except OSError as e:
@@ -100,12 +121,13 @@ def _sha256_range(path: Path, offset: int = 0, length: int | None = None) -> str
     return h.hexdigest()
 
 
-def sha256_file(path: str | Path, use_cache: bool = True) -> str:
-    """Full sha256 (64 hex), streamed in 4 MiB chunks, cached by (path, size, mtime_ns)."""
+def sha256_file(path: str | Path, use_cache: bool = True, on_bytes=None) -> str:
+    """Full sha256 (64 hex), streamed in 4 MiB chunks, cached by (path, size, mtime_ns).
+    `on_bytes(n)` is called after each chunk read (progress bars)."""
     path = Path(path)
     if not use_cache:
-        return _sha256_range(path)
-    return _cached(path, "sha256", _sha256_range)
+        return _sha256_range(path, on_bytes=on_bytes)
+    return _cached(path, "sha256", lambda p: _sha256_range(p, on_bytes=on_bytes))
 
 
 def autov2(path: str | Path, use_cache: bool = True) -> str:

@@ -159,7 +159,8 @@ def load_pickle_safe(path: str | Path) -> dict:
         raise FormatError(
             f"{path}: refused to load this pickle checkpoint safely ({first[:300]}). It needs "
             "arbitrary Python objects or is corrupt; only plain tensors are loaded "
-            "(torch.load weights_only=True). Convert it to .safetensors with a tool you trust."
+            "(torch.load weights_only=True); `workbench convert FILE` names the objects it "
+            "asks for."
         ) from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

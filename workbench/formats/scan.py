@@ -1,8 +1,12 @@
-"""Inventory of a models folder (A1111/Forge `models/...`, ComfyUI `models/...`, or any tree).
+"""Inventory of a models folder (A1111/Forge `models/...`, ComfyUI `models/...`, or any tree), or
+of an install's model folders by kind (`scan_install`, folders from model_folders.py).
 
 Every .safetensors file is identified from its header only (fast, no tensor data), optionally
 hashed (AutoV2, cached), and summarised with its embedded metadata. Pickle files (.ckpt/.pt/.pth/
-.bin) are listed but never opened. A corrupt file is listed with its error; scanning goes on.
+.bin) are listed but never opened (`workbench convert` makes a safetensors copy); GGUF files are
+listed by name and size. A corrupt file is listed with its error; scanning goes on. Listings that
+must not wait for hashing scan with `with_hash=False`, then fill hashes in with `hash_targets` /
+`apply_hashes` and a HashFiller (workbench/formats/hash_fill.py).
 """
 
 from __future__ import annotations
@@ -18,17 +22,20 @@ from workbench.formats import scaled_fp8
 from workbench.formats.detect import detect
 from workbench.formats.hashes import autov2
 from workbench.formats.lazy import PICKLE_SUFFIXES
+from workbench.formats.model_folders import KINDS, ModelFolders
 from workbench.formats.safetensors_io import read_header
 from workbench.units import human_size
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+GGUF_SUFFIXES = (".gguf",)
+PICKLE_NOTE = "pickle: convert with `workbench convert`"
 
 
 @dataclass
 class ModelEntry:
     """One file found by `scan`."""
 
-    path: str                  # relative to the scanned root, with forward slashes
+    path: str                  # relative to the scanned root (or absolute), forward slashes
     size: int
     arch: str | None = None
     variant: str | None = None
@@ -41,6 +48,7 @@ class ModelEntry:
     notes: tuple[str, ...] = ()
     error: str | None = None
     unsafe: bool = False       # a pickle file: listed, not read
+    folder: str | None = None  # the kind of install folder it lies in (scan_install)
 
 
 def summarize_metadata(meta: Mapping[str, str], top: int = 5) -> dict[str, object]:
@@ -92,19 +100,32 @@ def _walk(root: Path):
                 yield Path(folder) / name
 
 
+def _shown(path: Path, root: Path) -> str:
+    """Relative to root when inside it (folders of an extra_model_paths.yaml may lie elsewhere)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 def scan_file(path: Path, root: Path, with_hash: bool = True) -> ModelEntry | None:
     """One entry, or None for files that are not models."""
     suffix = path.suffix.lower()
-    if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+    if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + GGUF_SUFFIXES:
         return None
     try:
         size = path.stat().st_size
     except OSError as e:
-        return ModelEntry(path.relative_to(root).as_posix(), 0, error=f"cannot stat: {e}")
-    entry = ModelEntry(path.relative_to(root).as_posix(), size)
+        return ModelEntry(_shown(path, root), 0, error=f"cannot stat: {e}")
+    entry = ModelEntry(_shown(path, root), size)
     if suffix in PICKLE_SUFFIXES:
         entry.unsafe = True
-        entry.notes = ("unsafe pickle format, not read (convert to .safetensors)",)
+        entry.notes = (f"{PICKLE_NOTE} {path.name} (pickles can run code when loaded; the "
+                       "conversion reads tensors only)",)
+        return entry
+    if suffix in GGUF_SUFFIXES:
+        entry.dtype = "GGUF"
+        entry.notes = ("GGUF (quantized) file: listed by name and size",)
         return entry
     try:
         header = read_header(path)
@@ -144,15 +165,63 @@ def scan(root: str | Path, with_hash: bool = True) -> list[ModelEntry]:
     return entries
 
 
+def scan_install(folders: ModelFolders, with_hash: bool = True) -> list[ModelEntry]:
+    """Every model file in an install's model folders (model_folders.find_install), each with the
+    kind of folder it lies in; paths relative to the install root where inside it. A file reached
+    through two listed folders (nested, or named twice) is listed once."""
+    entries: list[ModelEntry] = []
+    seen: set[str] = set()
+    for folder in folders.paths():
+        for path in _walk(folder):
+            real = os.path.normcase(os.path.realpath(path))
+            if real in seen:
+                continue
+            seen.add(real)
+            entry = scan_file(path, folders.root, with_hash)
+            if entry is not None:
+                entry.folder = folders.kind_of(path)
+                entries.append(entry)
+    order = {k: i for i, k in enumerate(KINDS)}
+    entries.sort(key=lambda e: (order.get(e.folder or "", len(order)), e.path.lower()))
+    return entries
+
+
+def hash_targets(entries: list[ModelEntry], root: Path) -> list[Path]:
+    """The files of a listing that get a hash (readable safetensors files without one yet)."""
+    return [Path(root) / e.path for e in entries
+            if e.short_hash is None and e.error is None and not e.unsafe and e.dtype != "GGUF"]
+
+
+def apply_hashes(entries: list[ModelEntry], root: Path, hashes: Mapping[Path, str],
+                 errors: Mapping[Path, str] | None = None) -> int:
+    """Put known sha256s (and hashing errors) into a listing; returns how many hashes are still
+    missing."""
+    missing = 0
+    for e in entries:
+        path = Path(root) / e.path
+        if e.short_hash is None and path in hashes:
+            e.short_hash = hashes[path][:10]
+        elif errors and path in errors and e.error is None:
+            e.error = errors[path]
+        if e.short_hash is None and e.error is None and not e.unsafe and e.dtype != "GGUF":
+            missing += 1
+    return missing
+
+
 def format_table(entries: list[ModelEntry]) -> str:
     """A plain-text table for `workbench models scan`; errors are shown in the last column."""
+    folders = any(e.folder for e in entries)
     headers = ["path", "kind", "arch", "variant", "dtype", "size", "hash", "info"]
+    if folders:
+        headers.insert(0, "folder")
     rows = []
     for e in entries:
         if e.error:
             info = "ERROR: " + e.error.replace("\n", " ")
         elif e.unsafe:
-            info = "UNSAFE pickle, not read"
+            info = PICKLE_NOTE
+        elif e.dtype == "GGUF":
+            info = e.notes[0] if e.notes else ""
         else:
             bits = []
             if e.rank:
@@ -167,6 +236,8 @@ def format_table(entries: list[ModelEntry]) -> str:
             info = "; ".join(bits)
         rows.append([e.path, e.kind or "-", e.arch or "-", e.variant or "-", e.dtype or "-",
                      human_size(e.size), e.short_hash or "-", info])
+        if folders:
+            rows[-1].insert(0, e.folder or "-")
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     widths[-1] = len(headers[-1])  # the last column is not padded
@@ -174,5 +245,6 @@ def format_table(entries: list[ModelEntry]) -> str:
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     lines.append(f"{len(entries)} files, {sum(1 for e in entries if e.error)} with problems, "
-                 f"{sum(1 for e in entries if e.unsafe)} unsafe pickles not read")
+                 f"{sum(1 for e in entries if e.unsafe)} pickles not read (`workbench convert` "
+                 "makes a safetensors copy)")
     return "\n".join(lines)
