@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _formats_keys import flux, hf_clip, ldm_vae, sd15_checkpoint, write_header_only
+from helpers.formats_keys import flux, hf_clip, ldm_vae, sd15_checkpoint, write_header_only
 from workbench.app.config import AppConfig
 from workbench.app.tool_outputs import ToolPublisher, result_models
 from workbench.cli import main

@@ -247,7 +247,7 @@ def _clip_weights() -> tuple[str | None, str]:
     try:  # the grid scorer's own lookup in the HF cache (never downloads)
         from huggingface_hub import constants
 
-        from workbench.compare.scores import _hf_cached_weights
+        from workbench.grid.scores import _hf_cached_weights
     except Exception:  # noqa: BLE001 - open_clip/torch may be what is broken
         return None, ""
     try:
