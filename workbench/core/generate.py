@@ -51,10 +51,17 @@ class ImageSettings:
 
 @dataclass(frozen=True)
 class LoraUse:
-    """A LoRA file applied with `weight` (A1111's `<lora:name:weight>`)."""
+    """A LoRA file applied with `weight` (A1111's `<lora:name:weight>`); `blocks`: a LoRA Block
+    Weight value (`INS`, 17/12 numbers, ...; workbench/formats/lbw.py) or None for every block."""
 
     path: Path
     weight: float = 1.0
+    blocks: str | None = None
+
+    @property
+    def prompt_tag(self) -> str:
+        """`<lora:name:w>` or, with block weights, the extension's `<lora:name:w:lbw=...>`."""
+        return f"<lora:{self.name}:{self.weight:g}" + (f":lbw={self.blocks}>" if self.blocks else ">")
 
     @property
     def name(self) -> str:
@@ -75,8 +82,9 @@ class Model:
     model_name: str = ""
     memory_plan: Any = None  # workbench.core.memory_plan.MemoryPlan when one was applied
     offload: Any = None  # the handle apply_plan returned (remove() undoes the hooks)
-    # LoRA files attached as peft adapters: (resolved path, size, mtime_ns) -> adapter name
-    lora_adapters: dict[tuple[str, int, int], str] = field(default_factory=dict)
+    # LoRA files attached: (resolved path, size, mtime_ns) -> diffusers adapter name, or an
+    # ExactLora for LoHa/LoKr/DoRA files (workbench/core/lora_patch.py)
+    lora_adapters: dict[tuple[str, int, int], Any] = field(default_factory=dict)
 
     @classmethod
     def from_pipeline(cls, pipe, arch: str, *, name: str = "", model_hash: str = "",
@@ -324,7 +332,7 @@ def infotext(model: Model, settings: ImageSettings, seed: int, loras: Sequence[L
     """A1111's "parameters" text for one image (A1111 appends <lora:name:w> to the prompt)."""
     from workbench.core.image_meta import format_parameters, lora_hashes_field
 
-    prompt = settings.prompt + "".join(f" <lora:{lu.name}:{lu.weight:g}>" for lu in loras)
+    prompt = settings.prompt + "".join(f" {lu.prompt_tag}" for lu in loras)
     return format_parameters(
         prompt, settings.negative_prompt, Steps=settings.steps, Sampler=settings.sampler,
         **{"CFG scale": f"{settings.cfg:g}"}, Seed=seed, Size=f"{settings.width}x{settings.height}",
@@ -384,8 +392,8 @@ def generate(model: Model, settings: ImageSettings, seeds: Sequence[int], *,
                     "model": {"path": str(model.path) if model.path else None,
                               "name": model.model_name, "autov2": model.model_hash,
                               "arch": model.arch},
-                    "loras": [{"path": str(lu.path), "weight": lu.weight, "hash": hashes[lu.name]}
-                              for lu in loras],
+                    "loras": [{"path": str(lu.path), "weight": lu.weight, "hash": hashes[lu.name],
+                               **({"blocks": lu.blocks} if lu.blocks else {})} for lu in loras],
                     "settings": dataclasses.asdict(settings), "seed": seed,
                     "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
                     "versions": versions(),

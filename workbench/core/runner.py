@@ -89,7 +89,7 @@ def run(recipe, *, overwrite: bool = False, progress: bool = True) -> Any:
     seeds = seeds_of(recipe)
     model = load_model(recipe.model, device=recipe.memory.device, weights=recipe.memory.weights,
                        vram_budget_mb=recipe.memory.vram_budget_mb, tiny_vae=recipe.tiny_vae)
-    loras = [LoraUse(Path(lr.path), lr.weight) for lr in recipe.loras]
+    loras = [LoraUse(Path(lr.path), lr.weight, lr.blocks) for lr in recipe.loras]
     out_dir = Path(recipe.output.dir)
     fmt = recipe.output.format
     written: list[Path] = []
