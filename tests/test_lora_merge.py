@@ -265,12 +265,11 @@ def test_lora_of_another_architecture_is_refused_before_any_read(tmp_path, tiny_
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_loha_and_misused_lora_are_clear_errors(tmp_path, tiny_model):
+def test_oft_and_misused_lora_are_clear_errors(tmp_path, tiny_model):
     base_path = tiny_model("sd15", 0)
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    save_file({f"{name}.hada_w1_a": torch.zeros(16, 2), f"{name}.hada_w1_b": torch.zeros(2, 16),
-               f"{name}.hada_w2_a": torch.zeros(16, 2), f"{name}.hada_w2_b": torch.zeros(2, 16),
-               f"{name}.alpha": torch.tensor(1.0)}, str(tmp_path / "h.safetensors"))
+    save_file({f"{name}.oft_blocks": torch.zeros(4, 8, 8), f"{name}.alpha": torch.tensor(1.0)},
+              str(tmp_path / "h.safetensors"))
     from workbench.merge.build import plan_merge
 
     def plan(step, lora="h.safetensors"):
@@ -278,7 +277,7 @@ def test_loha_and_misused_lora_are_clear_errors(tmp_path, tiny_model):
                 f"steps:\n  - {step}\noutput:\n  path: {tmp_path / 'o.safetensors'}\n")
         return plan_merge(parse_recipe(body, tmp_path / "r.yaml"))
 
-    with pytest.raises(UnsupportedError, match="LoHa"):
+    with pytest.raises(UnsupportedError, match="OFT"):
         plan("{id: m, method: add_lora, inputs: [A, L]}")
     kohya_lora(tmp_path / "k.safetensors", load_file(base_path),
                {name: (UNET + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", None)})

@@ -146,11 +146,52 @@ def test_flux_double_blocks_load_in_diffusers(loaded, tmp_path):
     assert torch.allclose(_denoise(clean, "flux"), _denoise(pipe, "flux"), atol=1e-5)
 
 
-def test_peft_format_loads_with_alpha(loaded, tmp_path):
-    path, pipe, clean, net = _trained(loaded, "sd15", alpha=1.0, rank=4, te=False)
+def _bake(tmp_path, base, lora, name="baked.safetensors"):
+    """Our own bake: a merge recipe `add_lora` of `lora` into `base` (fp32 output)."""
+    from workbench.recipes import parse_recipe
+    from workbench.runner import run_recipe
+
+    body = (f"kind: merge\nname: bake\nmodels:\n  A: {base}\n  L: {lora}\nsteps:\n"
+            f"  - {{id: m, method: add_lora, inputs: [A, L]}}\noutput:\n  path: {tmp_path / name}\n"
+            "  dtype: fp32\n")
+    recipe = parse_recipe(body, tmp_path / "bake.yaml")
+    run_recipe(recipe, progress=False)
+    return tmp_path / name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_peft_format_with_text_encoder_loads_in_diffusers_like_our_bake(loaded, tmp_path, arch):
+    """issue #15: the PEFT copy spells CLIP text-encoder keys `text_encoder.text_model.encoder...`
+    (what ComfyUI maps); diffusers loads it, and its patched weights equal our own bake of it."""
+    from safetensors.torch import load_file
+
+    from workbench.pipeline.load import load_pipeline
+
+    path, pipe, clean, net = _trained(loaded, arch, alpha=1.0, rank=4, te=True)
     out = save_peft(net, tmp_path / "p.safetensors", dtype="fp32")
+    keys = list(load_file(str(out)))
+    te_keys = [k for k in keys if k.startswith("text_encoder")]
+    assert te_keys and all(k.startswith(("text_encoder.text_model.encoder.layers.",
+                                         "text_encoder_2.text_model.encoder.layers.")) for k in te_keys)
+    assert all(k.startswith(("unet.", "text_encoder.text_model.", "text_encoder_2.text_model."))
+               for k in keys)
     clean.load_lora_weights(str(out))
-    assert torch.allclose(_denoise(clean, "sd15"), _denoise(pipe, "sd15"), atol=1e-5)
+    assert _lora_layers(clean.text_encoder) == 72  # every CLIP-L layer found under the new spelling
+    assert torch.allclose(_denoise(clean, arch), _denoise(pipe, arch), atol=1e-5)
+    assert torch.allclose(_te(clean), _te(pipe), atol=1e-5)
+    comps = ["unet", "text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])
+    clean.fuse_lora(components=comps)
+    clean.unload_lora_weights()
+    baked = load_pipeline(_bake(tmp_path, path, out), arch, torch.float32)
+    for comp in comps:
+        got, want = getattr(clean, comp).state_dict(), getattr(baked, comp).state_dict()
+        assert set(got) == set(want), comp
+        changed = 0
+        for k, v in want.items():
+            assert torch.allclose(got[k], v, atol=2e-6), (comp, k)
+            changed += not torch.equal(v, getattr(loaded(arch)[1], comp).state_dict()[k])
+        assert changed > 10, comp  # the bake did change this component
 
 
 def test_multiplier_zero_is_base(loaded):

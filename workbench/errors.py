@@ -33,4 +33,4 @@ class UnsupportedError(WorkbenchError):
     bitsandbytes, ...); the message says what is supported instead."""
 
 
-NotAvailableError = UnsupportedError  # the old name, kept while branches written against it land
+UnsupportedError = UnsupportedError  # the old name, kept while branches written against it land

@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.formats import lbw
 
 DIFFUSION_PREFIX = "model.diffusion_model."
 
@@ -158,12 +159,19 @@ def parse_block_values(arch: str, value: object, default: float | None = None,
     and when `default` is None every id must be listed); or a preset name (GRAD_V, FLAT_25, ...).
     SD3/FLUX accept only presets that are flat over the diffusion model (ALL_A, ALL_B, FLAT_25,
     FLAT_75): BASE takes the preset's BASE value, every other id its block value. `ids` restricts
-    the valid ids to the blocks present in one file (see block_ids_for).
+    the valid ids to the blocks present in one file (see block_ids_for). The LoRA Block Weight
+    forms (SD1.5 17 values, SDXL 12, FLUX 61, `lbw=` prefix, presets ALL, INS, ... ALL0.5) are
+    read by workbench/formats/lbw.py; blocks they do not name get 0, as in that extension.
     """
     all_ids = _arch_ids(arch)
     valid = list(ids) if ids is not None else list(all_ids)
     if isinstance(value, Mapping):
         return _from_mapping(arch, value, default, valid)
+    if isinstance(value, str):
+        value = lbw.strip_prefix(value)
+    from_lbw = lbw.values(arch, value, valid)  # LoRA Block Weight lists/presets (formats/lbw.py)
+    if from_lbw is not None:
+        return from_lbw
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return {i: float(value) for i in valid}
     if isinstance(value, str) and "," not in value:
@@ -210,8 +218,9 @@ def _from_preset(arch: str, name: str, valid: list[str]) -> dict[str, float]:
     table = presets()
     match = next((p for p in table if p.upper() == name.upper()), None)
     if match is None:
+        names = [*table, *lbw.PRESETS]
         raise WorkbenchError(f"block weights: {name!r} is neither a number nor a known preset"
-                             f"{_hint(name.upper(), table)}; presets: {', '.join(table)}")
+                             f"{_hint(name.upper(), names)}; presets: {', '.join(names)}")
     vals = table[match]
     if arch in ("sd15", "sd2"):
         return dict(zip(BLOCK_IDS[arch], vals))

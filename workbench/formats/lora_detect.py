@@ -18,6 +18,7 @@ from workbench.formats.model_info import ModelInfo
 SUFFIXES = {
     ".lora_down.weight": ("lora", "down"), ".lora_up.weight": ("lora", "up"),
     ".lora_mid.weight": ("lora", ""), ".alpha": ("", ""), ".dora_scale": ("", ""),
+    ".lora_magnitude_vector": ("", ""), ".lora_magnitude_vector.weight": ("", ""),
     ".lora_A.weight": ("lora", "down"), ".lora_B.weight": ("lora", "up"),
     ".lora.down.weight": ("lora", "down"), ".lora.up.weight": ("lora", "up"),
     "_lora.down.weight": ("lora", "down"), "_lora.up.weight": ("lora", "up"),

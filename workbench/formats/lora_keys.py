@@ -15,8 +15,11 @@ ones diffusers writes and converts (`convert_state_dict_to_kohya`, `load_lora_we
 - kohya FLUX/SD3: BFL / SAI-MMDiT paths (`lora_unet_double_blocks_0_img_attn_qkv`), CLIP-L `lora_te1_`,
   CLIP-G `lora_te2_` (SD3), T5 `lora_te3_encoder_block_N_layer_0_SelfAttention_q`;
 - diffusers/PEFT: dotted diffusers paths under `unet.`, `text_encoder.`, `text_encoder_2.`,
-  `transformer.` (FLUX: `to_q/to_k/to_v` are row slices of the fused `qkv`/`linear1`), plus
+  `transformer.` (FLUX and SD3: `to_q/to_k/to_v` are row slices of the fused `qkv`/`linear1`), plus
   ComfyUI's `diffusion_model.<original path>` and OneTrainer's `lora_transformer_<diffusers path>`.
+  `ModuleTable.diffusers` keeps, per checkpoint key, where that layer lives in a diffusers pipeline
+  (used to hand kohya SD3 LoRAs to diffusers, whose SD3 loader reads diffusers names only, and to
+  hook the LyCORIS types into a loaded pipeline: workbench/pipeline/loras.py).
 
 A `Target` is one checkpoint weight (or a row slice of it) that one LoRA module changes.
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from workbench.formats import dit_keys
 
@@ -236,6 +239,39 @@ def _flux_diffusers(bare_keys: list[str]) -> dict[str, list[tuple[str, tuple[int
     return out
 
 
+def _sd3_diffusers(bare_keys: list[str]) -> dict[str, list[tuple[str, tuple[int, int, int] | None]]]:
+    """SAI MMDiT weight path -> [(diffusers SD3Transformer2DModel module path, rows)], from
+    dit_keys' SD3 table (the facts of diffusers' single-file converter): `joint_blocks.N.x_block.
+    attn.qkv` = `transformer_blocks.N.attn.to_q/to_k/to_v` (thirds), `context_block.attn.qkv` =
+    `attn.add_q_proj/add_k_proj/add_v_proj`, `x_block.attn.proj` = `attn.to_out.0`, `context_block.
+    attn.proj` = `attn.to_add_out`, `mlp.fc1/fc2` = `ff(_context).net.0.proj/net.2`, adaLN =
+    `norm1(_context).linear`; SD3.5 medium `attn2` likewise. Weights stored with swapped halves
+    (the last context block's adaLN, final_layer) have no single row range and are left out."""
+    keys = set(bare_keys)
+    fake: set[str] = set()
+    for i in dit_keys._block_ids(keys, "joint_blocks"):
+        x = f"joint_blocks.{i}.x_block."
+        fake.add(f"transformer_blocks.{i}.x")
+        if x + "attn.ln_q.weight" in keys:
+            fake.add(f"transformer_blocks.{i}.attn.norm_q.weight")
+        if x + "attn2.qkv.weight" in keys:
+            fake.add(f"transformer_blocks.{i}.attn2.to_q.weight")
+            if x + "attn2.ln_q.weight" in keys:
+                fake.add(f"transformer_blocks.{i}.attn2.norm_q.weight")
+    out: dict[str, list] = {}
+    if not fake:
+        return out
+    for rule in dit_keys.sd3_rules(fake):
+        if not rule.original.endswith(".weight") or rule.op == "swap" or len(rule.parts) not in (1, 3):
+            continue
+        parts = [p[:-7] for p in rule.parts]
+        if rule.op == "copy":
+            out[rule.original[:-7]] = [(parts[0], None)]
+        else:
+            out[rule.original[:-7]] = [(p, (i, i + 1, 3)) for i, p in enumerate(parts)]
+    return out
+
+
 def _dit_default(arch: str, path: str) -> bool:
     if arch == "flux":
         return path.startswith(("double_blocks.", "single_blocks."))
@@ -252,6 +288,9 @@ class ModuleTable:
     arch: str
     targets: dict[str, Target]
     canonical: dict[str, Target]
+    # checkpoint key -> [(diffusers module "component.path", rows)]: where the layer lives in a
+    # diffusers pipeline (CLIP paths spelled with `text_model.`; transformers 5 drops that level)
+    diffusers: dict[str, list[tuple[str, tuple[int, int, int] | None]]] = field(default_factory=dict)
 
     def lookup(self, module: str) -> Target | None:
         """The target of a LoRA module name (kohya underscores or dotted diffusers/PEFT paths)."""
@@ -267,6 +306,7 @@ def module_table(arch: str, shapes: Shapes) -> ModuleTable:
     """Build the name table for a checkpoint (or diffusion-model-only file) of `arch`."""
     targets: dict[str, Target] = {}
     canonical: dict[str, Target] = {}
+    diffusers: dict[str, list] = {}
 
     def add(names: list[str], target: Target) -> None:
         canonical[names[0]] = target
@@ -278,7 +318,8 @@ def module_table(arch: str, shapes: Shapes) -> ModuleTable:
     prefix = _diffusion_prefix(arch, shapes)
     if prefix is not None:
         bare = [k[len(prefix):] for k in shapes if k.startswith(prefix) and k.endswith(".weight")]
-        flux = _flux_diffusers([k[len(prefix):] for k in shapes if k.startswith(prefix)]) if arch == "flux" else {}
+        bare_all = [k[len(prefix):] for k in shapes if k.startswith(prefix)]
+        flux = _flux_diffusers(bare_all) if arch == "flux" else _sd3_diffusers(bare_all) if arch == "sd3" else {}
         for path in (b[:-7] for b in bare):
             key = f"{prefix}{path}.weight"
             shape = tuple(shapes[key])
@@ -293,10 +334,12 @@ def module_table(arch: str, shapes: Shapes) -> ModuleTable:
                 ldm_name, diff_name = "lora_unet_" + _under(path), "lora_unet_" + _under(d)
                 first = diff_name if KOHYA_UNET[arch] == "diffusers" else ldm_name
                 add([first, ldm_name, diff_name, "unet." + d, d, "diffusion_model." + path], t)
+                diffusers[key] = [("unet." + d, None)]
                 continue
             t = Target(key, shape, "unet", None, _dit_default(arch, path))
             add(["lora_unet_" + _under(path), "diffusion_model." + path, "transformer." + path], t)
             for dpath, rows in flux.get(path, []):
+                diffusers.setdefault(key, []).append(("transformer." + dpath, rows))
                 part = Target(key, shape, "unet", rows, False)
                 for n in ("transformer." + dpath, "lora_transformer_" + _under(dpath), dpath):
                     targets.setdefault(n, part)
@@ -311,7 +354,8 @@ def module_table(arch: str, shapes: Shapes) -> ModuleTable:
                 names += [f"{dp}.{p}" for dp in section.diffusers
                           for p in (path, path.removeprefix("text_model."))]
                 add(names, t)
-    return ModuleTable(arch, targets, canonical)
+                diffusers.setdefault(key, []).append((f"{section.diffusers[0]}.{path}", rows))
+    return ModuleTable(arch, targets, canonical, diffusers)
 
 
 def kohya_modules(table: ModuleTable, components: set[str] | None = None,

@@ -88,7 +88,7 @@ def value_label(axis_name: str, value) -> str:
     if axis_name == "model":
         return Path(value).stem
     if axis_name == "lora":
-        return f"{Path(value.path).stem}:{value.weight:g}"
+        return f"{Path(value.path).stem}:{value.weight:g}" + (f":{value.blocks}" if value.blocks else "")
     if axis_name == "size":
         return str(value)
     if isinstance(value, float):
@@ -108,7 +108,7 @@ def _apply(state: dict, axis, value) -> None:
     elif name in ("merge_alpha", "merge_beta"):
         state["source"] = Source(Path(axis.recipe), name.split("_", 1)[1], axis.step, float(value))
     elif name == "lora":
-        state["loras"] = state["loras"] + (LoraUse(Path(value.path), float(value.weight)),)
+        state["loras"] = state["loras"] + (LoraUse(Path(value.path), float(value.weight), value.blocks),)
     elif name == "prompt_sr":
         search = axis.expanded_values()[0]
         state["prompt"] = state["prompt"].replace(search, value)
@@ -144,7 +144,7 @@ def expand(recipe: GridRecipe) -> list[Cell]:
     for zi, yi, xi in itertools.product(ranges[2], ranges[1], ranges[0]):
         for seed in seeds:
             state = {"source": Source(Path(d.model)) if d.model else None,
-                     "loras": tuple(LoraUse(Path(lr.path), float(lr.weight)) for lr in d.loras),
+                     "loras": tuple(LoraUse(Path(lr.path), float(lr.weight), lr.blocks) for lr in d.loras),
                      "prompt": d.prompt, "negative_prompt": d.negative_prompt, "sampler": d.sampler,
                      "steps": d.steps, "cfg": float(d.cfg), "width": d.width, "height": d.height,
                      "clip_skip": d.clip_skip, "seed": seed}
@@ -186,7 +186,8 @@ def cell_key(cell: Cell, source_id: dict, lora_ids: dict[Path, str]) -> str:
     record = {
         "v": KEY_VERSION,
         "model": source_id,
-        "loras": [[lora_ids[lu.path], round(float(lu.weight), 6)] for lu in cell.loras],
+        "loras": [[lora_ids[lu.path], round(float(lu.weight), 6), *([lu.blocks] if lu.blocks else [])]
+                  for lu in cell.loras],  # block weights change the pixels; none keeps old keys
         "settings": asdict(cell.settings),
         "seed": cell.seed,
     }

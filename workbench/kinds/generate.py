@@ -111,7 +111,7 @@ def run(plan: RunPlan, *, progress: bool = True) -> RunResult:
                        vram_budget_mb=recipe.memory.vram_budget_mb, tiny_vae=recipe.tiny_vae,
                        width=recipe.width, height=recipe.height, batch=recipe.batch_size,
                        plan=plan.detail)
-    loras = [LoraUse(Path(lr.path), lr.weight) for lr in recipe.loras]
+    loras = [LoraUse(Path(lr.path), lr.weight, lr.blocks) for lr in recipe.loras]
     out_dir = Path(recipe.output.dir)
     fmt = recipe.output.format
     written: list[Path] = []

@@ -100,15 +100,15 @@ def _step_inputs(step, nodes: dict[str, Node], inputs: dict[str, MergeInput], ar
                              "method add_lora, inputs [model or step, LoRA]")
     from workbench.merge.lora import lora_node
 
-    base = leaf(nodes[step.inputs[0]])
+    first = nodes[step.inputs[0]]  # a DoRA module normalises against this step input's weight
     name = step.inputs[1]
-    if (name, id(base)) not in lora_nodes:
+    if (name, id(first)) not in lora_nodes:
         inp = inputs[name]
         try:
-            lora_nodes[(name, id(base))] = lora_node(name, inp.path, inp.header, arch, base)
+            lora_nodes[(name, id(first))] = lora_node(name, inp.path, inp.header, arch, leaf(first), first)
         except WorkbenchError as e:
             raise type(e)(f"step {step.id}: {e}") from None
-    return [nodes[step.inputs[0]], lora_nodes[(name, id(base))]]
+    return [first, lora_nodes[(name, id(first))]]
 
 
 def _alpha_function(arch: str, step, method_name: str):
@@ -128,7 +128,7 @@ def _alpha_function(arch: str, step, method_name: str):
 
 def build_steps(recipe, inputs: dict[str, MergeInput], arch: str) -> tuple[dict[str, Node], list[StepNode]]:
     nodes: dict[str, Node] = {n: InputNode(n, i.path, i.header) for n, i in inputs.items()}
-    lora_nodes: dict = {}  # (LoRA name, id of base leaf) -> LoraInputNode
+    lora_nodes: dict = {}  # (LoRA name, id of the step's first input) -> LoraInputNode
     steps = []
     for step in recipe.steps:
         method = get_method("weighted_sum" if step.method == "block_weighted" else step.method)

@@ -6,16 +6,23 @@ Why a node and not a separate tool: with the LoRA exposed as deltas under the ba
 all come from the merge engine unchanged. Keys the LoRA does not touch have no delta (`info` is
 None), which the MISSING policy turns into "first input kept".
 
-ΔW of one module = (alpha / rank) · up @ down (kohya `networks/lora.py`, and A1111's and ComfyUI's
-loaders alike; alpha missing or 0 means alpha = rank), reshaped to the checkpoint weight (conv k×k,
-conv 1×1 vs linear). Modules that map to row slices of one fused weight (SDXL CLIP-G q/k/v ->
-`in_proj_weight`, FLUX diffusers to_q/to_k/to_v -> `qkv`) are summed into one delta of the fused
-shape.
+Module types (formulas in workbench/merge/lora_math.py, the ones loaders use): LoRA/LoCon
+(down/up, lora_A/lora_B, optional Tucker `lora_mid`), LoHa (`hada_*`, optional Tucker `hada_t1/t2`),
+LoKr (`lokr_*`, factored or full sides, optional `lokr_t2`), each optionally DoRA (`dora_scale`, or
+peft's `lora_magnitude_vector`). ΔW = scale · formula, scale = alpha / rank with alpha decided by
+workbench/formats/lora_alpha.py (the rule the generation preview uses too); LoKr with two full
+sides uses scale 1. For DoRA the node's "delta" is W' − W at full strength, W' = m ⊙ (W + ΔW) /
+‖W + ΔW‖, with W the step's first input for that key (so a DoRA baked after another step is
+normalised against that step's result); `add_lora`'s strength then scales it linearly,
+W + s·(W' − W), as A1111, Forge and ComfyUI do.
+
+Shapes are reshaped to the checkpoint weight (conv k×k, conv 1×1 vs linear). Modules that map to
+row slices of one fused weight (SDXL CLIP-G q/k/v -> `in_proj_weight`, FLUX diffusers
+to_q/to_k/to_v -> `qkv`) are summed into one delta of the fused shape.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,31 +30,57 @@ from typing import Callable
 import torch
 
 from workbench.errors import UnsupportedError, WorkbenchError
+from workbench.formats.lora_alpha import PeftAlphas, effective_alpha, is_defaulted, warn_defaulted
 from workbench.formats.lora_detect import split_suffix
 from workbench.formats.lora_keys import ModuleTable, Target, module_table
 from workbench.formats.safetensors_io import SafetensorsHeader, TensorInfo
-from workbench.merge.graph import InputNode
+from workbench.merge import lora_math
+from workbench.merge.graph import InputNode, Node, evaluate
 
-DOWN_UP = {".lora_down.weight": ".lora_up.weight", ".lora_A.weight": ".lora_B.weight",
-           ".lora.down.weight": ".lora.up.weight", "_lora.down.weight": "_lora.up.weight"}
-UNSUPPORTED = {".hada_w1_a": "LoHa", ".hada_w1_b": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr",
-               ".lokr_w2": "LoKr", ".lokr_w2_a": "LoKr", ".oft_blocks": "OFT", ".oft_diag": "OFT",
-               ".lora_mid.weight": "LoCon with Tucker decomposition (lora_mid)",
-               ".dora_scale": "DoRA (dora_scale)", ".diff": "full-difference (.diff)"}
+# suffix -> (module type, role). Roles of "" type (alpha, DoRA magnitude) go with any type.
+ROLES = {
+    ".lora_down.weight": ("lora", "down"), ".lora_up.weight": ("lora", "up"),
+    ".lora_mid.weight": ("lora", "mid"),
+    ".lora_A.weight": ("lora", "down"), ".lora_B.weight": ("lora", "up"),
+    ".lora.down.weight": ("lora", "down"), ".lora.up.weight": ("lora", "up"),
+    "_lora.down.weight": ("lora", "down"), "_lora.up.weight": ("lora", "up"),
+    ".hada_w1_a": ("loha", "w1a"), ".hada_w1_b": ("loha", "w1b"), ".hada_w2_a": ("loha", "w2a"),
+    ".hada_w2_b": ("loha", "w2b"), ".hada_t1": ("loha", "t1"), ".hada_t2": ("loha", "t2"),
+    ".lokr_w1": ("lokr", "w1"), ".lokr_w1_a": ("lokr", "w1a"), ".lokr_w1_b": ("lokr", "w1b"),
+    ".lokr_w2": ("lokr", "w2"), ".lokr_w2_a": ("lokr", "w2a"), ".lokr_w2_b": ("lokr", "w2b"),
+    ".lokr_t2": ("lokr", "t2"),
+    ".alpha": ("", "alpha"), ".dora_scale": ("", "dora"),
+    ".lora_magnitude_vector": ("", "magnitude"), ".lora_magnitude_vector.weight": ("", "magnitude"),
+}
+REQUIRED = {"lora": ({"down", "up"},), "loha": ({"w1a", "w1b", "w2a", "w2b"},),
+            "lokr": ({"w1", "w1a"}, {"w2", "w2a"})}  # lokr: one of each set
+UNSUPPORTED = {".oft_blocks": "OFT", ".oft_diag": "OFT", ".diff": "full-difference (.diff)",
+               ".diff_b": "full-difference (.diff_b)"}
+TYPE_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 COMPONENT_NAMES = {"unet": "the diffusion model", "te1": "text encoder 1", "te2": "text encoder 2",
                    "te3": "text encoder 3 (T5)"}
 
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One LoRA module: its tensors in the file and the checkpoint weight it changes."""
+    """One LoRA-family module: its type, its tensors in the file (role -> key) and its target."""
 
     name: str
-    down: str
-    up: str
-    alpha_key: str | None
-    alpha_value: float | None  # from diffusers' `lora_adapter_metadata` when there is no .alpha
+    kind: str                     # lora | loha | lokr
+    keys: dict[str, str]          # role -> tensor key in the file
+    shapes: dict[str, tuple]      # role -> shape (from the header)
+    alpha_value: float | None     # from diffusers' `lora_adapter_metadata` when there is no .alpha
     target: Target
+    rank: int | None              # what alpha divides by; None: scale 1 (LoKr with two full sides)
+    dora_axis: str = ""           # "out" / "in" when the module carries a DoRA magnitude
+
+    @property
+    def alpha_key(self) -> str | None:
+        return self.keys.get("alpha")
+
+    @property
+    def is_dora(self) -> bool:
+        return bool(self.dora_axis)
 
 
 def _component_of_name(module: str) -> str:
@@ -60,22 +93,6 @@ def _component_of_name(module: str) -> str:
     return "unet"
 
 
-def _adapter_alphas(metadata: dict[str, str]) -> dict[str, float]:
-    """`unet` / `transformer` / `text_encoder` -> lora_alpha/r from diffusers' adapter metadata."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
-    out = {}
-    for key, value in data.items() if isinstance(data, dict) else ():
-        if key.endswith(".lora_alpha") and isinstance(value, (int, float)):
-            out[key[: -len(".lora_alpha")]] = float(value)
-    return out
-
-
 def _legacy_name(module: str) -> str:
     """Old diffusers attention-processor names: `attn1.processor.to_q_lora` -> `attn1.to_q`."""
     module = module.replace(".processor.", ".")
@@ -84,6 +101,71 @@ def _legacy_name(module: str) -> str:
         if module.endswith(old):
             return module[: -len(old)] + new
     return module
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _kind(label: str, module: str, roles: dict[str, str]) -> str | None:
+    kinds = {ROLES[s][0] for s in roles if ROLES[s][0]}
+    if not kinds:
+        return None
+    if len(kinds) > 1:
+        raise WorkbenchError(f"{label}: module {module} mixes {' and '.join(sorted(TYPE_NAMES[k] for k in kinds))} "
+                             f"tensors ({sorted(roles)})")
+    kind = kinds.pop()
+    have = {ROLES[s][1] for s in roles}
+    for need in REQUIRED[kind]:
+        if not have & need:
+            raise WorkbenchError(f"{label}: {TYPE_NAMES[kind]} module {module} lacks "
+                                 f"{' or '.join(sorted(need))} ({sorted(roles)})")
+    return kind
+
+
+def _delta_shape(kind: str, s: dict[str, tuple]) -> tuple[int, int, tuple] | None:
+    """(out rows, input numel per row, kernel) that the module's ΔW has, from shapes only."""
+    try:
+        if kind == "lora":
+            down, up = s["down"], s["up"]
+            if len(up) < 2 or up[1] != down[0] or any(d != 1 for d in up[2:]):
+                return None
+            if "mid" in s:
+                mid = s["mid"]
+                if mid[0] != up[1] or mid[1] != down[0]:
+                    return None
+                return up[0], _numel(down[1:]) * _numel(mid[2:]), tuple(mid[2:])
+            return up[0], _numel(down[1:]), tuple(down[2:])
+        if kind == "loha":
+            if "t1" in s:
+                t1, w1a, w1b = s["t1"], s["w1a"], s["w1b"]
+                return w1a[1], w1b[1] * _numel(t1[2:]), tuple(t1[2:])
+            w1a, w1b, w2a, w2b = s["w1a"], s["w1b"], s["w2a"], s["w2b"]
+            if w1a[0] != w2a[0] or _numel(w1b[1:]) != _numel(w2b[1:]) or w1a[1] != w1b[0]:
+                return None
+            return w1a[0], _numel(w1b[1:]), ()
+        # lokr
+        a, c = (s["w1"][0], s["w1"][1]) if "w1" in s else (s["w1a"][0], s["w1b"][1])
+        if "w2" in s:
+            w2 = s["w2"]
+            return a * w2[0], c * _numel(w2[1:]), tuple(w2[2:])
+        if "t2" in s:
+            t2 = s["t2"]
+            return a * s["w2a"][1], c * s["w2b"][1] * _numel(t2[2:]), tuple(t2[2:])
+        return a * s["w2a"][0], c * _numel(s["w2b"][1:]), ()
+    except (KeyError, IndexError):
+        return None
+
+
+def _rank(kind: str, s: dict[str, tuple]) -> int | None:
+    if kind == "lora":
+        return int(s["down"][0])
+    if kind == "loha":
+        return int(s["w1b"][0])
+    return lora_math.lokr_rank(s.get("w1b"), s.get("w2b"))
 
 
 def parse_modules(header: SafetensorsHeader, table: ModuleTable, label: str
@@ -104,31 +186,42 @@ def parse_modules(header: SafetensorsHeader, table: ModuleTable, label: str
         module, suffix = sp
         if suffix in UNSUPPORTED:
             raise UnsupportedError(
-                f"{label}: {UNSUPPORTED[suffix]} modules (e.g. {key}) cannot be merged yet; "
-                "merging takes LoRA/LoCon files (lora_down/lora_up, lora_A/lora_B)")
-        groups.setdefault(module, {})[suffix] = key
-    alphas = _adapter_alphas(header.metadata)
+                f"{label}: {UNSUPPORTED[suffix]} modules (e.g. {key}) cannot be merged; merging takes "
+                "LoRA/LoCon, LoHa and LoKr files (with or without DoRA)")
+        if suffix in ROLES:
+            groups.setdefault(module, {})[suffix] = key
+    alphas = PeftAlphas(header.metadata)
     by_key: dict[str, list[LoraModule]] = {}
     skipped: list[str] = []
     unmatched: list[str] = []
     for module, tensors in groups.items():
-        pair = next(((d, u) for d, u in DOWN_UP.items() if d in tensors), None)
-        if pair is None:
-            if set(tensors) <= {".alpha", ".lora_up.weight", ".lora_B.weight"}:
-                raise WorkbenchError(f"{label}: module {module} has no down/A tensor ({sorted(tensors)})")
+        kind = _kind(label, module, tensors)
+        if kind is None:
             continue
-        if pair[1] not in tensors:
-            raise WorkbenchError(f"{label}: module {module} has {pair[0]} but no {pair[1]}")
         target = table.lookup(module) or table.lookup(_legacy_name(module))
         if target is None:
             comp = _component_of_name(module)
             (unmatched if comp in table.components else skipped).append(module)
             continue
-        down, up = shapes[tensors[pair[0]]], shapes[tensors[pair[1]]]
-        _check_shapes(label, module, down, up, target)
-        root = module.removeprefix("base_model.model.").split(".", 1)[0]
+        keys = {ROLES[s][1]: k for s, k in tensors.items()}
+        sh = {r: tuple(shapes[k]) for r, k in keys.items()}
+        _check_shapes(label, module, kind, sh, target)
+        axis = ""
+        for role in ("dora", "magnitude"):
+            if role in sh:
+                axis = lora_math.dora_axis(sh[role], target.out_features, target.in_features,
+                                           peft=role == "magnitude")
+                if not axis or (axis == "in" and target.rows is not None):
+                    raise WorkbenchError(
+                        f"{label}: module {module}: DoRA magnitude {list(sh[role])} fits neither the "
+                        f"output rows ({target.out_features}) nor the input columns "
+                        f"({target.in_features}) of {target.key}" if not axis else
+                        f"{label}: module {module}: a per-input DoRA magnitude cannot be applied to "
+                        f"a slice of the fused weight {target.key}")
+        rank = _rank(kind, sh)
+        meta_alpha = alphas.alpha(module, rank) if rank else None
         by_key.setdefault(target.key, []).append(LoraModule(
-            module, tensors[pair[0]], tensors[pair[1]], tensors.get(".alpha"), alphas.get(root), target))
+            module, kind, keys, sh, meta_alpha, target, rank, axis))
     if unmatched:
         raise WorkbenchError(
             f"{label}: {len(unmatched)} LoRA module(s) match no weight of the {table.arch} base, e.g. "
@@ -140,33 +233,52 @@ def parse_modules(header: SafetensorsHeader, table: ModuleTable, label: str
     return by_key, skipped
 
 
-def _check_shapes(label: str, module: str, down: tuple, up: tuple, target: Target) -> None:
-    rank = down[0] if down else 0
-    numel_in = 1
-    for d in down[1:]:
-        numel_in *= d
-    want_in = target.in_features
-    for d in target.kernel:
-        want_in *= d
-    up_ok = len(up) >= 2 and up[1] == rank and all(d == 1 for d in up[2:]) and up[0] == target.out_features
-    if len(down) < 2 or not up_ok or numel_in != want_in:
+def _check_shapes(label: str, module: str, kind: str, s: dict[str, tuple], target: Target) -> None:
+    """The module's ΔW must have the target's output rows and input size (in · kernel); loaders
+    reshape the rest (conv 1×1 vs linear, k×k flattened)."""
+    got = _delta_shape(kind, s)
+    want = (target.out_features, target.in_features * _numel(target.kernel))
+    if got is None or (got[0], got[1]) != want:
+        tensors = ", ".join(f"{r} {list(v)}" for r, v in s.items() if r != "alpha")
         raise WorkbenchError(
-            f"{label}: module {module}: down {list(down)} / up {list(up)} do not fit "
+            f"{label}: {TYPE_NAMES[kind]} module {module}: {tensors} do not fit "
             f"{target.key} {list(target.shape)}" + (f" rows {target.row_range()}" if target.rows else "")
             + "; the LoRA was made for a model of another size or layout")
 
 
 def module_delta(module: LoraModule, raw: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """(alpha / rank) · up @ down in fp32, shaped like the module's (row slice of the) weight."""
-    down = raw(module.down).float()
-    up = raw(module.up).float()
-    rank = down.shape[0]
-    alpha = float(raw(module.alpha_key).float().item()) if module.alpha_key else module.alpha_value
-    if not alpha:
-        alpha = float(rank)
-    delta = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
-    delta.mul_(alpha / rank)
+    """scale · ΔW in fp32, shaped like the module's (row slice of the) weight; no DoRA."""
+    t = {r: raw(k).float() for r, k in module.keys.items() if r not in ("alpha", "dora", "magnitude")}
+    if module.kind == "lora":
+        delta = lora_math.lora(t["up"], t["down"], t.get("mid"))
+    elif module.kind == "loha":
+        delta = lora_math.loha(t["w1a"], t["w1b"], t["w2a"], t["w2b"], t.get("t1"), t.get("t2"))
+    else:
+        delta = lora_math.lokr(t.get("w1"), t.get("w1a"), t.get("w1b"), t.get("w2"), t.get("w2a"),
+                               t.get("w2b"), t.get("t2"))
+    scale = module_scale(module, raw)
+    if scale != 1.0:
+        delta.mul_(scale)
     return delta.reshape(module.target.delta_shape)
+
+
+def file_alpha(module: LoraModule, raw: Callable[[str], torch.Tensor]) -> float | None:
+    """The alpha the file gives this module (its .alpha tensor, else diffusers' metadata)."""
+    if module.alpha_key:
+        return float(raw(module.alpha_key).float().item())
+    return module.alpha_value
+
+
+def module_scale(module: LoraModule, raw: Callable[[str], torch.Tensor]) -> float:
+    """alpha / rank with the shared alpha rule; 1 for LoKr without a factored side."""
+    if module.rank is None:
+        return 1.0
+    return effective_alpha(file_alpha(module, raw), module.rank) / module.rank
+
+
+def magnitude(module: LoraModule, raw: Callable[[str], torch.Tensor]) -> torch.Tensor | None:
+    key = module.keys.get("dora") or module.keys.get("magnitude")
+    return raw(key).float() if key else None
 
 
 class LoraInputNode(InputNode):
@@ -174,7 +286,8 @@ class LoraInputNode(InputNode):
 
     `info(key)` is the base weight's shape for keys the LoRA changes (None otherwise); `reader(key)`
     gives ΔW. The runner sets `reader` to the LoRA file's raw tensor reader (memory-mapped), which
-    this node keeps and wraps: that is how the engine opens and closes the file for us.
+    this node keeps and wraps: that is how the engine opens and closes the file for us. `first` is
+    the step's first input (the weight a DoRA module normalises against); set by the plan builder.
     """
 
     def __init__(self, name: str, path: Path, header: SafetensorsHeader, table: ModuleTable):
@@ -183,7 +296,12 @@ class LoraInputNode(InputNode):
         self.header = header
         self.table = table
         self.modules, self.skipped = parse_modules(header, table, f"model {name}: {path}")
+        self.first: Node | None = None
         self._raw: Callable[[str], torch.Tensor] | None = None
+        self._defaulted: dict[str, bool] = {m: False for m in self.missing_alpha}  # True: alpha 0
+        self._warned_zero = False
+        self.sliceable = False  # DoRA needs whole rows; deltas are computed per key anyway
+        warn_defaulted(str(self.path), self._defaulted, self.n_modules, zero=False)
 
     @property
     def reader(self) -> Callable[[str], torch.Tensor] | None:  # type: ignore[override]
@@ -197,22 +315,67 @@ class LoraInputNode(InputNode):
         mods = self.modules.get(key)
         return TensorInfo("F32", mods[0].target.shape, 0, 0) if mods else None
 
+    @property
+    def n_modules(self) -> int:
+        return sum(len(v) for v in self.modules.values())
+
+    @property
+    def missing_alpha(self) -> list[str]:
+        """Modules with neither an .alpha tensor nor a metadata alpha (known from the header)."""
+        return sorted(m.name for mods in self.modules.values() for m in mods
+                      if m.rank is not None and m.alpha_key is None and m.alpha_value is None)
+
+    @property
+    def has_dora(self) -> bool:
+        return any(m.is_dora for mods in self.modules.values() for m in mods)
+
     def delta(self, key: str) -> torch.Tensor:
-        """ΔW for one checkpoint key (fused q/k/v parts summed into the fused shape)."""
+        """ΔW for one checkpoint key (fused q/k/v parts summed into the fused shape; DoRA: W' − W)."""
         mods = self.modules[key]
-        if self._raw is None:
+        raw = self._raw
+        if raw is None:
             raise RuntimeError(f"{self.path}: LoRA read outside a merge run")
+        self._note_alphas(mods, raw)
+        base = None
+        if any(m.is_dora for m in mods):
+            if self.first is None:
+                raise RuntimeError(f"{self.path}: DoRA module read without its base weight")
+            base = evaluate(self.first, key).float()
         if len(mods) == 1 and mods[0].target.rows is None:
-            return module_delta(mods[0], self._raw)
+            return self._module_change(mods[0], raw, base)
         out = torch.zeros(mods[0].target.shape, dtype=torch.float32)
         for m in mods:
             a, b = m.target.row_range()
-            out[a:b] += module_delta(m, self._raw)
+            out[a:b] += self._module_change(m, raw, None if base is None else base[a:b])
         return out
 
+    @staticmethod
+    def _module_change(m: LoraModule, raw, base: torch.Tensor | None) -> torch.Tensor:
+        d = module_delta(m, raw)
+        if not m.is_dora:
+            return d
+        return lora_math.dora_apply(base, d, magnitude(m, raw), m.dora_axis) - base
+
+    def _note_alphas(self, mods: list[LoraModule], raw) -> None:
+        """Alpha 0 is only known once the tensor is read: warn at the first one (missing alphas
+        were reported from the header when the node was built, i.e. in the dry run)."""
+        for m in mods:
+            if m.rank is not None and m.name not in self._defaulted and m.alpha_key:
+                if is_defaulted(file_alpha(m, raw)):
+                    self._defaulted[m.name] = True
+                    if not self._warned_zero:
+                        self._warned_zero = True
+                        warn_defaulted(str(self.path), [m.name], self.n_modules, zero=True)
+
     def summary(self) -> str:
-        n = sum(len(v) for v in self.modules.values())
-        text = f"LoRA {self.name}: {n} modules on {len(self.modules)} weights"
+        text = f"LoRA {self.name}: {self.n_modules} modules on {len(self.modules)} weights"
+        kinds = sorted({TYPE_NAMES[m.kind] + (" (DoRA)" if m.is_dora else "")
+                        for mods in self.modules.values() for m in mods})
+        if kinds != ["LoRA"]:
+            text += f" ({', '.join(kinds)})"
+        missing = self.missing_alpha
+        if missing:
+            text += f"; {len(missing)} modules have no alpha: applied with alpha = rank (scale 1)"
         if self.skipped:
             comps = sorted({COMPONENT_NAMES[_component_of_name(m)] for m in self.skipped})
             text += f"; {len(self.skipped)} modules skipped ({', '.join(comps)} not in the base)"
@@ -222,6 +385,11 @@ class LoraInputNode(InputNode):
         return f"LoraInputNode({self.name!r}, {self.path.name})"
 
 
-def lora_node(name: str, path: Path, header: SafetensorsHeader, arch: str, base: InputNode) -> LoraInputNode:
-    """A LoRA input bound to `base`'s key layout (module table built from its header only)."""
-    return LoraInputNode(name, path, header, module_table(arch, base.header.shapes()))
+def lora_node(name: str, path: Path, header: SafetensorsHeader, arch: str, base: InputNode,
+              first: Node | None = None) -> LoraInputNode:
+    """A LoRA input bound to `base`'s key layout (module table built from its header only);
+    `first` is the node whose value a DoRA module normalises against (default: `base`)."""
+    node = LoraInputNode(name, path, header, module_table(arch, base.header.shapes()))
+    node.first = first if first is not None else base
+    return node
+

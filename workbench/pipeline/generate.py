@@ -233,7 +233,7 @@ def _call_kwargs(model: Model, settings: ImageSettings) -> dict[str, Any]:
 def infotext(model: Model, settings: ImageSettings, seed: int, loras: Sequence[LoraUse] = (),
              lora_hashes: dict[str, str] | None = None) -> str:
     """A1111's "parameters" text for one image (A1111 appends <lora:name:w> to the prompt)."""
-    prompt = settings.prompt + "".join(f" <lora:{lu.name}:{lu.weight:g}>" for lu in loras)
+    prompt = settings.prompt + "".join(f" {lu.prompt_tag}" for lu in loras)
     return format_parameters(
         prompt, settings.negative_prompt, Steps=settings.steps, Sampler=settings.sampler,
         **{"CFG scale": f"{settings.cfg:g}"}, Seed=seed, Size=f"{settings.width}x{settings.height}",
@@ -287,8 +287,8 @@ def generate(model: Model, settings: ImageSettings, seeds: Sequence[int], *,
                     "model": {"path": str(model.path) if model.path else None,
                               "name": model.model_name, "autov2": model.model_hash,
                               "arch": model.arch},
-                    "loras": [{"path": str(lu.path), "weight": lu.weight, "hash": hashes[lu.name]}
-                              for lu in loras],
+                    "loras": [{"path": str(lu.path), "weight": lu.weight, "hash": hashes[lu.name],
+                               **({"blocks": lu.blocks} if lu.blocks else {})} for lu in loras],
                     "settings": dataclasses.asdict(settings), "seed": seed,
                     "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
                     "versions": versions(),

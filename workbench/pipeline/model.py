@@ -27,10 +27,17 @@ class ImageSettings:
 
 @dataclass(frozen=True)
 class LoraUse:
-    """A LoRA file applied with `weight` (A1111's `<lora:name:weight>`)."""
+    """A LoRA file applied with `weight` (A1111's `<lora:name:weight>`); `blocks`: a LoRA Block
+    Weight value (`INS`, 17/12 numbers, ...; workbench/formats/lbw.py) or None for every block."""
 
     path: Path
     weight: float = 1.0
+    blocks: str | None = None
+
+    @property
+    def prompt_tag(self) -> str:
+        """`<lora:name:w>` or, with block weights, the extension's `<lora:name:w:lbw=...>`."""
+        return f"<lora:{self.name}:{self.weight:g}" + (f":lbw={self.blocks}>" if self.blocks else ">")
 
     @property
     def name(self) -> str:
@@ -51,8 +58,9 @@ class Model:
     model_name: str = ""
     memory_plan: Any = None  # workbench.pipeline.memory_plan.MemoryPlan when one was applied
     offload: Any = None  # the handle apply_plan returned (remove() undoes the hooks)
-    # LoRA files attached as peft adapters: (resolved path, size, mtime_ns) -> adapter name
-    lora_adapters: dict[tuple[str, int, int], str] = field(default_factory=dict)
+    # LoRA files attached: (resolved path, size, mtime_ns) -> diffusers adapter name, or an
+    # ExactLora for LoHa/LoKr/DoRA files (workbench/pipeline/lora_patch.py)
+    lora_adapters: dict[tuple[str, int, int], Any] = field(default_factory=dict)
 
     @classmethod
     def from_pipeline(cls, pipe, arch: str, *, name: str = "", model_hash: str = "",

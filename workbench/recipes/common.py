@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from workbench.formats import lbw
 from workbench.pipeline.samplers import SCHEDULERS, UNAVAILABLE
 
 # --------------------------------------------------------------------------------------------------
@@ -202,11 +203,28 @@ RecipeName = Annotated[str, AfterValidator(_check_name)]
 # LoRA references: "path:weight"
 
 
+def _check_lora_blocks(value: str | None) -> str | None:
+    """A LoRA Block Weight value (workbench/formats/lbw.py): a preset (INS, ALL0.5, ...; also the
+    merge presets GRAD_V, ...) or 12/17/20/26/61 numbers; which counts fit is checked per model."""
+    if value is None:
+        return None
+    from workbench.formats.blocks import presets
+
+    text = lbw.strip_prefix(str(value))
+    if lbw.looks_like_lbw(text) or any(p.upper() == text.upper() for p in presets()):
+        return text
+    raise user_error(
+        "bad_lora_blocks", f"bad LoRA block weights {value!r}: expected a LoRA Block Weight preset "
+        f"({', '.join(lbw.PRESETS)}) or 17 (SD1.5), 12 (SDXL), 26, 20 or 61 (FLUX) comma-separated "
+        "numbers")
+
+
 class LoraRef(StrictModel):
-    """A LoRA file and the weight it is applied with."""
+    """A LoRA file, the weight it is applied with and optional block weights."""
 
     path: RecipePath
     weight: float = 1.0
+    blocks: Annotated[str | None, AfterValidator(_check_lora_blocks)] = None
 
 
 def split_lora(text: str) -> tuple[str, float]:
@@ -230,23 +248,41 @@ def split_lora(text: str) -> tuple[str, float]:
             "a number after the last colon, e.g. 'loras/style.safetensors:0.8'") from None
 
 
+def split_lora_spec(text: str) -> tuple[str, float, str | None]:
+    """"path:weight:blocks" -> (path, weight, blocks or None), the LoRA Block Weight extension's
+    `<lora:name:weight:INS>` order; blocks need the weight before them, or an `lbw=` prefix
+    ("x.safetensors:lbw=INS", weight 1). Without blocks this is `split_lora`."""
+    text = text.strip()
+    head, sep, tail = text.rpartition(":")
+    tail = tail.strip()
+    if sep and head and "/" not in tail and "\\" not in tail and lbw.looks_like_lbw(tail):
+        explicit = lbw.strip_prefix(tail) != tail
+        path, weight = split_lora(head)
+        if path != head.strip() or explicit:
+            return path, weight, lbw.strip_prefix(tail)
+    path, weight = split_lora(text)
+    return path, weight, None
+
+
 def _parse_lora(value: Any, info: ValidationInfo) -> Any:
     if isinstance(value, str):
-        path, weight = split_lora(value)
+        path, weight, blocks = split_lora_spec(value)
         if not path:
             raise user_error("bad_lora", f"expected 'path:weight' (got {value!r})")
-        return {"path": path, "weight": weight}
+        return {"path": path, "weight": weight, **({"blocks": blocks} if blocks else {})}
     if isinstance(value, dict) or isinstance(value, LoraRef):
         return value
     raise user_error("bad_lora", f"expected a LoRA as 'path:weight' text (got {value!r})")
 
 
 def _dump_lora(ref: LoraRef, info: SerializationInfo) -> str:
-    return f"{dump_path(ref.path, info)}:{ref.weight:g}"
+    text = f"{dump_path(ref.path, info)}:{ref.weight:g}"
+    return f"{text}:lbw={ref.blocks}" if ref.blocks else text
 
 
 LoraSpec = Annotated[LoraRef, BeforeValidator(_parse_lora), PlainSerializer(_dump_lora)]
-"""A LoRA written as "path:weight" (weight optional, 1.0); stored as a LoraRef."""
+"""A LoRA written as "path:weight" (weight optional, 1.0) or "path:weight:blocks" (LoRA Block
+Weight: a preset such as INS or a quoted comma list); stored as a LoraRef."""
 
 # --------------------------------------------------------------------------------------------------
 # samplers (A1111 names; the generation core maps them to schedulers)

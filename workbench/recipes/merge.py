@@ -64,17 +64,24 @@ KNOWN_MERGE_METHODS, MERGE_METHOD_RULES = _rules_from_registry()
 
 OUTPUT_DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn")
 
-# Number of values in a block-weight list, per architecture (supermerger's order).
-BLOCK_COUNTS = {26: "BASE, IN00-IN11, M00, OUT00-OUT11", 20: "BASE, IN00-IN08, M00, OUT00-OUT08"}
+# Number of values in a block-weight list, per architecture (supermerger's order; 17/12/61: the
+# LoRA Block Weight extension's SD1.5/SDXL/FLUX lists, workbench/formats/lbw.py).
+BLOCK_COUNTS = {26: "BASE, IN00-IN11, M00, OUT00-OUT11", 20: "BASE, IN00-IN08, M00, OUT00-OUT08",
+                17: "BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03-OUT11",
+                12: "BASE, IN04, IN05, IN07, IN08, M00, OUT00-OUT05",
+                61: "CLIP, T5, IN, D00-D18, S00-S37, OUT"}
 # Block ids accepted in a `blocks:` mapping; the merge engine checks them against the architecture.
 BLOCK_ID_RE = re.compile(r"^(BASE|VAE|TE|CLIP|CLIPL|CLIPG|T5|IN|OUT|M00|(IN|OUT|D|S|J)\d\d)$")
-PRESET_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+PRESET_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.*/+-]*$")
 
 
 def parse_block_values(text: str) -> list[float] | None:
-    """A comma list of block weights -> floats; a preset name -> None. Raises on anything else."""
-    text = text.strip()
-    if PRESET_RE.match(text):
+    """A comma list of block weights -> floats; a preset name -> None. Raises on anything else.
+    `lbw=` / `w=` in front (the LoRA Block Weight prompt syntax) is accepted."""
+    from workbench.formats.lbw import strip_prefix
+
+    text = strip_prefix(text)
+    if PRESET_RE.match(text) and not _is_number(text):
         return None
     parts = [p.strip() for p in text.split(",")]
     values = []
@@ -84,13 +91,22 @@ def parse_block_values(text: str) -> list[float] | None:
         except ValueError:
             raise user_error(
                 "bad_blocks", f"block weight {i + 1} is {part!r}: expected comma-separated numbers "
-                "or a preset name like GRAD_V") from None
+                "or a preset name like GRAD_V or INS") from None
     if len(values) not in BLOCK_COUNTS:
         raise user_error(
             "bad_blocks", f"expected 26 comma-separated block weights for SD1.5/SD2 ({BLOCK_COUNTS[26]}) "
-            f"or 20 for SDXL ({BLOCK_COUNTS[20]}) (got {len(values)}); for SD3/FLUX use a mapping "
-            "such as {BASE: 0, D00: 1}")
+            f"or 20 for SDXL ({BLOCK_COUNTS[20]}), or a LoRA Block Weight list of 17 (SD1.5), 12 "
+            f"(SDXL) or 61 (FLUX) values (got {len(values)}); for SD3/FLUX also a mapping such as "
+            "{BASE: 0, D00: 1}")
     return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_block_text(value: str) -> str:

@@ -278,11 +278,28 @@ def save_kohya(net: Network, path: str | Path, facts: TrainFacts, *, dtype: str 
 
 PEFT_PREFIX = {"unet": "unet", "transformer": "transformer", "text_encoder": "text_encoder",
                "text_encoder_2": "text_encoder_2"}
+CLIP_ROOT = "text_model."
+
+
+def peft_key(component: str, key: str, model: torch.nn.Module) -> str:
+    """`<component>.<path>` in the established spelling: CLIP text-encoder paths always start with
+    `text_model.` (transformers 5's CLIPTextModel has no such level, so peft names its layers
+    `encoder.layers...`; ComfyUI maps only `text_encoder.text_model.encoder...`, and diffusers loads
+    both spellings into either transformers version)."""
+    if component.startswith("text_encoder") and _is_clip(model) and not key.startswith(CLIP_ROOT):
+        key = CLIP_ROOT + key
+    return f"{PEFT_PREFIX[component]}.{key}"
+
+
+def _is_clip(model: torch.nn.Module) -> bool:
+    return type(model).__name__.startswith("CLIPText")
 
 
 def peft_state_dict(net: Network, dtype: str = "fp16") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """diffusers `save_lora_weights` layout: `<component>.<path>.lora_A.weight` + the PEFT config
-    per component (so diffusers restores the trained alpha, unlike alpha-less PEFT files)."""
+    per component (so diffusers restores the trained alpha, unlike alpha-less PEFT files). The
+    config's target_modules / rank_pattern / alpha_pattern keep the installed paths: peft matches
+    them as suffixes, so they fit both transformers layouts."""
     if net.plan.type not in ("lora", "dora"):
         raise WorkbenchError(f"the diffusers/PEFT format holds LoRA and DoRA only (network is {net.plan.type})")
     from peft import get_peft_model_state_dict
@@ -294,7 +311,7 @@ def peft_state_dict(net: Network, dtype: str = "fp16") -> tuple[dict[str, torch.
         prefix = PEFT_PREFIX[comp]
         sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
         for k in sorted(sd):
-            tensors[f"{prefix}.{k}"] = sd[k].detach().to(torch_dtype).contiguous()
+            tensors[peft_key(comp, k, model)] = sd[k].detach().to(torch_dtype).contiguous()
         cfg = model.peft_config[ADAPTER].to_dict()
         for k, v in cfg.items():
             config_meta[f"{prefix}.{k}"] = sorted(v) if isinstance(v, set) else v
