@@ -379,3 +379,58 @@ def test_extract_recipe_dry_run_and_run(tmp_path, tiny_model):
                          for s in ("alpha", "lora_down.weight", "lora_up.weight")}
     assert lora["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v.lora_up.weight"].dtype == torch.float16
     assert any(p.name.endswith("provenance.json") for p in res.outputs)
+
+
+# ------------------------------------------------------------------------------- the alpha rule
+
+@pytest.mark.slow
+def test_alpha_zero_or_missing_preview_equals_bake(tmp_path, tiny_model):
+    """issue #15: alpha 0 or no alpha means alpha = rank (kohya's rule) in the bake AND at
+    generation time (diffusers alone would apply alpha 0 as scale 0 and give alpha-less modules
+    the most common alpha of the others); both warn naming the file."""
+    from _denoiser_inputs import denoiser_inputs
+
+    from workbench.core.generate import LoraUse, load_model
+    from workbench.core.load import load_pipeline
+    from workbench.core.loras import attached_loras
+    from workbench.formats.lora_alpha import LoraAlphaWarning
+
+    base_path = tiny_model("sd15", 1)
+    base = load_file(base_path)
+    names = sd15_unet_names(base)
+    modules = {n: (k, None) for n, k in names.items() if "attentions" in n and n.endswith(("to_q", "to_v"))}
+    modules["lora_te_text_model_encoder_layers_2_mlp_fc1"] = (f"{SD15_TE}text_model.encoder.layers.2.mlp.fc1.weight", None)
+    lora_path = tmp_path / "odd_alpha.safetensors"
+    expected = kohya_lora(lora_path, base, modules, rank=4, alpha=0.0)  # alpha 0 -> scale 1
+    sd = load_file(lora_path)
+    mods = sorted(modules)
+    for n in mods[::3]:
+        del sd[f"{n}.alpha"]          # no alpha: scale 1 as well
+    for n in mods[1::3]:
+        sd[f"{n}.alpha"] = torch.tensor(2.0)  # an ordinary alpha: scale 0.5
+        expected[modules[n][0]] *= 0.5
+    save_file(sd, str(lora_path))
+    with pytest.warns(LoraAlphaWarning, match="odd_alpha.safetensors"):
+        out = merge(tmp_path, {"A": base_path, "L": lora_path},
+                    "  - {id: m, method: add_lora, inputs: [A, L]}")
+    assert_only_changed(out, base, expected)
+    save_file(out, str(tmp_path / "baked.safetensors"))
+    baked = load_pipeline(tmp_path / "baked.safetensors", "sd15", torch.float32)
+
+    def den(pipe):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return pipe.unet(**denoiser_inputs("sd15", pipe.unet))[0]
+
+    def te(pipe):
+        with torch.no_grad():
+            return pipe.text_encoder(torch.arange(10)[None])[0]
+
+    model = load_model(base_path, device="cpu")
+    plain = den(model.pipe)
+    with pytest.warns(LoraAlphaWarning, match="odd_alpha.safetensors"):
+        with attached_loras(model, [LoraUse(lora_path, 1.0)]):
+            preview, preview_te = den(model.pipe), te(model.pipe)
+    assert (preview - plain).abs().max() > 1e-2
+    assert torch.allclose(preview, den(baked), atol=2e-5)
+    assert torch.allclose(preview_te, te(baked), atol=2e-5)

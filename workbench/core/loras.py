@@ -8,9 +8,11 @@ model and are switched per call with `set_adapters`, so a grid that alternates L
 reads each LoRA file once. The oldest adapters are dropped beyond MAX_LOADED.
 
 So that a preview equals the bake of the same file (workbench/merge/lora.py):
-- alpha: kohya files go to diffusers with every module's alpha written out as
-  workbench/formats/lora_alpha.py decides it (diffusers would apply an alpha of 0 as 0, and give
-  modules without alpha the most common alpha of the others);
+- alpha: kohya files go to diffusers with each module's alpha / rank, as
+  workbench/formats/lora_alpha.py decides it, folded into lora_up and no `.alpha` left (diffusers
+  would apply an alpha of 0 as 0, give modules without alpha the most common alpha of the others,
+  and, in 0.42.1, ignores differing per-module alphas of SD1.5/SDXL U-Net modules: its
+  alpha_pattern keys keep `.processor.to_q_lora.down.weight` and match no layer);
 - kohya SD3 files are handed over under diffusers names (diffusers' SD3 loader reads no kohya
   names and would skip them silently), alpha folded into lora_B;
 - LoHa, LoKr, DoRA and Tucker-LoCon files, which diffusers refuses or applies without their DoRA
@@ -79,8 +81,9 @@ def needs_exact(header) -> bool:
 
 
 def for_diffusers(path: Path, arch: str, model_path: Path | None = None) -> str | dict:
-    """What to hand to `load_lora_weights`: the path itself, or a state dict with alphas written
-    out by the shared rule (kohya layout) / with diffusers names (kohya SD3)."""
+    """What to hand to `load_lora_weights`: the path itself (diffusers/PEFT layout: its own alpha
+    metadata, or scale 1 per module, as our rule), or a state dict with every kohya module's scale
+    folded into lora_up (kohya layout) / with diffusers names (kohya SD3)."""
     from safetensors.torch import load_file
 
     header = read_header(path)
@@ -97,19 +100,20 @@ def for_diffusers(path: Path, arch: str, model_path: Path | None = None) -> str 
     sd = load_file(str(path))
     defaulted: dict[str, bool] = {}
     for module, tensors in modules.items():
-        down = tensors.get(".lora_down.weight")
-        if down is None:
-            continue
+        down, up = tensors.get(".lora_down.weight"), tensors.get(".lora_up.weight")
         alpha_key = tensors.get(".alpha")
-        alpha = float(sd[alpha_key].float().item()) if alpha_key else None
+        alpha = float(sd.pop(alpha_key).float().item()) if alpha_key else None
+        if down is None or up is None:
+            continue
+        rank = sd[down].shape[0]
         if is_defaulted(alpha):
-            rank = sd[down].shape[0]
-            sd[f"{module}.alpha"] = torch.tensor(effective_alpha(alpha, rank))
             defaulted[module] = alpha is not None
-    if not defaulted:
-        return str(path)
-    kinds = set(defaulted.values())
-    warn_defaulted(str(path), defaulted, len(modules), kinds.pop() if len(kinds) == 1 else None)
+        scale = effective_alpha(alpha, rank) / rank
+        if scale != 1.0:
+            sd[up] = sd[up] * scale
+    if defaulted:
+        kinds = set(defaulted.values())
+        warn_defaulted(str(path), defaulted, len(modules), kinds.pop() if len(kinds) == 1 else None)
     return sd
 
 
