@@ -252,6 +252,21 @@ def _output_file(plan: Plan, path: Path, overwrite: bool, how: str) -> None:
 # per-kind plans
 
 
+def _lora_fits(recipe: MergeRecipe, step, archs: dict[str, str]) -> bool:
+    """add_lora of a LoRA that fits several families (text-encoder-only: CLIP-L is in SD1.5, SDXL,
+    SD3 and FLUX; workbench/formats/lora_detect.py) onto a model of one of them."""
+    from workbench.formats.detect import detect
+
+    if step.method != "add_lora" or len(step.inputs) != 2 or step.inputs[1] not in recipe.models:
+        return False
+    base, lora = step.inputs
+    try:
+        info = detect(recipe.models[lora])
+    except WorkbenchError:
+        return False
+    return info.kind == "lora" and archs.get(base) in info.archs
+
+
 def _merge_plan(recipe: MergeRecipe, plan: Plan, overwrite: bool) -> None:
     archs: dict[str, str] = {}
     for label, path in recipe.models.items():
@@ -264,7 +279,7 @@ def _merge_plan(recipe: MergeRecipe, plan: Plan, overwrite: bool) -> None:
         plan.lines.append(f"  {n}. {step.id} = {step.method}({', '.join(step.inputs)})  {params}"
                           .rstrip())
         seen = {archs[i] for i in step.inputs if i in archs}
-        if len(seen) > 1:
+        if len(seen) > 1 and not _lora_fits(recipe, step, archs):
             plan.problems.append(f"step {step.id}: inputs are different architectures "
                                  f"({', '.join(sorted(seen))})")
         if step.inputs and step.inputs[0] in archs:

@@ -126,7 +126,7 @@ def _sd3_to_diffusers(path: Path, header, modules, model_path: Path | None) -> d
 
     from safetensors.torch import load_file
 
-    from workbench.formats.lora_keys import module_table
+    from workbench.formats.lora_keys import SWAPPED, module_table, swap_halves
 
     if model_path is None or not Path(model_path).is_file():
         raise WorkbenchError(f"{path}: a kohya SD3 LoRA is mapped to diffusers names through the "
@@ -155,9 +155,13 @@ def _sd3_to_diffusers(path: Path, header, modules, model_path: Path | None) -> d
         up = up * (effective_alpha(alpha, rank) / rank)
         n = up.shape[0]
         for name, rows in parts:
-            a, b = (0, n) if rows is None else (n * rows[0] // rows[2], n * rows[1] // rows[2])
+            if rows == SWAPPED:  # e.g. the last context block's adaLN: halves stored the other way
+                part = swap_halves(up)
+            else:
+                a, b = (0, n) if rows is None else (n * rows[0] // rows[2], n * rows[1] // rows[2])
+                part = up[a:b]
             out[f"{name}.lora_A.weight"] = down.contiguous()
-            out[f"{name}.lora_B.weight"] = up[a:b].contiguous()
+            out[f"{name}.lora_B.weight"] = part.contiguous()
     if defaulted:
         kinds = set(defaulted.values())
         warn_defaulted(str(path), defaulted, len(modules), kinds.pop() if len(kinds) == 1 else None)
