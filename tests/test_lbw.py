@@ -204,3 +204,18 @@ def test_block_weights_on_a_loha_preview(tmp_path, tiny_model):
         got = _outputs(model.pipe, "sd15")
     want = _outputs(baked, "sd15")
     assert torch.allclose(got[0], want[0], atol=2e-5) and torch.allclose(got[1], want[1], atol=2e-5)
+
+
+def test_dry_run_checks_lora_block_weights_against_the_model(tmp_path, tiny_model):
+    from workbench.recipes import parse_recipe
+    from workbench.runner import run_recipe
+
+    lora = tmp_path / "l.safetensors"
+    _kohya_lora(lora, tiny_model("sd15"), "sd15")
+    body = (f"kind: generate\nname: g\nmodel: {tiny_model('sd15')}\nprompt: a cat\nloras:\n"
+            f"  - '{lora}:1:1,1,1,1,1,1,1,1,1,1,1,1'\noutput: {{dir: out}}\n")
+    dry = str(run_recipe(parse_recipe(body, tmp_path / "g.yaml"), dry_run=True))
+    assert "12 values are the LoRA Block Weight form for SDXL" in dry and "loras[0]" in dry
+    dry = str(run_recipe(parse_recipe(body.replace("1,1,1,1,1,1,1,1,1,1,1,1", "OUTS"),
+                                      tmp_path / "g.yaml"), dry_run=True))
+    assert "problems: none" in dry

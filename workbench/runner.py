@@ -335,10 +335,10 @@ def _train_plan(recipe: TrainRecipe, plan: Plan, overwrite: bool) -> None:
 
 def _grid_plan(recipe: GridRecipe, plan: Plan, overwrite: bool) -> None:
     d = recipe.defaults
-    if d.model is not None:
-        check_input(plan, "defaults.model", d.model)
+    arch = check_input(plan, "defaults.model", d.model).arch if d.model is not None else None
     for i, lora in enumerate(d.loras):
         check_input(plan, f"defaults.loras[{i}]", lora.path, expect="file")
+        _check_lora_blocks(plan, f"defaults.loras[{i}]", arch, lora)
     plan.lines.append("axes:")
     for letter, axis in recipe.axes():
         values = axis.expanded_values()  # type: ignore[attr-defined]
@@ -350,6 +350,7 @@ def _grid_plan(recipe: GridRecipe, plan: Plan, overwrite: bool) -> None:
         elif isinstance(axis, LoraAxis):
             for j, lora in enumerate(axis.values):
                 check_input(plan, f"{letter}.values[{j}]", lora.path, expect="file")
+                _check_lora_blocks(plan, f"{letter}.values[{j}]", arch, lora)
         elif isinstance(axis, MergeAxis):
             check_input(plan, f"{letter}.recipe", axis.recipe, expect="file")
     seeds = recipe.seeds or [1]
@@ -370,10 +371,22 @@ def _grid_plan(recipe: GridRecipe, plan: Plan, overwrite: bool) -> None:
     plan.outputs.append(recipe.output.dir)
 
 
+def _check_lora_blocks(plan: Plan, label: str, arch: str | None, lora) -> None:
+    """A LoRA's block weights (`path:weight:INS`) against the model's architecture."""
+    if arch and getattr(lora, "blocks", None):
+        from workbench.core.loras import block_table
+
+        try:
+            block_table(arch, lora.blocks, label)
+        except WorkbenchError as e:
+            plan.problems.append(str(e))
+
+
 def _generate_plan(recipe: GenerateRecipe, plan: Plan, overwrite: bool) -> None:
-    check_input(plan, "model", recipe.model)
+    model = check_input(plan, "model", recipe.model)
     for i, lora in enumerate(recipe.loras):
         check_input(plan, f"loras[{i}]", lora.path, expect="file")
+        _check_lora_blocks(plan, f"loras[{i}]", model.arch, lora)
     seed = "random" if recipe.seed == -1 else str(recipe.seed)
     plan.lines += [
         "generation:",
