@@ -17,7 +17,7 @@ from workbench.formats.lora_keys import kohya_modules, module_table
 from workbench.formats.safetensors_io import read_header
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _denoiser_inputs import denoiser_inputs  # noqa: E402
+from _denoiser_inputs import denoiser_inputs
 
 # ------------------------------------------------------------------------------------ meanings
 

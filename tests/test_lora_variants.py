@@ -21,8 +21,7 @@ from workbench.merge import lora as ml
 from workbench.merge import lora_math
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _denoiser_inputs import denoiser_inputs  # noqa: E402
-
+from _denoiser_inputs import denoiser_inputs
 
 # ------------------------------------------------------------------- the formulas on tiny layers
 
@@ -72,11 +71,11 @@ def test_loha_delta_equals_peft(layer, tucker):
 
 
 @pytest.mark.parametrize("layer,cfg", [
-    ("linear", dict(r=2)),                                          # w1 full, w2 = w2_a @ w2_b
-    ("linear", dict(r=16)),                                         # both sides full: scale 1
-    ("linear", dict(r=2, decompose_both=True, decompose_factor=4)),
-    ("conv", dict(r=2)),                                            # w2_b is [r, in·k·k]
-    ("conv", dict(r=2, use_effective_conv2d=True)),                 # Tucker lokr_t2
+    ("linear", {"r": 2}),                                           # w1 full, w2 = w2_a @ w2_b
+    ("linear", {"r": 16}),                                          # both sides full: scale 1
+    ("linear", {"r": 2, "decompose_both": True, "decompose_factor": 4}),
+    ("conv", {"r": 2}),                                             # w2_b is [r, in·k·k]
+    ("conv", {"r": 2, "use_effective_conv2d": True}),               # Tucker lokr_t2
 ])
 def test_lokr_delta_equals_peft(layer, cfg):
     """peft scales every LoKr by alpha/r; LyCORIS-convention loaders use alpha/r only when a side

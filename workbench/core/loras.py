@@ -23,16 +23,22 @@ So that a preview equals the bake of the same file (workbench/merge/lora.py):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from workbench.errors import WorkbenchError
 from workbench.formats import lbw
 from workbench.formats.blocks import BLOCK_IDS, block_of, parse_block_values
-from workbench.formats.lora_alpha import PeftAlphas, effective_alpha, is_defaulted, warn_defaulted
+from workbench.formats.lora_alpha import (
+    PeftAlphas,
+    effective_alpha,
+    is_defaulted,
+    warn_defaulted,
+)
 from workbench.formats.lora_detect import KOHYA_PREFIXES, split_suffix
 from workbench.formats.safetensors_io import read_header
 
@@ -51,7 +57,7 @@ def _key(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
-def _check_lora(model: "Model", path: Path) -> None:
+def _check_lora(model: Model, path: Path) -> None:
     """Refuse a file that is not a LoRA for this model's architecture, before diffusers reads it."""
     from workbench.formats.detect import detect
 
@@ -172,7 +178,7 @@ def _sd3_to_diffusers(path: Path, header, modules, model_path: Path | None) -> d
     return out
 
 
-def _load(model: "Model", path: Path):
+def _load(model: Model, path: Path):
     loaded = model.lora_adapters
     key = _key(path)
     if key in loaded:
@@ -198,14 +204,14 @@ def _load(model: "Model", path: Path):
     return name
 
 
-def _drop(model: "Model", handle) -> None:
+def _drop(model: Model, handle) -> None:
     if isinstance(handle, str):
         model.pipe.delete_adapters(handle)
     else:
         handle.remove()
 
 
-def _adapters_to_device(model: "Model") -> None:
+def _adapters_to_device(model: Model) -> None:
     """peft puts an adapter where its base layer's weight is at load time; for layers that are
     streamed or offloaded that is the CPU. Adapters are small: keep them all on the compute
     device."""
@@ -230,7 +236,7 @@ def block_table(arch: str, blocks: str | None, label: str = "LoRA") -> dict[str,
         raise WorkbenchError(f"{label}: {e}") from None
 
 
-def _peft_layers(model: "Model", adapter: str) -> Iterator[tuple[str, str, torch.nn.Module]]:
+def _peft_layers(model: Model, adapter: str) -> Iterator[tuple[str, str, torch.nn.Module]]:
     for comp in PIPE_COMPONENTS:
         m = getattr(model.pipe, comp, None)
         if not isinstance(m, torch.nn.Module):
@@ -240,7 +246,7 @@ def _peft_layers(model: "Model", adapter: str) -> Iterator[tuple[str, str, torch
                 yield comp, path, module
 
 
-def _set_block_scales(model: "Model", adapter: str, weight: float, table: dict[str, float]) -> None:
+def _set_block_scales(model: Model, adapter: str, weight: float, table: dict[str, float]) -> None:
     """Per-layer weight = LoRA weight × its block's weight (after diffusers' set_adapters)."""
     for comp, path, module in _peft_layers(model, adapter):
         block = lbw.diffusers_block(model.arch, comp, path)
@@ -248,7 +254,7 @@ def _set_block_scales(model: "Model", adapter: str, weight: float, table: dict[s
 
 
 @contextmanager
-def attached_loras(model: "Model", loras: Sequence["LoraUse"]) -> Iterator[None]:
+def attached_loras(model: Model, loras: Sequence[LoraUse]) -> Iterator[None]:
     """Inside the block exactly `loras` are active with their weights; others are off."""
     loaded = model.lora_adapters
     exact = [h for h in loaded.values() if not isinstance(h, str)]
@@ -288,7 +294,7 @@ def _key_weight(arch: str, table: dict[str, float] | None) -> Callable[[str], fl
     return lambda key: table.get(block_of(arch, key), 0.0)
 
 
-def unload_all(model: "Model") -> None:
+def unload_all(model: Model) -> None:
     """Remove every adapter this module attached (the model returns to its plain weights)."""
     loaded = model.lora_adapters
     if any(isinstance(h, str) for h in loaded.values()):
