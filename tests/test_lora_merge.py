@@ -375,3 +375,209 @@ def test_extract_recipe_dry_run_and_run(tmp_path, tiny_model):
                          for s in ("alpha", "lora_down.weight", "lora_up.weight")}
     assert lora["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v.lora_up.weight"].dtype == torch.float16
     assert any(p.name.endswith("provenance.json") for p in res.outputs)
+
+
+# ------------------------------------------------------------------------------- the alpha rule
+
+@pytest.mark.slow
+def test_alpha_zero_or_missing_preview_equals_bake(tmp_path, tiny_model):
+    """issue #15: alpha 0 or no alpha means alpha = rank (kohya's rule) in the bake AND at
+    generation time (diffusers alone would apply alpha 0 as scale 0 and give alpha-less modules
+    the most common alpha of the others); both warn naming the file."""
+    from _denoiser_inputs import denoiser_inputs
+
+    from workbench.pipeline.generate import LoraUse, load_model
+    from workbench.pipeline.load import load_pipeline
+    from workbench.pipeline.loras import attached_loras
+    from workbench.formats.lora_alpha import LoraAlphaWarning
+
+    base_path = tiny_model("sd15", 1)
+    base = load_file(base_path)
+    names = sd15_unet_names(base)
+    modules = {n: (k, None) for n, k in names.items() if "attentions" in n and n.endswith(("to_q", "to_v"))}
+    modules["lora_te_text_model_encoder_layers_2_mlp_fc1"] = (f"{SD15_TE}text_model.encoder.layers.2.mlp.fc1.weight", None)
+    lora_path = tmp_path / "odd_alpha.safetensors"
+    expected = kohya_lora(lora_path, base, modules, rank=4, alpha=0.0)  # alpha 0 -> scale 1
+    sd = load_file(lora_path)
+    mods = sorted(modules)
+    for n in mods[::3]:
+        del sd[f"{n}.alpha"]          # no alpha: scale 1 as well
+    for n in mods[1::3]:
+        sd[f"{n}.alpha"] = torch.tensor(2.0)  # an ordinary alpha: scale 0.5
+        expected[modules[n][0]] *= 0.5
+    save_file(sd, str(lora_path))
+    with pytest.warns(LoraAlphaWarning, match="odd_alpha.safetensors"):
+        out = merge(tmp_path, {"A": base_path, "L": lora_path},
+                    "  - {id: m, method: add_lora, inputs: [A, L]}")
+    assert_only_changed(out, base, expected)
+    save_file(out, str(tmp_path / "baked.safetensors"))
+    baked = load_pipeline(tmp_path / "baked.safetensors", "sd15", torch.float32)
+
+    def den(pipe):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return pipe.unet(**denoiser_inputs("sd15", pipe.unet))[0]
+
+    def te(pipe):
+        with torch.no_grad():
+            return pipe.text_encoder(torch.arange(10)[None])[0]
+
+    model = load_model(base_path, device="cpu")
+    plain = den(model.pipe)
+    with pytest.warns(LoraAlphaWarning, match="odd_alpha.safetensors"):
+        with attached_loras(model, [LoraUse(lora_path, 1.0)]):
+            preview, preview_te = den(model.pipe), te(model.pipe)
+    assert (preview - plain).abs().max() > 1e-2
+    assert torch.allclose(preview, den(baked), atol=2e-5)
+    assert torch.allclose(preview_te, te(baked), atol=2e-5)
+
+
+# ------------------------------------------------------------------ text-encoder-only LoRAs
+
+def test_text_encoder_only_loras_by_encoder_width():
+    from workbench.formats.detect import detect_keys
+
+    def keys(mods, prefix_from=None, prefix_to=None):
+        out = {}
+        for m, (down, up) in mods.items():
+            if prefix_from:
+                m = m.replace(prefix_from, prefix_to, 1)
+            out.update({f"{m}.lora_down.weight": tuple(down), f"{m}.lora_up.weight": tuple(up), f"{m}.alpha": ()})
+        return out
+
+    te1 = {m: v for m, v in GOLDEN["sdxl"].items() if m.startswith("lora_te1_")}
+    te2 = {m: v for m, v in GOLDEN["sdxl"].items() if m.startswith("lora_te2_")}
+    t5 = {m: v for m, v in GOLDEN["flux"].items() if m.startswith("lora_te3_")}
+    sd15 = {m: v for m, v in GOLDEN["sd15"].items() if m.startswith("lora_te_")}
+    info = detect_keys(keys(sd15), {}, "x")
+    assert (info.arch, info.archs) == ("sd15", {"sd15"})   # lora_te_: the SD1.x name only
+    info = detect_keys(keys(te1), {}, "x")                  # CLIP-L alone: any CLIP-L family
+    assert info.arch == "sd15" and info.archs == {"sd15", "sdxl", "sd3", "flux"}
+    assert "text-encoder-only" in " ".join(info.notes)
+    assert detect_keys(keys(te1), {"ss_base_model_version": "flux1"}, "x").arch == "flux"
+    info = detect_keys(keys(te1) | keys(te2), {}, "x")      # CLIP-L 768 + CLIP-G 1280
+    assert (info.arch, info.archs) == ("sdxl", {"sdxl", "sd3"})
+    assert detect_keys(keys(te1) | keys(te2), {"modelspec.architecture": "stable-diffusion-3-medium/lora"},
+                       "x").arch == "sd3"
+    info = detect_keys(keys(te1) | keys(te2) | keys(t5), {}, "x")  # + T5: SD3
+    assert (info.arch, info.archs) == ("sd3", {"sd3"})
+    assert detect_keys(keys(te1) | keys(t5), {}, "x").archs == {"flux"}
+    sd2 = {m: ([d[0], 1024] + d[2:], [1024 if u[0] == 768 else u[0]] + u[1:]) for m, (d, u) in sd15.items()}
+    assert detect_keys(keys(sd2), {}, "x").archs == {"sd2"}
+    # diffusers FLUX: CLIP-L is text_encoder, T5 is text_encoder_2
+    fx = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": (4, 768),
+          "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": (768, 4),
+          "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": (4, 4096),
+          "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight": (4096, 4)}
+    assert detect_keys(fx, {}, "x").archs == {"flux"}
+
+
+def test_clip_l_only_lora_merges_into_sdxl_and_flux(tmp_path, tiny_model):
+    """A `lora_te1_` CLIP-L-only LoRA fits SD1.5, SDXL, SD3 and FLUX; a merge takes it into each."""
+    for arch, prefix in (("sdxl", "conditioner.embedders.0.transformer."),
+                         ("flux", "text_encoders.clip_l.transformer.")):
+        base_path = tiny_model(arch, 1)
+        base = load_file(base_path)
+        modules = {f"lora_te1_text_model_encoder_layers_{i}_self_attn_q_proj":
+                   (f"{prefix}text_model.encoder.layers.{i}.self_attn.q_proj.weight", None) for i in (0, 1)}
+        lora = tmp_path / f"te_{arch}.safetensors"
+        expected = kohya_lora(lora, base, modules)
+        out = merge(tmp_path, {"A": base_path, "L": lora},
+                    "  - {id: m, method: add_lora, inputs: [A, L]}", out=f"o_{arch}.safetensors")
+        assert_only_changed(out, base, expected)
+
+
+# -------------------------------------------------------------------------------------- SD3
+
+from workbench.formats.lora_keys import SWAPPED  # noqa: E402
+
+
+def _sd3_kohya(path: Path, ckpt: Path) -> dict[str, torch.Tensor]:
+    table = module_table("sd3", read_header(ckpt).shapes())
+    g = torch.Generator().manual_seed(11)
+    sd = {}
+    for name, t in kohya_modules(table).items():
+        if t.component == "te3":
+            continue
+        sd.update({f"{name}.lora_down.weight": torch.randn(4, t.in_features, generator=g) * 0.2,
+                   f"{name}.lora_up.weight": torch.randn(t.out_features, 4, generator=g) * 0.2,
+                   f"{name}.alpha": torch.tensor(2.0)})
+    save_file(sd, str(path))
+    return sd
+
+
+def test_sd3_kohya_and_diffusers_names_bake_the_same(tmp_path, tiny_model):
+    """kohya `lora_unet_joint_blocks_N_x_block_attn_qkv` = diffusers `transformer.transformer_blocks.N.
+    attn.to_q/to_k/to_v` (row thirds), `context_block.attn.qkv` = `attn.add_{q,k,v}_proj`, mlp fc1/fc2
+    = ff(.context).net.0.proj/net.2 (diffusers' SD3 single-file converter, dit_keys.sd3_rules)."""
+    ckpt = tiny_model("sd3", 1)
+    table = module_table("sd3", read_header(ckpt).shapes())
+    sd = _sd3_kohya(tmp_path / "k.safetensors", ckpt)
+    assert any(k.startswith("lora_unet_joint_blocks_0_context_block_attn_qkv") for k in sd)
+    diff, swapped = {}, set()
+    for key, tensor in sd.items():
+        name, suffix = key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0], \
+            key.split(".", 1)[1]
+        if suffix == "alpha":
+            continue
+        t = table.lookup(name)
+        parts = table.diffusers[t.key]
+        up, down, alpha = sd[f"{name}.lora_up.weight"], sd[f"{name}.lora_down.weight"], sd[f"{name}.alpha"]
+        if suffix != "lora_down.weight":
+            continue
+        n = up.shape[0]
+        for dname, rows in parts:
+            if rows == SWAPPED:  # the last context block's adaLN: diffusers swaps its halves
+                swapped.add(t.key)
+                continue
+            a, b = (0, n) if rows is None else (n * rows[0] // rows[2], n * rows[1] // rows[2])
+            diff[f"{dname}.lora_A.weight"] = down.clone()
+            diff[f"{dname}.lora_B.weight"] = up[a:b] * (float(alpha) / 4)
+    assert "transformer.transformer_blocks.0.attn.add_k_proj.lora_B.weight" in diff
+    save_file(diff, str(tmp_path / "d.safetensors"))
+    k_out = merge(tmp_path, {"A": ckpt, "L": tmp_path / "k.safetensors"},
+                  "  - {id: m, method: add_lora, inputs: [A, L]}", out="k_out.safetensors")
+    d_out = merge(tmp_path, {"A": ckpt, "L": tmp_path / "d.safetensors"},
+                  "  - {id: m, method: add_lora, inputs: [A, L]}", out="d_out.safetensors")
+    base = load_file(ckpt)
+    changed = [k for k in base if not torch.equal(k_out[k], base[k].float()) and k not in swapped]
+    assert len(changed) > 20 and len(swapped) == 1
+    for k in changed:
+        assert torch.allclose(k_out[k], d_out[k], atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_sd3_kohya_lora_preview_equals_bake(tmp_path, tiny_model):
+    """diffusers' SD3 loader reads no kohya names (a kohya SD3 LoRA would do nothing); the preview
+    hands them over under diffusers names and matches the bake."""
+    from workbench.pipeline.generate import LoraUse, load_model
+    from workbench.pipeline.load import load_pipeline
+    from workbench.pipeline.loras import attached_loras
+
+    ckpt = tiny_model("sd3", 1)
+    _sd3_kohya(tmp_path / "k.safetensors", ckpt)
+    out = merge(tmp_path, {"A": ckpt, "L": tmp_path / "k.safetensors"},
+                "  - {id: m, method: add_lora, inputs: [A, L], alpha: 0.7}")
+    save_file(out, str(tmp_path / "baked.safetensors"))
+    baked = load_pipeline(tmp_path / "baked.safetensors", "sd3", torch.float32)
+
+    def run(pipe):
+        m = pipe.transformer
+        c = m.config
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            den = m(hidden_states=torch.randn(1, c.in_channels, 8, 8, generator=g),
+                    encoder_hidden_states=torch.randn(1, 5, c.joint_attention_dim, generator=g),
+                    pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g),
+                    timestep=torch.tensor([500.0]))[0]
+            te = pipe.text_encoder(torch.arange(10)[None])[0]
+            te2 = pipe.text_encoder_2(torch.arange(10)[None])[0]
+        return den, te, te2
+
+    model = load_model(ckpt, device="cpu")
+    plain = run(model.pipe)
+    with attached_loras(model, [LoraUse(tmp_path / "k.safetensors", 0.7)]):
+        got = run(model.pipe)
+    want = run(baked)
+    for g_, w_, p_ in zip(got, want, plain):
+        assert torch.allclose(g_, w_, atol=3e-5) and not torch.allclose(g_, p_, atol=1e-4)

@@ -149,7 +149,7 @@ def test_flux_double_blocks_load_in_diffusers(loaded, tmp_path):
 def _bake(tmp_path, base, lora, name="baked.safetensors"):
     """Our own bake: a merge recipe `add_lora` of `lora` into `base` (fp32 output)."""
     from workbench.recipes import parse_recipe
-    from workbench.runner import run_recipe
+    from workbench.dispatch import run_recipe
 
     body = (f"kind: merge\nname: bake\nmodels:\n  A: {base}\n  L: {lora}\nsteps:\n"
             f"  - {{id: m, method: add_lora, inputs: [A, L]}}\noutput:\n  path: {tmp_path / name}\n"

@@ -4,6 +4,8 @@ The architecture of a LoRA is decided from its module names (FLUX `double_blocks
 `joint_blocks`, SDXL `lora_te1_`/`lora_te2_`, transformer depth > 1) and, where names are shared,
 from tensor shapes: the input width of a cross-attention `to_k` is the text-encoder width
 (768 SD1.5, 1024 SD2, 2048 SDXL) and the hidden width of a DiT separates FLUX (3072) from SD3.
+Text-encoder-only LoRAs are placed by their encoders' widths (`_text_encoder_only`); what the
+widths leave open is listed in `ModelInfo.archs` (a CLIP-L-only LoRA fits four families).
 """
 
 from __future__ import annotations
@@ -71,7 +73,13 @@ def detect_lora(shapes: Mapping, metadata: Mapping[str, str], label: str,
         raise unknown(label, shapes, "LoRA-style module names without LoRA weight suffixes")
     kohya = any(m.startswith(KOHYA_PREFIXES) for m in modules)
     names = {_norm(m): tensors for m, tensors in modules.items()}
-    arch, variant, notes = _arch(names, kohya, metadata)
+    te_only = _text_encoder_only(names, metadata)
+    if te_only is not None:
+        arch, archs, notes = te_only
+        variant = None
+    else:
+        arch, variant, notes = _arch(names, kohya, metadata)
+        archs = frozenset({arch})
     if arch is None:
         raise unknown(label, shapes, "LoRA module names match no known architecture")
     if kohya:
@@ -86,7 +94,7 @@ def detect_lora(shapes: Mapping, metadata: Mapping[str, str], label: str,
         notes.append(rank_note)
     components = _components(names, arch)
     return ModelInfo(arch, variant, "lora", layout, frozenset(components), lora_format=lora_format,
-                     rank=rank, notes=tuple(notes), archs=frozenset({arch}),
+                     rank=rank, notes=tuple(notes), archs=archs,
                      key_count=len(shapes))
 
 
@@ -145,20 +153,67 @@ def _arch(names: Mapping[str, dict], kohya: bool, metadata: Mapping[str, str]):
     if has(r"input_blocks_(9|10|11)_|output_blocks_(9|10|11)_|down_blocks_0_attentions"):
         te_w = _width(names, r"^(lora_te1?_|text_encoder_).*q_proj$")
         return ("sd2" if te_w == 1024 else "sd15"), None, notes
-    if has(r"^(lora_te1?_|text_encoder_)text_model_encoder_layers_"):
-        te_w = _width(names, r"q_proj$")
-        layers = _max_index(names, r"encoder_layers_(\d+)_") + 1
-        if te_w == 1024 or layers > 12:
-            return "sd2", None, notes
-        notes.append("text-encoder-only LoRA: CLIP-L is shared by SD1.5/SDXL/SD3/FLUX; SD1.5 "
-                     "assumed")
-        return "sd15", None, notes
     base = metadata.get("ss_base_model_version", "")
     if base.startswith("sdxl"):
         return "sdxl", None, notes
     if base.startswith("sd_v1"):
         return "sd15", None, notes
     return None, None, notes
+
+
+_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder_")
+_T5 = re.compile(r"(encoder_block_\d+_layer|SelfAttention|DenseReluDense)")
+_FAMILY_HINTS = (("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("flux", "flux"),
+                 ("stable-diffusion-3", "sd3"), ("sd3", "sd3"), ("sd_v2", "sd2"), ("sd_v1", "sd15"),
+                 ("stable-diffusion-v1", "sd15"))
+
+
+def _metadata_arch(metadata: Mapping[str, str]) -> str | None:
+    """The family the trainer wrote (kohya `ss_base_model_version`, SAI `modelspec.architecture`)."""
+    for key in ("modelspec.architecture", "ss_base_model_version"):
+        value = str(metadata.get(key, "")).lower()
+        for hint, arch in _FAMILY_HINTS:
+            if value.startswith(hint):
+                return arch
+    return None
+
+
+def _text_encoder_only(names: Mapping[str, dict], metadata: Mapping[str, str]):
+    """(arch, archs, notes) for a LoRA with text-encoder modules only, from the encoders' widths;
+    None when the file also changes the diffusion model.
+
+    Widths: CLIP-L 768 (te1 of SD1.5, SDXL, SD3, FLUX), OpenCLIP-H 1024 (SD2), CLIP-G 1280 (te2 of
+    SDXL and SD3), T5 (FLUX `lora_te3_`/diffusers `text_encoder_2`, SD3 `lora_te3_`) by its module
+    names. What the widths cannot separate (CLIP-L alone; CLIP-L + CLIP-G without T5 is SDXL or SD3)
+    stays open in `archs`, the trainer's metadata picks `arch` when it has a family, else the oldest.
+    """
+    if not names or not all(n.startswith(_TE_PREFIXES) for n in names):
+        return None
+    t5 = {n for n in names if _T5.search(n)}
+    clip = [n for n in names if n not in t5]
+    g = [n for n in clip if n.startswith(("lora_te2_", "text_encoder_2_"))]
+    l_names = [n for n in clip if n not in g and not n.startswith(("lora_te3_", "text_encoder_3_"))]
+    width = _width({n: names[n] for n in l_names}, r"q_proj$") if l_names else None
+    layers = _max_index(l_names, r"encoder_layers_(\d+)_") + 1
+    hint = _metadata_arch(metadata)
+    notes: list[str] = []
+    if t5:
+        archs = {"sd3"} if g else {"flux"}
+    elif g:
+        archs = {"sdxl", "sd3"}
+    elif width == 1024 or layers > 12:
+        archs = {"sd2"}
+    elif all(n.startswith("lora_te_") for n in l_names):
+        archs = {"sd15"}  # `lora_te_` is the SD1.x name; SDXL/SD3/FLUX loaders map `lora_te1_`
+    else:
+        archs = {"sd15", "sdxl", "sd3", "flux"}
+    if len(archs) == 1:
+        arch = next(iter(archs))
+    else:
+        arch = hint if hint in archs else ("sdxl" if "sdxl" in archs and g else "sd15")
+        notes.append(f"text-encoder-only LoRA: its encoder widths fit {', '.join(sorted(archs))}; "
+                     f"{arch} assumed" + (" (from its metadata)" if hint == arch else ""))
+    return arch, frozenset(archs), notes
 
 
 def _rank(modules: Mapping[str, dict]) -> tuple[int | None, str | None]:

@@ -246,7 +246,9 @@ def _sd3_diffusers(bare_keys: list[str]) -> dict[str, list[tuple[str, tuple[int,
     `attn.add_q_proj/add_k_proj/add_v_proj`, `x_block.attn.proj` = `attn.to_out.0`, `context_block.
     attn.proj` = `attn.to_add_out`, `mlp.fc1/fc2` = `ff(_context).net.0.proj/net.2`, adaLN =
     `norm1(_context).linear`; SD3.5 medium `attn2` likewise. Weights stored with swapped halves
-    (the last context block's adaLN, final_layer) have no single row range and are left out."""
+    (the last context block's adaLN, final_layer) are marked SWAPPED: their diffusers layer holds
+    the two row halves in the other order, which no single row range expresses, so they are kept out
+    of the name lookup and only used to place a kohya module's change (`ModuleTable.diffusers`)."""
     keys = set(bare_keys)
     fake: set[str] = set()
     for i in dit_keys._block_ids(keys, "joint_blocks"):
@@ -262,14 +264,25 @@ def _sd3_diffusers(bare_keys: list[str]) -> dict[str, list[tuple[str, tuple[int,
     if not fake:
         return out
     for rule in dit_keys.sd3_rules(fake):
-        if not rule.original.endswith(".weight") or rule.op == "swap" or len(rule.parts) not in (1, 3):
+        if not rule.original.endswith(".weight") or len(rule.parts) not in (1, 3):
             continue
         parts = [p[:-7] for p in rule.parts]
-        if rule.op == "copy":
+        if rule.op == "swap":
+            out[rule.original[:-7]] = [(parts[0], SWAPPED)]
+        elif rule.op == "copy":
             out[rule.original[:-7]] = [(parts[0], None)]
         else:
             out[rule.original[:-7]] = [(p, (i, i + 1, 3)) for i, p in enumerate(parts)]
     return out
+
+
+SWAPPED = (1, 2, 2)  # marker rows: the diffusers layer stores halves (b, a) of original rows (a, b)
+
+
+def swap_halves(t):
+    """Rows (a, b) -> (b, a): a SWAPPED layer's change from the checkpoint weight's change."""
+    n = t.shape[0] // 2
+    return t.roll(-n, dims=0) if t.shape[0] % 2 == 0 else t
 
 
 def _dit_default(arch: str, path: str) -> bool:
@@ -289,7 +302,8 @@ class ModuleTable:
     targets: dict[str, Target]
     canonical: dict[str, Target]
     # checkpoint key -> [(diffusers module "component.path", rows)]: where the layer lives in a
-    # diffusers pipeline (CLIP paths spelled with `text_model.`; transformers 5 drops that level)
+    # diffusers pipeline (CLIP paths spelled with `text_model.`; transformers 5 drops that level;
+    # rows SWAPPED: the layer holds the weight's two row halves swapped, see `swap_halves`)
     diffusers: dict[str, list[tuple[str, tuple[int, int, int] | None]]] = field(default_factory=dict)
 
     def lookup(self, module: str) -> Target | None:
@@ -340,6 +354,8 @@ def module_table(arch: str, shapes: Shapes) -> ModuleTable:
             add(["lora_unet_" + _under(path), "diffusion_model." + path, "transformer." + path], t)
             for dpath, rows in flux.get(path, []):
                 diffusers.setdefault(key, []).append(("transformer." + dpath, rows))
+                if rows is SWAPPED:
+                    continue
                 part = Target(key, shape, "unet", rows, False)
                 for n in ("transformer." + dpath, "lora_transformer_" + _under(dpath), dpath):
                     targets.setdefault(n, part)

@@ -27,6 +27,7 @@ from workbench.pipeline.generate import (
     plan_for_file,
     save_image,
 )
+from workbench.kinds.checks import check_lora_blocks
 from workbench.plan import RunPlan, RunResult, check_input
 from workbench.provenance import Provenance
 from workbench.recipes.generate import GenerateRecipe
@@ -70,9 +71,10 @@ def describe(recipe: GenerateRecipe, overwrite: bool = False) -> RunPlan:
     """Inputs, settings and the memory plan for this recipe's size and batch; `detail` is that
     memory plan (None for a diffusers folder: its sizes come from the loaded components)."""
     plan = RunPlan.for_recipe(recipe, overwrite)
-    check_input(plan, "model", recipe.model)
+    model = check_input(plan, "model", recipe.model)
     for i, lora in enumerate(recipe.loras):
         check_input(plan, f"loras[{i}]", lora.path, expect="file")
+        check_lora_blocks(plan, f"loras[{i}]", model.arch, lora)
     seed = "random" if recipe.seed == -1 else str(recipe.seed)
     plan.lines += [
         "generation:",

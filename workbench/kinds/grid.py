@@ -33,6 +33,7 @@ from workbench.grid.cells import LETTERS, Cell, GridLayout, expand, layout, run_
 from workbench.pipeline.generate import generate, load_model, plan_for_file
 from workbench.pipeline.image_meta import format_parameters
 from workbench.progress import task
+from workbench.kinds.checks import check_lora_blocks
 from workbench.plan import RunPlan, RunResult, check_input
 from workbench.provenance import Provenance
 from workbench.recipes.grid import GridRecipe, LoraAxis, MergeAxis, ModelAxis
@@ -141,10 +142,10 @@ def _short(value: Any) -> str:
 
 def _check_inputs(recipe: GridRecipe, plan: RunPlan) -> None:
     d = recipe.defaults
-    if d.model is not None:
-        check_input(plan, "defaults.model", d.model)
+    arch = check_input(plan, "defaults.model", d.model).arch if d.model is not None else None
     for i, lora in enumerate(d.loras):
         check_input(plan, f"defaults.loras[{i}]", lora.path, expect="file")
+        check_lora_blocks(plan, f"defaults.loras[{i}]", arch, lora)
     plan.lines.append("axes:")
     for letter, axis in recipe.axes():
         values = axis.expanded_values()  # type: ignore[attr-defined]
@@ -156,6 +157,7 @@ def _check_inputs(recipe: GridRecipe, plan: RunPlan) -> None:
         elif isinstance(axis, LoraAxis):
             for j, lora in enumerate(axis.values):
                 check_input(plan, f"{letter}.values[{j}]", lora.path, expect="file")
+                check_lora_blocks(plan, f"{letter}.values[{j}]", arch, lora)
         elif isinstance(axis, MergeAxis):
             check_input(plan, f"{letter}.recipe", axis.recipe, expect="file")
     seeds = recipe.seeds or [1]

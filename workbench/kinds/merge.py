@@ -15,6 +15,7 @@ from pathlib import Path
 from workbench import progress as progress_events
 from workbench.errors import WorkbenchError
 from workbench.formats.blocks import parse_block_values
+from workbench.formats.detect import detect
 from workbench.formats.hashes import sha256_file
 from workbench.formats.writer import SafetensorsWriter
 from workbench.merge.build import MergePlan, output_plan, plan_merge
@@ -39,6 +40,19 @@ def estimated_peak_ram(plan: MergePlan, budget: int = DEFAULT_BUDGET) -> int:
     return BASELINE_RAM + max(budget, largest)
 
 
+def _lora_fits(recipe: MergeRecipe, step, archs: dict[str, str]) -> bool:
+    """add_lora of a LoRA that fits several families (text-encoder-only: CLIP-L is in SD1.5, SDXL,
+    SD3 and FLUX; workbench/formats/lora_detect.py) onto a model of one of them."""
+    if step.method != "add_lora" or len(step.inputs) != 2 or step.inputs[1] not in recipe.models:
+        return False
+    base, lora = step.inputs
+    try:
+        info = detect(recipe.models[lora])
+    except WorkbenchError:
+        return False
+    return info.kind == "lora" and archs.get(base) in info.archs
+
+
 def describe(recipe: MergeRecipe, overwrite: bool = False) -> RunPlan:
     """Inputs, steps, per-policy counts, RAM, size, time and disk; `detail` is the MergePlan."""
     plan = RunPlan.for_recipe(recipe, overwrite)
@@ -53,7 +67,7 @@ def describe(recipe: MergeRecipe, overwrite: bool = False) -> RunPlan:
         plan.lines.append(f"  {n}. {step.id} = {step.method}({', '.join(step.inputs)})  {params}"
                           .rstrip())
         seen = {archs[i] for i in step.inputs if i in archs}
-        if len(seen) > 1:
+        if len(seen) > 1 and not _lora_fits(recipe, step, archs):
             plan.problems.append(f"step {step.id}: inputs are different architectures "
                                  f"({', '.join(sorted(seen))})")
         if step.inputs and step.inputs[0] in archs:

@@ -9,7 +9,7 @@ streams it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -75,6 +75,10 @@ def read_inputs(models: dict[str, Path]) -> dict[str, MergeInput]:
             raise WorkbenchError(f"model {name}: {path} is a {info.arch} {info.kind}; merge steps take "
                                  "checkpoints, model components or LoRAs (method add_lora)")
         inputs[name] = MergeInput(name, Path(path), header, info)
+    models = {i.info.arch for i in inputs.values() if i.info.kind != "lora"}
+    for inp in inputs.values():  # a text-encoder-only LoRA may fit several families (lora_detect)
+        if inp.info.kind == "lora" and len(models) == 1 and (arch := next(iter(models))) in inp.info.archs:
+            inp.info = replace(inp.info, arch=arch)
     archs = {}
     for inp in inputs.values():
         archs.setdefault(inp.info.arch, inp)

@@ -23,14 +23,19 @@ to_q/to_k/to_v -> `qkv`) are summed into one delta of the fused shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from workbench.errors import UnsupportedError, WorkbenchError
-from workbench.formats.lora_alpha import PeftAlphas, effective_alpha, is_defaulted, warn_defaulted
+from workbench.formats.lora_alpha import (
+    PeftAlphas,
+    effective_alpha,
+    is_defaulted,
+    warn_defaulted,
+)
 from workbench.formats.lora_detect import split_suffix
 from workbench.formats.lora_keys import ModuleTable, Target, module_table
 from workbench.formats.safetensors_io import SafetensorsHeader, TensorInfo
@@ -360,12 +365,12 @@ class LoraInputNode(InputNode):
         """Alpha 0 is only known once the tensor is read: warn at the first one (missing alphas
         were reported from the header when the node was built, i.e. in the dry run)."""
         for m in mods:
-            if m.rank is not None and m.name not in self._defaulted and m.alpha_key:
-                if is_defaulted(file_alpha(m, raw)):
-                    self._defaulted[m.name] = True
-                    if not self._warned_zero:
-                        self._warned_zero = True
-                        warn_defaulted(str(self.path), [m.name], self.n_modules, zero=True)
+            if (m.rank is not None and m.name not in self._defaulted and m.alpha_key
+                    and is_defaulted(file_alpha(m, raw))):
+                self._defaulted[m.name] = True
+                if not self._warned_zero:
+                    self._warned_zero = True
+                    warn_defaulted(str(self.path), [m.name], self.n_modules, zero=True)
 
     def summary(self) -> str:
         text = f"LoRA {self.name}: {self.n_modules} modules on {len(self.modules)} weights"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from workbench.errors import UnsupportedError, WorkbenchError
 from workbench.formats.lazy import open_lazy
-from workbench.formats.lora_keys import ModuleTable, module_table
+from workbench.formats.lora_keys import SWAPPED, ModuleTable, module_table, swap_halves
 from workbench.formats.safetensors_io import read_header
 from workbench.merge.graph import InputNode
 from workbench.merge.lora import LoraInputNode
@@ -32,9 +32,10 @@ COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_enc
 Layer = tuple[str, str]  # (pipeline component, module path)
 
 
-def installed_layers(pipe, table: ModuleTable, keys) -> dict[str, list[tuple[Layer, tuple[int, int] | None]]]:
-    """checkpoint key -> [((component, path), row range or None)] of the pipeline's Linear/Conv2d
-    layers holding it. CLIP paths are tried with and without `text_model.` (transformers 5)."""
+def installed_layers(pipe, table: ModuleTable, keys) -> dict[str, list[tuple[Layer, tuple[int, int] | None, bool]]]:
+    """checkpoint key -> [((component, path), row range or None, halves swapped)] of the pipeline's
+    Linear/Conv2d layers holding it. CLIP paths are tried with and without `text_model.`
+    (transformers 5)."""
     trees = {c: dict(m.named_modules()) for c in COMPONENTS
              if isinstance((m := getattr(pipe, c, None)), torch.nn.Module)}
     rows_of = {t.key: t.shape[0] for t in table.canonical.values()}
@@ -49,10 +50,10 @@ def installed_layers(pipe, table: ModuleTable, keys) -> dict[str, list[tuple[Lay
             for p in (path, path.removeprefix("text_model.")):
                 if isinstance(tree.get(p), (torch.nn.Linear, torch.nn.Conv2d)):
                     rng = None
-                    if rows is not None and n is not None:
+                    if rows is not None and rows != SWAPPED and n is not None:
                         start, stop, of = rows
                         rng = (n * start // of, n * stop // of)
-                    out.setdefault(key, []).append(((comp, p), rng))
+                    out.setdefault(key, []).append(((comp, p), rng, rows == SWAPPED))
                     break
     return out
 
@@ -86,8 +87,9 @@ class ExactLora:
             try:
                 for key, places in layers.items():
                     full = node.delta(key)
-                    for layer, rng in places:
+                    for layer, rng, swapped in places:
                         d = full if rng is None else full[rng[0]:rng[1]]
+                        d = swap_halves(d) if swapped else d
                         self.deltas[layer] = d.to(model.device, model.dtype).contiguous()
                         self.keys[layer] = key
             finally:

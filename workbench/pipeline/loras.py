@@ -8,9 +8,11 @@ model and are switched per call with `set_adapters`, so a grid that alternates L
 reads each LoRA file once. The oldest adapters are dropped beyond MAX_LOADED.
 
 So that a preview equals the bake of the same file (workbench/merge/lora.py):
-- alpha: kohya files go to diffusers with every module's alpha written out as
-  workbench/formats/lora_alpha.py decides it (diffusers would apply an alpha of 0 as 0, and give
-  modules without alpha the most common alpha of the others);
+- alpha: kohya files go to diffusers with each module's alpha / rank, as
+  workbench/formats/lora_alpha.py decides it, folded into lora_up and no `.alpha` left (diffusers
+  would apply an alpha of 0 as 0, give modules without alpha the most common alpha of the others,
+  and, in 0.42.1, ignores differing per-module alphas of SD1.5/SDXL U-Net modules: its
+  alpha_pattern keys keep `.processor.to_q_lora.down.weight` and match no layer);
 - kohya SD3 files are handed over under diffusers names (diffusers' SD3 loader reads no kohya
   names and would skip them silently), alpha folded into lora_B;
 - LoHa, LoKr, DoRA and Tucker-LoCon files, which diffusers refuses or applies without their DoRA
@@ -21,23 +23,27 @@ So that a preview equals the bake of the same file (workbench/merge/lora.py):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 
 from workbench.errors import WorkbenchError
 from workbench.formats import lbw
 from workbench.formats.blocks import BLOCK_IDS, block_of, parse_block_values
-from workbench.formats.lora_alpha import PeftAlphas, effective_alpha, is_defaulted, warn_defaulted
+from workbench.formats.lora_alpha import (
+    PeftAlphas,
+    effective_alpha,
+    is_defaulted,
+    warn_defaulted,
+)
 from workbench.formats.lora_detect import KOHYA_PREFIXES, split_suffix
 from workbench.formats.safetensors_io import read_header
-
 from workbench.pipeline.model import LoraUse, Model
 
 MAX_LOADED = 8
-# tensors diffusers' loader cannot apply as trained: those files go to core/lora_patch.py
+# tensors diffusers' loader cannot apply as trained: those files go to pipeline/lora_patch.py
 EXACT_SUFFIXES = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".dora_scale", ".lora_magnitude_vector",
                   ".lora_magnitude_vector.weight", ".lora_mid.weight")
 PIPE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -48,7 +54,7 @@ def _key(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
-def _check_lora(model: "Model", path: Path) -> None:
+def _check_lora(model: Model, path: Path) -> None:
     """Refuse a file that is not a LoRA for this model's architecture, before diffusers reads it."""
     from workbench.formats.detect import detect
 
@@ -73,13 +79,14 @@ def _modules(header) -> dict[str, dict[str, str]]:
 
 
 def needs_exact(header) -> bool:
-    """LoHa, LoKr, DoRA or Tucker-LoCon modules: applied by core/lora_patch.py."""
+    """LoHa, LoKr, DoRA or Tucker-LoCon modules: applied by pipeline/lora_patch.py."""
     return any(k.endswith(EXACT_SUFFIXES) for k in header.tensors)
 
 
 def for_diffusers(path: Path, arch: str, model_path: Path | None = None) -> str | dict:
-    """What to hand to `load_lora_weights`: the path itself, or a state dict with alphas written
-    out by the shared rule (kohya layout) / with diffusers names (kohya SD3)."""
+    """What to hand to `load_lora_weights`: the path itself (diffusers/PEFT layout: its own alpha
+    metadata, or scale 1 per module, as our rule), or a state dict with every kohya module's scale
+    folded into lora_up (kohya layout) / with diffusers names (kohya SD3)."""
     from safetensors.torch import load_file
 
     header = read_header(path)
@@ -96,19 +103,20 @@ def for_diffusers(path: Path, arch: str, model_path: Path | None = None) -> str 
     sd = load_file(str(path))
     defaulted: dict[str, bool] = {}
     for module, tensors in modules.items():
-        down = tensors.get(".lora_down.weight")
-        if down is None:
-            continue
+        down, up = tensors.get(".lora_down.weight"), tensors.get(".lora_up.weight")
         alpha_key = tensors.get(".alpha")
-        alpha = float(sd[alpha_key].float().item()) if alpha_key else None
+        alpha = float(sd.pop(alpha_key).float().item()) if alpha_key else None
+        if down is None or up is None:
+            continue
+        rank = sd[down].shape[0]
         if is_defaulted(alpha):
-            rank = sd[down].shape[0]
-            sd[f"{module}.alpha"] = torch.tensor(effective_alpha(alpha, rank))
             defaulted[module] = alpha is not None
-    if not defaulted:
-        return str(path)
-    kinds = set(defaulted.values())
-    warn_defaulted(str(path), defaulted, len(modules), kinds.pop() if len(kinds) == 1 else None)
+        scale = effective_alpha(alpha, rank) / rank
+        if scale != 1.0:
+            sd[up] = sd[up] * scale
+    if defaulted:
+        kinds = set(defaulted.values())
+        warn_defaulted(str(path), defaulted, len(modules), kinds.pop() if len(kinds) == 1 else None)
     return sd
 
 
@@ -121,7 +129,7 @@ def _sd3_to_diffusers(path: Path, header, modules, model_path: Path | None) -> d
 
     from safetensors.torch import load_file
 
-    from workbench.formats.lora_keys import module_table
+    from workbench.formats.lora_keys import SWAPPED, module_table, swap_halves
 
     if model_path is None or not Path(model_path).is_file():
         raise WorkbenchError(f"{path}: a kohya SD3 LoRA is mapped to diffusers names through the "
@@ -150,9 +158,13 @@ def _sd3_to_diffusers(path: Path, header, modules, model_path: Path | None) -> d
         up = up * (effective_alpha(alpha, rank) / rank)
         n = up.shape[0]
         for name, rows in parts:
-            a, b = (0, n) if rows is None else (n * rows[0] // rows[2], n * rows[1] // rows[2])
+            if rows == SWAPPED:  # e.g. the last context block's adaLN: halves stored the other way
+                part = swap_halves(up)
+            else:
+                a, b = (0, n) if rows is None else (n * rows[0] // rows[2], n * rows[1] // rows[2])
+                part = up[a:b]
             out[f"{name}.lora_A.weight"] = down.contiguous()
-            out[f"{name}.lora_B.weight"] = up[a:b].contiguous()
+            out[f"{name}.lora_B.weight"] = part.contiguous()
     if defaulted:
         kinds = set(defaulted.values())
         warn_defaulted(str(path), defaulted, len(modules), kinds.pop() if len(kinds) == 1 else None)
@@ -163,7 +175,7 @@ def _sd3_to_diffusers(path: Path, header, modules, model_path: Path | None) -> d
     return out
 
 
-def _load(model: "Model", path: Path):
+def _load(model: Model, path: Path):
     loaded = model.lora_adapters
     key = _key(path)
     if key in loaded:
@@ -189,14 +201,14 @@ def _load(model: "Model", path: Path):
     return name
 
 
-def _drop(model: "Model", handle) -> None:
+def _drop(model: Model, handle) -> None:
     if isinstance(handle, str):
         model.pipe.delete_adapters(handle)
     else:
         handle.remove()
 
 
-def _adapters_to_device(model: "Model") -> None:
+def _adapters_to_device(model: Model) -> None:
     """peft puts an adapter where its base layer's weight is at load time; for layers that are
     streamed or offloaded that is the CPU. Adapters are small: keep them all on the compute
     device."""
@@ -221,7 +233,7 @@ def block_table(arch: str, blocks: str | None, label: str = "LoRA") -> dict[str,
         raise WorkbenchError(f"{label}: {e}") from None
 
 
-def _peft_layers(model: "Model", adapter: str) -> Iterator[tuple[str, str, torch.nn.Module]]:
+def _peft_layers(model: Model, adapter: str) -> Iterator[tuple[str, str, torch.nn.Module]]:
     for comp in PIPE_COMPONENTS:
         m = getattr(model.pipe, comp, None)
         if not isinstance(m, torch.nn.Module):
@@ -231,7 +243,7 @@ def _peft_layers(model: "Model", adapter: str) -> Iterator[tuple[str, str, torch
                 yield comp, path, module
 
 
-def _set_block_scales(model: "Model", adapter: str, weight: float, table: dict[str, float]) -> None:
+def _set_block_scales(model: Model, adapter: str, weight: float, table: dict[str, float]) -> None:
     """Per-layer weight = LoRA weight × its block's weight (after diffusers' set_adapters)."""
     for comp, path, module in _peft_layers(model, adapter):
         block = lbw.diffusers_block(model.arch, comp, path)
@@ -239,7 +251,7 @@ def _set_block_scales(model: "Model", adapter: str, weight: float, table: dict[s
 
 
 @contextmanager
-def attached_loras(model: "Model", loras: Sequence["LoraUse"]) -> Iterator[None]:
+def attached_loras(model: Model, loras: Sequence[LoraUse]) -> Iterator[None]:
     """Inside the block exactly `loras` are active with their weights; others are off."""
     loaded = model.lora_adapters
     exact = [h for h in loaded.values() if not isinstance(h, str)]
@@ -279,7 +291,7 @@ def _key_weight(arch: str, table: dict[str, float] | None) -> Callable[[str], fl
     return lambda key: table.get(block_of(arch, key), 0.0)
 
 
-def unload_all(model: "Model") -> None:
+def unload_all(model: Model) -> None:
     """Remove every adapter this module attached (the model returns to its plain weights)."""
     loaded = model.lora_adapters
     if any(isinstance(h, str) for h in loaded.values()):
