@@ -30,7 +30,6 @@ import workbench
 from workbench import system
 from workbench.cli import main as cli_main
 from workbench.formats import lazy, pipeline_configs_sd, writer
-from workbench.formats.safetensors_io import read_header
 from workbench.jobs.store import JobStore, pid_alive
 from workbench.merge import executor
 
