@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from workbench.jobs.store import JobStore, pid_alive
@@ -161,8 +161,8 @@ def test_metrics_travel_as_numbers(store):
 
 def test_zombie_is_not_alive():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-             == "Z", what="zombie")
+    wait_for(lambda: not psutil.pid_exists(child.pid)  # Windows: gone at exit; POSIX: a zombie
+             or psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, what="child exit")
     assert not pid_alive(child.pid)  # exited but not reaped: still in the process table
     child.wait()
     assert pid_alive(os.getpid())
@@ -196,7 +196,7 @@ def test_killed_worker_marks_its_job_failed(store, tiny_sd15, tmp_path, plugin_e
     job = store.submit("merge", merge_yaml(tiny_sd15, out, pace="1000 0.05"))
     worker = start_worker(store.path, plugin_env)
     wait_for(lambda: (store.get(job).progress or 0) > 0, what="the job to report progress")
-    os.kill(worker.pid, signal.SIGKILL)
+    worker.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no handler runs
     worker.wait()
     assert store.get(job).status == "running"  # nobody has looked yet
     assert store.reap() == [job]
@@ -273,3 +273,85 @@ def test_ensure_workers_starts_only_what_can_run(store, monkeypatch):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# ------------------------------------------------------------------- the hard stop (portable)
+
+# Engines that ignore their cancel flag: "stuck" also ignores KeyboardInterrupt (a long native
+# call), "deaf" ignores everything, even the SystemExit that SIGTERM becomes on POSIX.
+DEAF_PLUGIN = '''
+import time
+from pathlib import Path
+from fake_engines import register_handler
+
+def deaf_merge(recipe, *, overwrite=False, progress=True):
+    out = Path(recipe.output.path)
+    ignored = BaseException if recipe.description == "deaf" else KeyboardInterrupt
+    with open(out, "wb") as f:
+        f.write(b"partial")
+        f.flush()
+        while True:
+            try:
+                time.sleep(0.05)
+            except ignored:
+                pass
+
+register_handler("merge", deaf_merge)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pace", ["stuck", "deaf"])
+def test_force_stop_ends_a_worker_that_ignores_its_cancel(store, tiny_sd15, tmp_path, plugin_env,
+                                                          pace):
+    """Cancelling needs no signal (the worker polls its job's flag); when an engine ignores it,
+    force_stop terminates the worker's process tree through psutil, and kills it when even that
+    is ignored. Either way the job ends cancelled and the worker is gone, on every OS."""
+    from workbench.jobs.worker import force_stop
+
+    (tmp_path / "deaf_engines.py").write_text(DEAF_PLUGIN)
+    out = tmp_path / f"{pace}.safetensors"
+    job = store.submit("merge", merge_yaml(tiny_sd15, out, pace=pace))
+    worker = start_worker(store.path, plugin_env, "--plugin", "deaf_engines", "--max-jobs", "1")
+    try:
+        wait_for(lambda: out.exists(), timeout=120, what="the engine to start")
+        assert store.request_cancel(job) == "running"
+        time.sleep(4)  # the worker's own interrupt (after CANCEL_GRACE_S) is ignored too
+        assert store.get(job).status == "running" and worker.poll() is None
+        assert force_stop(store, job, grace_s=3) is True
+        worker.wait(timeout=60)
+    finally:
+        worker.kill()
+    done = store.get(job)
+    assert done.status == "cancelled" and done.error.startswith("cancelled by request"), done.error
+    assert not pid_alive(worker.pid) and store.live_workers() == []
+    assert force_stop(store, job) is False  # finished: nothing to stop
+
+
+def test_force_stop_refuses_to_stop_its_own_process(store):
+    from workbench.errors import WorkbenchError
+    from workbench.jobs.worker import force_stop
+
+    job = store.submit("merge", "kind: merge")
+    store.claim(pid=os.getpid())
+    with pytest.raises(WorkbenchError, match="runs in this process"):
+        force_stop(store, job)
+    assert store.get(job).status == "running"
+
+
+@pytest.mark.slow
+def test_spawned_worker_is_detached(tmp_path):
+    """spawn_worker starts the worker in its own session (POSIX) or process group (Windows), so
+    Ctrl-C in the dashboard's terminal does not reach it."""
+    from workbench.jobs.worker import spawn_worker
+
+    proc = spawn_worker(tmp_path / "jobs.sqlite", idle_exit_s=30)
+    try:
+        wait_for(lambda: JobStore(tmp_path / "jobs.sqlite").live_workers(), timeout=120,
+                 what="the worker")
+        if hasattr(os, "getsid"):
+            assert os.getsid(proc.pid) == proc.pid != os.getsid(0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert not pid_alive(proc.pid)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +15,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from workbench import system
+from workbench.cli import main as cli_main
 from workbench.errors import FormatError, OutputExistsError, WorkbenchError
+from workbench.formats import writer
 from workbench.formats.lazy import load_pickle_safe, open_lazy
 from workbench.formats.safetensors_io import read_header
 from workbench.formats.writer import (SafetensorsWriter, atomic_write_bytes, atomic_write_text,
@@ -166,3 +171,227 @@ def test_load_pickle_safe(tmp_path):
     torch.save({"w": torch.ones(1), "callback": Evil()}, bad)
     with pytest.raises(FormatError, match="refused to load"):
         load_pickle_safe(bad)
+
+
+# ------------------------------------------------------------------ write errors (a full disk, #14)
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """disk_full(match, after=0): from now on, writes into new files whose temp path matches fail
+    with ENOSPC once `after` bytes went in, as a disk filling up mid-file does. Injected at the
+    writers' only two OS calls (`_create`, `_write_all`), so every writer meets it."""
+    armed = {"match": None, "after": 0}
+    budgets: dict[int, list[int]] = {}
+    real_create, real_write = writer._create, writer._write_all
+
+    def create(path, flags=0):
+        fd = real_create(path, flags)
+        budgets.pop(fd, None)  # a reused descriptor number
+        if armed["match"] is not None and armed["match"](Path(path)):
+            budgets[fd] = [armed["after"]]
+        return fd
+
+    def write_all(fd, data):
+        budget = budgets.get(fd)
+        if budget is not None:
+            with memoryview(data) as view:
+                size = view.nbytes
+            if size > budget[0]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            budget[0] -= size
+        real_write(fd, data)
+
+    monkeypatch.setattr(writer, "_create", create)
+    monkeypatch.setattr(writer, "_write_all", write_all)
+
+    def arm(match=lambda path: True, after: int = 0) -> None:
+        armed.update(match=match, after=after)
+
+    return arm
+
+
+def tmp_files(folder: Path) -> list[Path]:
+    """Temp files (`*.tmp`) and temp folders (`*.tmp-<pid>`) anywhere under `folder`."""
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]
+
+
+DISK_FULL = "the disk is full (No space left on device [ENOSPC])"
+
+
+def test_disk_full_mid_stream_removes_the_temp_file_and_says_so(tmp_path, monkeypatch, disk_full):
+    """Issue #14: the I/O thread's error used to pin a buffer, so closing it raised BufferError
+    (twice), hid the ENOSPC and left the temp file. Small staging buffers put the failure in
+    the middle of the file with more buffers queued behind it."""
+    monkeypatch.setattr(writer._SequentialSink, "BUFFER", 64 * 1024)
+    disk_full(after=3 * 64 * 1024)
+    plan = {f"t{i}": ("F32", (64, 1024)) for i in range(8)}  # 2 MiB: 32 buffers
+    path = tmp_path / "out.safetensors"
+    with pytest.raises(WorkbenchError) as info:
+        with SafetensorsWriter(path, plan) as w:
+            for name in plan:
+                w.write(name, torch.ones(64, 1024))
+    text = str(info.value)
+    needed = SafetensorsWriter(path, plan).size  # 2 MiB of tensors plus the header
+    assert f"{DISK_FULL}: the file needs 2.1 MB ({needed:,} bytes) in {tmp_path}, which has" in text
+    assert "nothing was saved" in text
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
+    assert leftovers(tmp_path) == []
+
+
+def test_disk_full_on_the_last_buffer_and_for_small_files(tmp_path, disk_full):
+    disk_full()
+    with pytest.raises(WorkbenchError, match=r"needs 4\.\d KB \(4,\d{3} bytes\) in .*nothing was saved"):
+        save_file_atomic({"x": torch.ones(1000)}, tmp_path / "small.safetensors")
+    with pytest.raises(WorkbenchError, match=r"the disk is full .*: the file needs 8 bytes in"):
+        atomic_write_bytes(tmp_path / "i.png", b"\x89PNG....")
+    with pytest.raises(WorkbenchError, match="ENOSPC"):
+        atomic_write_text(tmp_path / "r.json", "{}")
+    assert leftovers(tmp_path) == []
+
+
+def test_other_write_errors_are_said_plainly(tmp_path, monkeypatch):
+    def broken(fd, data):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(writer, "_write_all", broken)
+    with pytest.raises(WorkbenchError, match=r"writing in .* failed \(Input/output error \[EIO\]\)"):
+        save_file_atomic({"x": torch.ones(10)}, tmp_path / "a.safetensors")
+    with pytest.raises(WorkbenchError, match=r"\[EIO\]"):
+        atomic_write_bytes(tmp_path / "b.json", b"{}")
+    assert leftovers(tmp_path) == []
+
+
+def test_not_enough_space_is_found_before_writing(tmp_path, monkeypatch):
+    """Free space is checked on every OS (shutil); posix_fallocate, where present, also reserves
+    the blocks. Both report the folder and the bytes needed, and nothing is left behind."""
+    real = writer.shutil.disk_usage
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: real(p)._replace(free=999))
+    with pytest.raises(WorkbenchError, match=r"not enough disk space: the file needs 4\.\d KB \(4,\d{3} bytes\) in "
+                                             r".*, which has 999 bytes free; nothing was saved"):
+        save_file_atomic({"x": torch.ones(1000)}, tmp_path / "a.safetensors")
+    assert leftovers(tmp_path) == []
+    monkeypatch.setattr(writer.shutil, "disk_usage", real)
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room, raising=False)
+    with pytest.raises(WorkbenchError, match=re.escape(DISK_FULL)):
+        save_file_atomic({"x": torch.ones(1000)}, tmp_path / "a.safetensors")
+    assert leftovers(tmp_path) == []
+
+
+def test_rename_onto_a_file_in_use_retries_then_explains(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another program holds open (PermissionError): the
+    writer retries, and when it never frees up says so and removes its temp file."""
+    monkeypatch.setattr(system, "REPLACE_DELAYS_S", (0.01, 0.01, 0.01))
+    real_replace, calls = os.replace, []
+
+    def busy(src, dst, failures):
+        calls.append(dst)
+        if len(calls) <= failures:
+            raise PermissionError(errno.EACCES, "The process cannot access the file because it "
+                                  "is being used by another process", str(dst))
+        real_replace(src, dst)
+
+    target = tmp_path / "m.safetensors"
+    target.write_bytes(b"loaded in another program")
+    monkeypatch.setattr(os, "replace", lambda s, d: busy(s, d, 2))
+    save_file_atomic({"x": torch.ones(2)}, target, overwrite=True)  # freed on the third try
+    assert len(calls) == 3 and read_header(target).keys() == ["x"]
+    calls.clear()
+    target.write_bytes(b"loaded in another program")
+    monkeypatch.setattr(os, "replace", lambda s, d: busy(s, d, 99))
+    with pytest.raises(WorkbenchError, match=r"cannot be replaced .*tried 4 times.*Another program "
+                                             r"probably has it open"):
+        save_file_atomic({"x": torch.ones(2)}, target, overwrite=True)
+    assert len(calls) == 4
+    assert target.read_bytes() == b"loaded in another program"
+    assert leftovers(tmp_path) == ["m.safetensors"]
+
+
+def _disk_full_run(capsys, *argv) -> str:
+    """Run the CLI; it must fail with status 2 (a WorkbenchError), not a traceback."""
+    assert cli_main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "BufferError" not in err
+    return err
+
+
+@pytest.mark.slow
+def test_disk_full_in_a_merge(tmp_path, tiny_sd15, disk_full, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text(f"kind: merge\nname: m\nmodels: {{A: {tiny_sd15['A']}, B: {tiny_sd15['B']}}}\n"
+                      "steps: [{id: out, method: weighted_sum, inputs: [A, B], alpha: 0.5}]\n"
+                      f"output: {{path: {out / 'm.safetensors'}}}\n")
+    disk_full(after=1 << 20)
+    err = _disk_full_run(capsys, "merge", str(recipe))
+    assert f"error: {out / 'm.safetensors'}: {DISK_FULL}: the file needs 8." in err
+    assert f"in {out}, which has" in err
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_disk_full_in_a_lora_extraction(tmp_path, tiny_sd15, disk_full, capsys):
+    out = tmp_path / "loras" / "x.safetensors"
+    recipe = tmp_path / "extract.yaml"
+    recipe.write_text(f"kind: extract_lora\nname: x\ntuned: {tiny_sd15['A']}\n"
+                      f"base: {tiny_sd15['B']}\nrank: 4\noutput: {{path: {out}}}\n")
+    disk_full(match=lambda p: p.name.startswith("x.safetensors."))
+    err = _disk_full_run(capsys, "run", str(recipe))
+    assert f"error: {out}: {DISK_FULL}" in err and f"in {out.parent}, which has" in err
+    assert not out.exists() and tmp_files(tmp_path) == []
+
+
+def _train_recipe(tmp_path: Path, base: Path, data: Path) -> Path:
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text(f"kind: train\nname: tiny\nbase: {base}\ndataset: {data}\ntrigger: wbstyle\n"
+                      "resolution: 64\nnetwork: {type: lora, rank: 4, alpha: 2}\nmax_steps: 4\n"
+                      "seed: 5\nlearning_rate: 1.0e-3\n"
+                      f"output: {{dir: {tmp_path / 'run'}, save_every: 2}}\n")
+    return recipe
+
+
+@pytest.mark.slow
+def test_disk_full_in_a_lora_export(tmp_path, tiny_model, style_set, disk_full, capsys):
+    """The step-2 LoRA (save_kohya) fails: the run stops with the OS error, no temp file."""
+    recipe = _train_recipe(tmp_path, tiny_model("sd15"), style_set)
+    disk_full(match=lambda p: p.name.startswith("tiny-step00000002.safetensors."))
+    err = _disk_full_run(capsys, "train", str(recipe))
+    assert f"tiny-step00000002.safetensors: {DISK_FULL}" in err
+    assert tmp_files(tmp_path) == [] and not (tmp_path / "run" / "tiny.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_disk_full_in_the_training_state(tmp_path, tiny_model, style_set, disk_full, capsys):
+    """The resumable state's network file fails: the half-written state folder goes too."""
+    recipe = _train_recipe(tmp_path, tiny_model("sd15"), style_set)
+    disk_full(match=lambda p: "state" in p.parts)
+    err = _disk_full_run(capsys, "train", str(recipe))
+    assert f"network.safetensors: {DISK_FULL}" in err
+    assert tmp_files(tmp_path) == []
+    assert not any((tmp_path / "run" / "state").iterdir())
+
+
+def test_disk_full_in_grid_cells_and_images(tmp_path, disk_full):
+    """Grid cells (PNG + record) and grid pages go through atomic_write_bytes."""
+    from PIL import Image
+
+    from workbench.grid.cache import CellCache
+    from workbench.grid.render import _save
+
+    class Cell:
+        image = Image.new("RGB", (8, 8), "red")
+        parameters = "a cat\nSteps: 2"
+        provenance = {"kind": "grid"}
+
+    disk_full(match=lambda p: p.suffix == ".tmp" and ".png." in p.name)
+    cache = CellCache(tmp_path / "cells")
+    with pytest.raises(WorkbenchError, match=r"abc\.png: the disk is full .*bytes in .*cells"):
+        cache.save("abc", Cell(), {"scores": {}})
+    with pytest.raises(WorkbenchError, match=r"grid\.png: the disk is full"):
+        _save(Cell.image, tmp_path / "grid.png", "png", "a cat")
+    assert tmp_files(tmp_path) == [] and not cache.has("abc")
+    assert list((tmp_path / "cells").iterdir()) == []
