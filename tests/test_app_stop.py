@@ -94,17 +94,27 @@ def test_shutdown_stops_server_and_workers_and_fails_their_jobs(tmp_path):
         job = store.submit("merge", "kind: merge\n", name="m")
         store.register_worker(worker.pid)
         assert store.claim(pid=worker.pid).id == job
+        # a worker that is already gone (on Windows, Ctrl-Break ends workers before the launcher
+        # reaches them) and one that is alive but not ours
+        ended = subprocess.Popen([sys.executable, "-c", "pass"])
+        ended.wait()
+        orphan = store.submit("merge", "kind: merge\n", name="orphan")
+        assert store.claim(pid=ended.pid).id == orphan
+        other = store.submit("merge", "kind: merge\n", name="other")
+        assert store.claim(pid=bystander.pid).id == other
         queued = store.submit("merge", "kind: merge\n", name="later")
         shutdown = Shutdown(server, store, grace_s=0.5, log=lambda text: None)
         shutdown()
         shutdown()  # idempotent: signal handler, console hook and `finally` may all call it
         assert server.poll() is not None and worker.wait(timeout=120) is not None
         assert bystander.poll() is None
-        assert shutdown.left == [] and shutdown.failed_jobs == [job]
-        failed = store.get(job)
-        assert failed.status == "failed" and failed.error == STOPPED_ERROR
+        assert shutdown.left == [] and sorted(shutdown.failed_jobs) == [job, orphan]
+        for stopped in (job, orphan):
+            failed = store.get(stopped)
+            assert failed.status == "failed" and failed.error == STOPPED_ERROR
         assert store.get(queued).status == "queued"  # runs at the next start
-        assert store.list(statuses=("running",)) == [] and store.live_workers() == []
+        assert [j.id for j in store.list(statuses=("running",))] == [other]
+        assert worker.pid not in store.live_workers()
     finally:
         for p in (server, worker, bystander):
             p.kill()
