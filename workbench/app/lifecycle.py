@@ -161,7 +161,7 @@ class Shutdown:
             if self.done:
                 return
             self.done = True
-            server = None
+            server = None  # None: stopped before the server was started
             if self.server is not None and self.server.poll() is None:
                 try:
                     server = psutil.Process(self.server.pid)
