@@ -242,7 +242,8 @@ def _cmd_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                                         scan_install)
 
     if (args.dir is None) == (args.tool is None):
-        raise WorkbenchError("workbench models scan: give a folder DIR or --tool ROOT (one of them)")
+        raise WorkbenchError("workbench models scan: give a folder DIR or --tool ROOT (one of "
+                             "them)")
     if args.tool:
         folders = find_install(args.tool)
         print(folders.describe(), file=sys.stderr)

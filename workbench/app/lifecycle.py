@@ -2,8 +2,9 @@
 
 `workbench app` runs the server as a child process, and workers are started by the launcher and by
 the server's pages (workbench/jobs/worker.py, each in its own session so that a browser reload does
-not touch them). When the dashboard stops (Ctrl-C, SIGTERM, SIGHUP from a closed terminal, Ctrl-Break
-or a closed console window on Windows), `Shutdown` stops all of them and leaves no job "running":
+not touch them). When the dashboard stops (Ctrl-C, SIGTERM, SIGHUP from a closed terminal,
+Ctrl-Break or a closed console window on Windows), `Shutdown` stops all of them and leaves no job
+"running":
 
 1. the server is suspended (psutil; SIGSTOP or NtSuspendProcess), so it starts no new worker while
    its process tree is read;
@@ -75,7 +76,8 @@ def _tree(proc: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def dashboard_processes(server_pid: int | None, launcher_pid: int | None = None) -> list[psutil.Process]:
+def dashboard_processes(server_pid: int | None,
+                        launcher_pid: int | None = None) -> list[psutil.Process]:
     """The server and its descendants, plus the launcher's worker children and theirs."""
     found: dict[int, psutil.Process] = {}
     if server_pid:
