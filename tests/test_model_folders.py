@@ -233,6 +233,9 @@ def test_hash_filler_background_and_cache(tmp_path):
     gone.unlink()
     again.run()
     assert gone in again.errors and again.pending == 0
+    assert again.add([gone]) == 0  # not retried on every redraw...
+    again.forget_errors()
+    assert again.add([gone]) == 1  # ...but after a Rescan
 
 
 def test_cli_scan_tool_json_has_folder_kinds_and_hashes(tmp_path, capsys):

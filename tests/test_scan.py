@@ -93,3 +93,35 @@ def test_summarize_metadata_tolerates_bad_json():
     assert summarize_metadata({"ss_tag_frequency": "{broken"}) == {}
     assert summarize_metadata({"ss_base_model_version": "sdxl_base_v1-0"}) == \
         {"base_model": "sdxl_base_v1-0"}
+
+
+def test_listing_first_then_hashes_fill_in(tmp_path):
+    from workbench.formats.hash_fill import HashFiller
+    from workbench.formats.scan import apply_hashes, hash_targets
+
+    make_tree(tmp_path)
+    (tmp_path / "models" / "Stable-diffusion" / "flux-Q8_0.gguf").write_bytes(b"GGUF" + bytes(28))
+    entries = scan(tmp_path, with_hash=False)
+    by = {e.path: e for e in entries}
+    gguf = by["models/Stable-diffusion/flux-Q8_0.gguf"]
+    assert (gguf.dtype, gguf.size, gguf.error) == ("GGUF", 32, None)
+    assert by["models/Stable-diffusion/old.ckpt"].notes[0].startswith(
+        "pickle: convert with `workbench convert` old.ckpt")
+    targets = hash_targets(entries, tmp_path)
+    # readable safetensors only: not the broken one, the pickle or the GGUF file
+    assert sorted(p.name for p in targets) == ["clip_l.safetensors", "flux1-dev.safetensors",
+                                               "mine_v1.safetensors", "my-style.safetensors",
+                                               "vae-ft-mse.safetensors"]
+    assert apply_hashes(entries, tmp_path, {}) == 5
+    filler = HashFiller()
+    filler.add(targets)
+    seen = []
+    filler.run(on_bytes=seen.append)
+    assert sum(seen) == sum(p.stat().st_size for p in targets)
+    assert apply_hashes(entries, tmp_path, filler.hashes, filler.errors) == 0
+    vae = tmp_path / "models" / "VAE" / "vae-ft-mse.safetensors"
+    assert by["models/VAE/vae-ft-mse.safetensors"].short_hash == \
+        hashlib.sha256(vae.read_bytes()).hexdigest()[:10]
+    # the next listing finds every hash in the cache without reading a file
+    again = scan(tmp_path, with_hash=False)
+    assert apply_hashes(again, tmp_path, HashFiller().known(targets)) == 0

@@ -242,7 +242,8 @@ def _cmd_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                                         scan_install)
 
     if (args.dir is None) == (args.tool is None):
-        raise WorkbenchError("workbench models scan: give a folder DIR or --tool ROOT (one of them)")
+        raise WorkbenchError("workbench models scan: give a folder DIR or --tool ROOT (one of "
+                             "them)")
     if args.tool:
         folders = find_install(args.tool)
         print(folders.describe(), file=sys.stderr)
@@ -266,11 +267,12 @@ def _cmd_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             apply_hashes(entries, root, filler.hashes, filler.errors)
     if args.json:
         print(json.dumps([_jsonable(e) for e in entries], indent=2, default=str))
-    elif shown_early:
-        for path, digest in filler.hashes.items():
-            print(f"{digest[:10]}  {path}")
-        for path, error in filler.errors.items():
-            print(f"ERROR  {error}")
+    elif shown_early:  # the hashes the table above did not have yet
+        for e in entries:
+            path = root / e.path
+            if path in filler.hashes or path in filler.errors:
+                print(f"{e.short_hash or 'ERROR':10}  {e.path}"
+                      + (f"  {filler.errors[path]}" if path in filler.errors else ""))
     else:
         print(format_table(entries))
     return 0

@@ -73,26 +73,27 @@ def launch(host: str = "127.0.0.1", port: int = 8501, config: AppConfig | None =
     store = JobStore(config.db)
     publisher = (ToolPublisher(store, config.installs()) if config.output_to_tool_folders
                  else None)
-    proc = start(config, host, port)
-    shutdown = Shutdown(proc, store)
-    print(f"workbench dashboard: {url}  (job store {config.db}; Ctrl-C stops it and its running "
-          "jobs)", file=sys.stderr)
-    if open_browser:
-        def _open() -> None:
-            if wait_healthy(url, proc=proc):
-                import webbrowser
-
-                webbrowser.open(url)
-        threading.Thread(target=_open, daemon=True).start()
+    shutdown = Shutdown(None, store)
 
     def _on_signal(signum, frame):
         raise StopRequested(signum)
 
+    # handlers first: a stop that arrives while the server starts still stops what has started
     main = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = {sig: signal.signal(sig, _on_signal) for sig in stop_signals()} if main else {}
     console_hook = install_console_close_hook(shutdown)  # noqa: F841  (kept alive until return)
     status = 0
     try:
+        proc = shutdown.server = start(config, host, port)
+        print(f"workbench dashboard: {url}  (job store {config.db}; Ctrl-C stops it and its "
+              "running jobs)", file=sys.stderr)
+        if open_browser:
+            def _open() -> None:
+                if wait_healthy(url, proc=proc):
+                    import webbrowser
+
+                    webbrowser.open(url)
+            threading.Thread(target=_open, daemon=True).start()
         while (status := proc.poll()) is None:
             if publisher is not None:
                 for line in publisher.poll():

@@ -2,8 +2,9 @@
 
 `workbench app` runs the server as a child process, and workers are started by the launcher and by
 the server's pages (workbench/jobs/worker.py, each in its own session so that a browser reload does
-not touch them). When the dashboard stops (Ctrl-C, SIGTERM, SIGHUP from a closed terminal, Ctrl-Break
-or a closed console window on Windows), `Shutdown` stops all of them and leaves no job "running":
+not touch them). When the dashboard stops (Ctrl-C, SIGTERM, SIGHUP from a closed terminal,
+Ctrl-Break or a closed console window on Windows), `Shutdown` stops all of them and leaves no job
+"running":
 
 1. the server is suspended (psutil; SIGSTOP or NtSuspendProcess), so it starts no new worker while
    its process tree is read;
@@ -11,9 +12,9 @@ or a closed console window on Windows), `Shutdown` stops all of them and leaves 
    (SIGTERM: a worker records its job as failed, "worker stopped"; on Windows psutil's terminate
    ends the process at once) and the server is resumed so it can act on it;
 3. whatever is still alive after `grace_s` is killed;
-4. jobs still marked running by one of those workers are marked failed, and their worker rows
-   removed (a killed process could not do it itself). The job store's own liveness check is not
-   needed for this: the pids come from the tree that was just stopped.
+4. jobs still marked running by one of those workers, or by a worker that no longer exists, are
+   marked failed, and the worker rows removed (a killed process could not do it itself). psutil
+   answers whether a pid exists on every platform.
 
 Only processes found through the tree are touched: a browser the launcher opened is not a worker
 and not under the server, so it is left alone. Which stop signals exist is asked of the `signal`
@@ -75,7 +76,8 @@ def _tree(proc: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def dashboard_processes(server_pid: int | None, launcher_pid: int | None = None) -> list[psutil.Process]:
+def dashboard_processes(server_pid: int | None,
+                        launcher_pid: int | None = None) -> list[psutil.Process]:
     """The server and its descendants, plus the launcher's worker children and theirs."""
     found: dict[int, psutil.Process] = {}
     if server_pid:
@@ -128,11 +130,13 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
 
 
 def fail_orphaned_jobs(store: JobStore, pids: set[int], error: str = STOPPED_ERROR) -> list[int]:
-    """Mark failed the jobs still "running" under one of these (stopped) worker pids; returns
-    their ids."""
+    """Mark failed the jobs still "running" under one of these (stopped) worker pids, or under a
+    worker that no longer exists (on Windows a Ctrl-Break or a closed console ends the workers
+    too, before the launcher gets to them); returns their ids. Jobs of live workers that are not
+    ours (another dashboard on the same store) are left alone."""
     failed = []
     for job in store.list(statuses=("running",), limit=10_000):
-        if job.worker_pid in pids:
+        if job.worker_pid in pids or not (job.worker_pid and psutil.pid_exists(job.worker_pid)):
             store.log(job.id, f"failed: {error}")
             store.finish(job.id, "failed", error=error)
             failed.append(job.id)
@@ -159,7 +163,7 @@ class Shutdown:
             if self.done:
                 return
             self.done = True
-            server = None
+            server = None  # None: stopped before the server was started
             if self.server is not None and self.server.poll() is None:
                 try:
                     server = psutil.Process(self.server.pid)

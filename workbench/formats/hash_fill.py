@@ -61,6 +61,11 @@ class HashFiller:
                 n += 1
         return n
 
+    def forget_errors(self) -> None:
+        """Let files that failed be tried again (the Models page's Rescan)."""
+        with self._lock:
+            self.errors.clear()
+
     @property
     def pending(self) -> int:
         """Files queued or being hashed."""

@@ -144,7 +144,8 @@ def render() -> None:
                "an A1111/Forge/ComfyUI install with `--tool ROOT`).")
     c1, c2 = st.columns([1, 3])
     with_hash = c1.checkbox("hashes (AutoV2)", value=True, key="models.hash")
-    c2.button("Rescan", key="models.rescan")
+    if c2.button("Rescan", key="models.rescan"):
+        hash_filler().forget_errors()
     rows = scan_roots(roots, installs=installs)  # headers only: at once, whatever the sizes
     if not rows:
         st.info("No model files found yet.")
