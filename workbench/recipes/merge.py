@@ -68,7 +68,10 @@ OUTPUT_DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn")
 BLOCK_COUNTS = {26: "BASE, IN00-IN11, M00, OUT00-OUT11", 20: "BASE, IN00-IN08, M00, OUT00-OUT08"}
 # Block ids accepted in a `blocks:` mapping; the merge engine checks them against the architecture.
 BLOCK_ID_RE = re.compile(r"^(BASE|VAE|TE|CLIP|CLIPL|CLIPG|T5|IN|OUT|M00|(IN|OUT|D|S|J)\d\d)$")
-PRESET_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+# A preset name as supermerger spells them: letters, digits, '_', '-', '*' and '/' ("SMOOTHSTEP*2",
+# "REVERSE-SMOOTHSTEP", "R_SMOOTHSTEP/3"); whether the name exists is checked against the preset
+# table (formats/data/block_presets.json) when the architecture is known.
+PRESET_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_*/-]*$")
 
 
 def parse_block_values(text: str) -> list[float] | None:
