@@ -27,7 +27,7 @@ from workbench.pipeline.generate import (
     plan_for_file,
     save_image,
 )
-from workbench.plan import RunPlan, RunResult, check_input
+from workbench.plan import RunPlan, RunResult, check_input, lora_problem, t5_tokenizer_problem
 from workbench.provenance import Provenance
 from workbench.recipes.generate import GenerateRecipe
 from workbench.recipes.loader import recipe_to_yaml
@@ -70,9 +70,15 @@ def describe(recipe: GenerateRecipe, overwrite: bool = False) -> RunPlan:
     """Inputs, settings and the memory plan for this recipe's size and batch; `detail` is that
     memory plan (None for a diffusers folder: its sizes come from the loaded components)."""
     plan = RunPlan.for_recipe(recipe, overwrite)
-    check_input(plan, "model", recipe.model)
+    model = check_input(plan, "model", recipe.model)
     for i, lora in enumerate(recipe.loras):
-        check_input(plan, f"loras[{i}]", lora.path, expect="file")
+        problem = lora_problem(check_input(plan, f"loras[{i}]", lora.path, expect="lora"),
+                               "the model", model.arch)
+        if problem:
+            plan.problems.append(problem)
+    problem = t5_tokenizer_problem("model", recipe.model, model.arch)
+    if problem:
+        plan.problems.append(problem)
     seed = "random" if recipe.seed == -1 else str(recipe.seed)
     plan.lines += [
         "generation:",
