@@ -5,7 +5,6 @@ refused, extrapolating shares (a note), RAM, and time estimates from speeds meas
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -28,8 +27,7 @@ from workbench.recipes.loader import parse_recipe
 from workbench.recipes.merge import PRESET_RE, MergeRecipe
 from workbench.testing import clip as tiny_clip
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _formats_keys as fk  # noqa: E402
+from helpers import formats_keys as fk
 
 
 def _recipe(tmp_path: Path, text: str, name: str = "r.yaml"):
@@ -72,8 +70,8 @@ def test_generate_refuses_an_sdxl_lora_on_an_sd15_model(tmp_path, tiny_model, xl
         """
     plan = build_plan(_recipe(tmp_path, text.replace("{model}", str(sd15))))
     assert plan.problems == [
-        f"loras[0]: xl_style.safetensors is a LoRA for sdxl, but the model is sd15; a LoRA only "
-        "applies to the architecture it was trained on: use a sd15 LoRA here, or a sdxl model"]
+        "loras[0]: xl_style.safetensors is a LoRA for sdxl, but the model is sd15; a LoRA only "
+        "applies to the architecture it was trained on: use an sd15 LoRA here, or an sdxl model"]
     assert next(i for i in plan.inputs if i.label == "loras[0]").detail.startswith("sdxl")
     fine = build_plan(_recipe(tmp_path, text.replace("{model}", str(tiny_model("sdxl", 0)))))
     assert not any("LoRA" in p for p in fine.problems), fine.problems
@@ -87,7 +85,7 @@ def test_a_checkpoint_given_as_lora_is_named(tmp_path, tiny_model):
         loras: ["{tiny_model("sdxl", 0)}"]
         output: {{dir: {tmp_path / "out"}}}
         """))
-    assert plan.problems == ["loras[0]: sdxl_0.safetensors is a sdxl checkpoint, not a LoRA; give a "
+    assert plan.problems == ["loras[0]: sdxl_0.safetensors is an sdxl checkpoint, not a LoRA; give a "
                              "LoRA file here"]
 
 
@@ -104,7 +102,7 @@ def test_grid_checks_default_and_axis_loras_against_every_model(tmp_path, tiny_m
     lora_problems = [p for p in plan.problems if "is a LoRA for" in p]
     assert lora_problems == [
         "defaults.loras[0]: xl_style.safetensors is a LoRA for sdxl, but x.values[0] is sd15; a "
-        "LoRA only applies to the architecture it was trained on: use a sd15 LoRA here, or a sdxl "
+        "LoRA only applies to the architecture it was trained on: use an sd15 LoRA here, or an sdxl "
         "model"]
     plan = build_plan(_recipe(tmp_path, f"""\
         kind: grid
@@ -127,8 +125,8 @@ def test_merge_add_lora_of_another_architecture_is_a_plan_problem(tmp_path, tiny
         """))
     assert plan.problems == [
         "step m: L: xl_style.safetensors is a LoRA for sdxl, but A (the step's first input) is "
-        "sd15; a LoRA only applies to the architecture it was trained on: use a sd15 LoRA here, "
-        "or a sdxl model"]
+        "sd15; a LoRA only applies to the architecture it was trained on: use an sd15 LoRA here, "
+        "or an sdxl model"]
 
 
 # ---------------------------------------------------------------------------------- CLIP weights

@@ -179,7 +179,7 @@ def check_input(plan: RunPlan, label: str, path: Path, expect: str = "model") ->
             if problem:
                 plan.problems.append(f"{label}: {problem}")
             elif check.kind != "lora":
-                plan.problems.append(f"{label}: {path.name} is a {check.arch} {check.kind}, not a "
+                plan.problems.append(f"{label}: {path.name} is {_an(check.arch or 'x')} {check.arch} {check.kind}, not a "
                                      "LoRA; give a LoRA file here")
     plan.inputs.append(check)
     return check
@@ -192,8 +192,13 @@ def lora_problem(lora: InputCheck, model_label: str, model_arch: str | None) -> 
         return None
     made_for = ", ".join(sorted(lora.archs))
     return (f"{lora.label}: {lora.path.name} is a LoRA for {made_for}, but {model_label} is "
-            f"{model_arch}; a LoRA only applies to the architecture it was trained on: use a "
-            f"{model_arch} LoRA here, or a {made_for} model")
+            f"{model_arch}; a LoRA only applies to the architecture it was trained on: use "
+            f"{_an(model_arch)} {model_arch} LoRA here, or {_an(made_for)} {made_for} model")
+
+
+def _an(arch_id: str) -> str:
+    """The article an architecture id takes when read out ("an sdxl", "an sd15", "a flux")."""
+    return "an" if arch_id[:1].lower() in "aefhilmnorsx" else "a"
 
 
 def t5_tokenizer_problem(label: str, path: Path, arch: str | None) -> str | None:

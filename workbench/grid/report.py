@@ -36,7 +36,7 @@ BARE_VALUE_AXES = {"model", "lora", "sampler", "prompt_sr", "negative_prompt"}
 # axes the verdict leaves to the details: different prompts or seeds are not rivals
 NOT_RIVALS = {"prompt", "seed"}
 SHORT_HASH = 10  # characters of a sha256 shown in tables (as A1111's short model hash)
-_SHA256 = re.compile(r"\b([0-9a-f]{%d})[0-9a-f]{%d}\b" % (SHORT_HASH, 64 - SHORT_HASH))
+_SHA256 = re.compile(rf"\b([0-9a-f]{{{SHORT_HASH}}})[0-9a-f]{{{64 - SHORT_HASH}}}\b")
 
 
 def short_hashes(text: str) -> str:

@@ -279,7 +279,9 @@ def _models_fitting(found: dict[str, int]) -> list[str]:
             expected = _expected(open_clip.get_model_config(name) or {})
         except (TypeError, KeyError):
             continue
-        if len(set(expected) & set(found)) >= 4 and not _mismatch(found, expected):
+        # every quantity the file shows must be one the config defines (a config with a Hugging
+        # Face text tower does not fit a file holding open_clip's own text transformer)
+        if set(found) <= set(expected) and not _mismatch(found, expected):
             fits.append(name)
     return sorted(fits, key=lambda n: (n.count("-") + n.count("_"), len(n), n))
 
