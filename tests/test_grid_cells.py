@@ -115,7 +115,7 @@ def test_dry_run_problems_and_cached_count(tmp_path, files):
     r = _recipe(tmp_path, files)
     lines, problems, _ = cells_report(r)
     assert problems == [] and lines[0] == "cells: 12 (0 cached, 12 to generate from 2 models)"
-    assert lines[1].startswith("estimated time: ~")
+    assert lines[1].startswith("estimated time: ~") and "no cell timed on this machine yet" in lines[1]
     cache = CellCache(tmp_path / "out" / "cells")
     img = SimpleNamespace(image=Image.new("RGB", (8, 8)), parameters="p\nSteps: 4, Seed: 1, Size: 8x8",
                           provenance={})
@@ -123,7 +123,7 @@ def test_dry_run_problems_and_cached_count(tmp_path, files):
         cache.save(cell.key, img, {"timing": {"seconds": 0.5, "steps": 4, "megapixels": 0.004}})
     lines, _, _ = cells_report(r)
     assert lines[0] == "cells: 12 (5 cached, 7 to generate from 2 models)"
-    assert "(measured speed)" in lines[1]
+    assert "speed of the cells already in this grid's store" in lines[1]
     # a record without its PNG is not a finished cell
     key = C.with_keys(C.expand(r))[0].key
     Path(cache.png_path(key)).unlink()

@@ -104,7 +104,9 @@ def test_aesthetic_dimension_mismatch_is_explained(tmp_path, clip_dir):
 
 def test_tag_not_in_hf_cache_is_refused_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf"))
-    with pytest.raises(UnsupportedError, match="not in the local Hugging Face cache"):
+    with pytest.raises(UnsupportedError, match=r"not on this machine: looked for "
+                       r"timm/vit_base_patch32_clip_224.openai in the Hugging Face cache \(.*empty-hf\).*"
+                       r"hf download timm/vit_base_patch32_clip_224.openai"):
         scores.load_backbone("ViT-B-32", None, "openai", device="cpu")
     with pytest.raises(WorkbenchError, match="no pretrained tag 'nope'"):
         scores.load_backbone("ViT-B-32", None, "nope", device="cpu")

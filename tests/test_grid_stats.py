@@ -75,3 +75,37 @@ def test_ranking_matches_rank_means_and_friedman():
     assert r.friedman_p == pytest.approx(sps.friedmanchisquare(*table.values()).pvalue)
     two = stats.rank_values({"a": [1.0, 2.0], "b": [2.0, 3.0]})
     assert two.friedman_p is None and two.rows[0].value == "b"
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 8])
+def test_smallest_wilcoxon_p_equals_scipys_exact_test(n):
+    """All differences of one sign is the most extreme case: SciPy's exact p is 2/2^n."""
+    d = np.arange(1, n + 1) * 0.37
+    assert stats.wilcoxon_min_p(n) == pytest.approx(sps.wilcoxon(d, method="exact").pvalue)
+    assert stats.can_be_significant(stats.wilcoxon_min_p(n)) == (n >= 6)
+
+
+@pytest.mark.parametrize("k,n", [(3, 2), (3, 3), (4, 2)])
+def test_smallest_friedman_p_by_enumerating_every_ranking(k, n):
+    """Exact permutation p of the most extreme table (every unit ranks the values alike), by
+    enumerating all (k!)^n tables with SciPy's Friedman statistic."""
+    import itertools
+
+    orders = list(itertools.permutations(range(k)))
+    extreme = sps.friedmanchisquare(*np.array([orders[0]] * n, dtype=float).T).statistic
+    count = total = 0
+    for table in itertools.product(orders, repeat=n):
+        stat = sps.friedmanchisquare(*np.array(table, dtype=float).T).statistic
+        count += stat >= extreme - 1e-9
+        total += 1
+    assert stats.friedman_min_p(k, n) == pytest.approx(count / total)
+
+
+def test_evidence_in_words():
+    assert stats.evidence(1, None, None) == "none"
+    assert stats.evidence(3, -0.5, 1.0) == "unclear"
+    assert stats.evidence(3, 0.2, 1.0) == "weak"  # 2/2^3 = 0.25: the test cannot reach 0.05
+    assert stats.evidence(6, 0.2, 1.0) == "clear"
+    assert stats.evidence(8, -2.0, -0.1) == "clear"
+    res = stats.compare_pairs(A, B, UNITS, n_resamples=200)
+    assert res.wilcoxon_min_p == 2 / 2**4

@@ -211,7 +211,7 @@ def test_tiny_configs_and_t5_tokenizer(files, tmp_path):
 
 
 def test_real_t5_tokenizer_is_not_invented(tmp_path, monkeypatch):
-    monkeypatch.setattr(pcd, "_find_real_t5", lambda: None)
+    monkeypatch.setattr(pcd, "find_real_t5", lambda: None)
     with pytest.raises(UnsupportedError, match="WORKBENCH_T5_TOKENIZER"):
         pcd.write_t5_tokenizer_dir(tmp_path / "t5", pcd.T5_REAL_VOCAB)
 

@@ -236,10 +236,10 @@ def _folders(config: AppConfig) -> list[Folder]:
 
 def _t5_tokenizer() -> str | None:
     try:  # the loader's own search ($WORKBENCH_T5_TOKENIZER, then the HF cache)
-        from workbench.formats.pipeline_configs_dit import _find_real_t5
+        from workbench.formats.pipeline_configs_dit import find_real_t5
     except Exception:  # noqa: BLE001 - its imports (torch, diffusers) may be what is broken
         return None
-    found = _find_real_t5()
+    found = find_real_t5()
     return str(found) if found else None
 
 

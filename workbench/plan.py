@@ -4,7 +4,7 @@
 the lines the dry run prints, the outputs, the problems, and the kind's own plan object (`detail`:
 the merge plan, the training setup, the memory plan, the grid's cells). `run(plan)` executes that
 same object, so a real run does exactly what `--dry-run` printed and nothing is planned twice.
-This module sits below every kind and imports only `errors`, `units` and `formats`.
+This module sits below every kind and imports only `errors`, `units`, `system` and `formats`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workbench import system
 from workbench.errors import WorkbenchError
+from workbench.formats import pipeline_config
+from workbench.formats import pipeline_configs_dit as dit_configs
 from workbench.formats.detect import detect
 from workbench.units import human_size
 
@@ -33,6 +36,7 @@ class InputCheck:
     detail: str = ""  # architecture, image count, ...
     arch: str | None = None  # detected architecture id (sd15, sdxl, sd3, flux, ...)
     kind: str | None = None  # detected kind (checkpoint, lora, ...)
+    archs: frozenset[str] = frozenset()  # every architecture the file serves (ModelInfo.archs)
 
 
 @dataclass
@@ -50,6 +54,7 @@ class RunPlan:
     outputs: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     existing_outputs: list[Path] = field(default_factory=list)
+    estimated_seconds: float | None = None  # the time estimate the dry run printed, if any
     recipe: Any = None
     overwrite: bool = False
     detail: Any = None
@@ -116,6 +121,7 @@ def _detect(check: InputCheck) -> str | None:
         return str(e)
     check.arch = info.arch
     check.kind = info.kind
+    check.archs = frozenset(info.archs or ([info.arch] if info.arch else []))
     if check.arch is None:
         check.detail = str(info)
         return None
@@ -127,15 +133,15 @@ def _detect(check: InputCheck) -> str | None:
 
 
 def check_input(plan: RunPlan, label: str, path: Path, expect: str = "model") -> InputCheck:
-    """Record one input: `expect` is 'model' (a .safetensors file or a diffusers folder), 'file',
-    'any' (a file or folder), 'dir' or 'images' (a folder of images). Missing or unusable inputs
-    become plan problems."""
+    """Record one input: `expect` is 'model' (a .safetensors file or a diffusers folder), 'lora'
+    (a .safetensors LoRA file, its architecture detected), 'file', 'any' (a file or folder), 'dir'
+    or 'images' (a folder of images). Missing or unusable inputs become plan problems."""
     path = Path(path)
     check = InputCheck(label, path, path.exists())
     if not check.exists:
         plan.problems.append(f"{label}: not found: {path}")
     elif path.is_dir():
-        if expect == "file":
+        if expect in ("file", "lora"):
             plan.problems.append(f"{label}: is a folder, expected a file: {path}")
         elif expect == "images":
             images = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -167,8 +173,75 @@ def check_input(plan: RunPlan, label: str, path: Path, expect: str = "model") ->
                 problem = _detect(check)
                 if problem:
                     plan.problems.append(f"{label}: {problem}")
+        elif expect == "lora":
+            problem = _detect(check) if path.suffix.lower() == ".safetensors" else \
+                f"expected a .safetensors LoRA file (got {path.suffix or 'no suffix'}): {path}"
+            if problem:
+                plan.problems.append(f"{label}: {problem}")
+            elif check.kind != "lora":
+                plan.problems.append(f"{label}: {path.name} is {_an(check.arch or 'x')} {check.arch} {check.kind}, not a "
+                                     "LoRA; give a LoRA file here")
     plan.inputs.append(check)
     return check
+
+
+def lora_problem(lora: InputCheck, model_label: str, model_arch: str | None) -> str | None:
+    """'...is a LoRA for sdxl, but the model is sd15...' when a detected LoRA cannot apply to a
+    model of `model_arch` (what `pipeline/loras.py` refuses after the model has loaded)."""
+    if lora.kind != "lora" or not lora.archs or model_arch is None or model_arch in lora.archs:
+        return None
+    made_for = ", ".join(sorted(lora.archs))
+    return (f"{lora.label}: {lora.path.name} is a LoRA for {made_for}, but {model_label} is "
+            f"{model_arch}; a LoRA only applies to the architecture it was trained on: use "
+            f"{_an(model_arch)} {model_arch} LoRA here, or {_an(made_for)} {made_for} model")
+
+
+def _an(arch_id: str) -> str:
+    """The article an architecture id takes when read out ("an sdxl", "an sd15", "a flux")."""
+    return "an" if arch_id[:1].lower() in "aefhilmnorsx" else "a"
+
+
+def t5_tokenizer_problem(label: str, path: Path, arch: str | None) -> str | None:
+    """The T5-XXL tokenizer an SD3.5/FLUX file needs, when this machine has none.
+
+    Loading writes the model's config folder, T5 tokenizer included (formats/pipeline_config.py,
+    pipeline_configs_dit.write_t5_tokenizer_dir); a full-size T5 needs the real SentencePiece
+    vocabulary, which cannot be bundled. Nothing is needed when that folder was written before."""
+    if arch not in ("sd3", "flux") or not Path(path).is_file():
+        return None
+    try:
+        files = pipeline_config.config_files(path, arch)
+    except WorkbenchError:
+        return None  # the load reports what is wrong with the file itself
+    vocabs = [spec.get("vocab_size") for spec in files.values()
+              if str(spec.get("_writer", "")).endswith(":write_t5_tokenizer_dir")]
+    if not any(v != dit_configs.TINY_T5_VOCAB for v in vocabs):
+        return None
+    done = pipeline_config.cache_root() / "configs" / f"{arch}-{pipeline_config.files_hash(files)}"
+    if (done / ".complete").exists() or dit_configs.find_real_t5() is not None:
+        return None
+    return (f"{label}: this {arch} model's T5 text encoder needs the T5-XXL tokenizer, which is not "
+            "bundled and was not found on this machine; set the environment variable "
+            "WORKBENCH_T5_TOKENIZER to a folder holding tokenizer.json (or spiece.model), e.g. the "
+            "tokenizer_2 folder of black-forest-labs/FLUX.1-dev, or put a snapshot of FLUX.1-dev, "
+            "FLUX.1-schnell, SD3.5 or google/t5-v1_1-xxl (its tokenizer files) in the Hugging Face "
+            f"cache ({hf_cache_dir()})")
+
+
+def hf_cache_dir() -> Path:
+    """Where the Hugging Face cache is on this machine (`$HF_HUB_CACHE`, `$HF_HOME/hub`, ...)."""
+    from huggingface_hub import constants  # light, but only the T5 and CLIP checks need it
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def ram_problem(needed: int, what: str, fix: str = "close other programs to free RAM") -> str | None:
+    """'not enough free RAM ...' when `needed` bytes exceed what the OS can give now."""
+    free = system.ram_available()
+    if free is None or needed <= free:
+        return None
+    return (f"not enough free RAM for {what}: needs about {human_size(needed)}, "
+            f"{human_size(free)} free; {fix}")
 
 
 def check_output_file(plan: RunPlan, path: Path, overwrite: bool, how: str) -> None:

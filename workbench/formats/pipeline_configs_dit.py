@@ -291,7 +291,7 @@ _T5_SOURCES = (("black-forest-labs/FLUX.1-dev", "tokenizer_2"), ("black-forest-l
                ("stabilityai/stable-diffusion-3.5-medium", "tokenizer_3"), ("google/t5-v1_1-xxl", ""))
 
 
-def _find_real_t5() -> Path | None:
+def find_real_t5() -> Path | None:
     env = os.environ.get("WORKBENCH_T5_TOKENIZER")
     if env and Path(env).is_dir():
         return Path(env)
@@ -323,7 +323,7 @@ def write_t5_tokenizer_dir(out_dir: str | os.PathLike, vocab_size: int, max_leng
     if vocab_size == TINY_T5_VOCAB:
         _write_tiny_t5(out, max_length)
         return out
-    src = _find_real_t5()
+    src = find_real_t5()
     if src is None:
         raise UnsupportedError(
             f"the T5 text encoder has {vocab_size} tokens and needs the real T5-XXL tokenizer, which is not "

@@ -1,8 +1,10 @@
-"""Score tables and the HTML report: scores.csv, scores.json, report.html (tables, A/B stats, plot).
+"""Score tables and the HTML report: scores.csv, scores.json, report.html (verdict, grid, tables, stats).
 
 The report is one self-contained HTML file next to the grid images (linked by relative path); the
 score plot is inline SVG written here (means with 95 % intervals per axis value), so nothing beyond
-the standard library is needed to read it.
+the standard library is needed to read it. It opens with a verdict in plain words (who beats whom,
+by how much, how sure, and what to add when the grid is too small to tell) beside the grid image;
+the statistics and their methods follow below, explained, for whoever wants to check them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import html
 import io
 import json
 import math
+import re
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,97 @@ from workbench.formats.writer import atomic_write_text
 
 MAX_PAIRWISE = 6  # axes with more values compare every value against the first (the baseline)
 METRIC_TITLES = {"clip": "CLIP score", "aesthetic": "aesthetic", "style": "style similarity"}
+# metric -> (what it measures, in the verdict's words; unit of a difference; decimals shown)
+METRIC_WORDS = {"clip": ("prompt adherence", "CLIP points", 1),
+                "aesthetic": ("the aesthetic score", "points", 2),
+                "style": ("style similarity", "", 3)}
+# axes whose values the verdict names bare; others read "CFG 6", "steps 30"
+BARE_VALUE_AXES = {"model", "lora", "sampler", "prompt_sr", "negative_prompt"}
+# axes the verdict leaves to the details: different prompts or seeds are not rivals
+NOT_RIVALS = {"prompt", "seed"}
+SHORT_HASH = 10  # characters of a sha256 shown in tables (as A1111's short model hash)
+_SHA256 = re.compile(rf"\b([0-9a-f]{{{SHORT_HASH}}})[0-9a-f]{{{64 - SHORT_HASH}}}\b")
+
+
+def short_hashes(text: str) -> str:
+    """Every 64-hex-digit hash in `text` cut to its first 10 digits."""
+    return _SHA256.sub(r"\1", text)
+
+
+# --------------------------------------------------------------------------------------------------
+# the verdict
+
+
+def value_name(axis_name: str, title: str, label: str) -> str:
+    """How the verdict names one axis value: "my_model", "CFG 6", "steps 30"."""
+    return label if axis_name in BARE_VALUE_AXES else f"{title} {label}"
+
+
+def _signed(v: float, digits: int) -> str:
+    return f"{v:+.{digits}f}"
+
+
+def _counted(n: int, unit: str, prompt_axis: bool) -> str:
+    if unit == "seed" and not prompt_axis:
+        return f"{n} seed{'s' if n != 1 else ''} of one prompt"
+    return f"{n} {unit}{'s' if n != 1 else ''}"
+
+
+def pair_verdict(pair: dict, axis_name: str, title: str) -> str:
+    """One sentence on B against A, in plain words: who wins, in how many pairs, by how much on
+    average, the interval, and how much the grid can say (see stats.evidence)."""
+    what, unit, digits = METRIC_WORDS.get(pair["metric"], (pair["metric"], "", 3))
+    a, b = (value_name(axis_name, title, pair[k]) for k in ("a", "b"))
+    n, d = pair["n_pairs"], pair["mean_diff"]
+    prompt_axis = axis_name in ("prompt", "prompt_sr")
+    more = "add seeds" if prompt_axis else "add prompts"
+    counted = _counted(pair["n_units"], pair["unit"], prompt_axis)
+    if d == 0 and pair["wins"] == pair["losses"]:
+        return f"{a} and {b} score the same on {what} over {n} pair{'s' if n != 1 else ''}."
+    if d > 0:
+        winner, loser, won, low, high = b, a, pair["wins"], pair["ci_low"], pair["ci_high"]
+    else:
+        winner, loser, won = a, b, pair["losses"]
+        low, high = (-pair["ci_high"] if pair["ci_high"] is not None else None,
+                     -pair["ci_low"] if pair["ci_low"] is not None else None)
+    where = f"in {won} of {n} pairs" if 2 * won >= n else f"on average, though higher in only {won} of {n} pairs"
+    ties = f" ({pair['ties']} tied)" if pair["ties"] else ""
+    text = f"{winner} beats {loser} on {what} {where}{ties}, {_signed(abs(d), digits)}{' ' + unit if unit else ''}"
+    if low is not None:
+        text += (f", {pair['confidence'] * 100:.0f} % interval {_signed(low, digits)} to "
+                 f"{_signed(high, digits)}")
+    level = stats.evidence(pair["n_units"], low, high)
+    if level == "none":
+        return text + f"; a single {pair['unit']} gives no interval: {more}."
+    if level == "weak":
+        return text + f"; with {counted} this is weak evidence: {more}."
+    if level == "unclear":
+        small = not stats.can_be_significant(stats.wilcoxon_min_p(pair["n_units"]))
+        return text + ("; the interval includes zero, so this grid cannot tell them apart"
+                       + (f" (with {counted}: {more})." if small else f" over {counted}."))
+    return text + f"; the interval leaves out zero: a clear difference over {counted}."
+
+
+def verdict(statistics: list[dict]) -> list[str]:
+    """The report's opening sentences: per compared axis and metric, the pair of values that
+    matters (the only pair; or, with more values, the best-ranked against the first)."""
+    out = []
+    for entry in statistics:
+        if entry["axis_name"] in NOT_RIVALS or not entry["pairs"]:
+            continue
+        name, title = entry["axis_name"], entry["title"]
+        pair = entry["pairs"][0]
+        ranking = entry.get("ranking")
+        if ranking and ranking["rows"]:
+            what = METRIC_WORDS.get(entry["metric"], (entry["metric"],))[0]
+            rows = [r["value"] for r in ranking["rows"]]
+            first = entry["pairs"][0]["a"]  # the baseline: every value is compared with it
+            best = rows[0] if rows[0] != first else rows[1]
+            pair = next((p for p in entry["pairs"] if {p["a"], p["b"]} == {first, best}), pair)
+            out.append(f"Of {len(rows)} {title} values, {value_name(name, title, rows[0])} ranks "
+                       f"first on {what}.")
+        out.append(pair_verdict(pair, name, title))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,15 +247,18 @@ def ab_statistics(cells: list[Cell], lay: GridLayout, scores, metrics: list[str]
 
 
 def write_tables(rows: list[dict[str, Any]], out_dir: Path, extra: dict[str, Any]) -> list[Path]:
-    """scores.csv (one row per cell) and scores.json (rows plus scorers and statistics)."""
+    """scores.csv (one row per cell, keys shortened to 10 characters) and scores.json (rows with
+    full keys, plus scorers and statistics)."""
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    for row in rows:  # the table people read: the cell key cut like a model hash (json keeps it whole)
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else
+                             v[:SHORT_HASH] if k == "key" and isinstance(v, str) else v)
+                         for k, v in row.items()})
     csv_path = atomic_write_text(out_dir / "scores.csv", buf.getvalue(), overwrite=True)
     json_path = atomic_write_text(out_dir / "scores.json", json.dumps(
         {**extra, "cells": rows}, indent=1, default=str), overwrite=True)
@@ -173,7 +270,7 @@ def _fmt(v, digits: int = 3) -> str:
         return "–"
     if isinstance(v, float):
         return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
-    return html.escape(str(v))
+    return html.escape(short_hashes(str(v)))
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -229,22 +326,57 @@ def svg_plot(series: list[tuple[str, list[str], list[float | None], list[float |
 
 CSS = """body{font-family:sans-serif;margin:24px;max-width:1400px}table{border-collapse:collapse;
 margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}
-img.grid{max-width:100%;border:1px solid #ddd}.note{color:#666;font-size:90%}"""
+img.grid{max-width:100%;border:1px solid #ddd}.note{color:#666;font-size:90%}
+.top{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}.verdict{flex:1 1 320px;max-width:520px}
+.verdict p{font-size:110%;line-height:1.5}.pages{flex:2 1 480px}"""
+
+
+def _p_cell(p: float | None, min_p: float, n: int, unit: str) -> float | str | None:
+    """A p-value, or why there is none: a test that cannot reach 0.05 with so few units."""
+    if not stats.can_be_significant(min_p):
+        return f"– (cannot go below {min_p:.2g} with {n} {unit}{'s' if n != 1 else ''})"
+    return p
+
+
+def _details_note() -> str:
+    n_min = next(n for n in range(1, 64) if stats.can_be_significant(stats.wilcoxon_min_p(n)))
+    return (
+        "<p class='note'>How to read this. Each pair is two images that differ only in the compared "
+        "value (same prompt, seed and every other setting), so B − A measures that value alone. "
+        "Pairs of one prompt are averaged first and the prompts are the units (the seeds, when "
+        "there is one prompt), because images of one prompt are not independent. "
+        "<b>95 % interval</b>: a bootstrap interval for the mean difference, resampling the units "
+        "many times; <i>BCa</i> (bias-corrected and accelerated) adjusts it for skew, "
+        "<i>percentile</i> is the plain version used when BCa is undefined. "
+        "<b>W/T/L</b>: pairs where B scored higher / the same / lower; the win rate counts a tie "
+        "as ½. <b>p</b>: the Wilcoxon signed-rank test (Pratt's handling of zeros) on the per-unit "
+        "differences, two-sided: how often a difference at least this consistent would appear if "
+        "the values did not matter. With n units it cannot go below 2/2<sup>n</sup>, so below "
+        f"{n_min} units it cannot reach 0.05 whatever the images, and no p is shown. The ranking "
+        "of three or more values uses the Friedman test, with the same rule.</p>")
 
 
 def write_html(out_dir: Path, *, title: str, pages: list, cells: list[Cell], lay: GridLayout,
                scores, metrics: list[str], statistics: list[dict], scorers: dict,
                summary: str) -> Path:
-    """report.html: grid pages, per-axis score tables, A/B statistics and the score plot."""
+    """report.html: the verdict beside the grid pages, then per-axis score tables and plots, then
+    the A/B statistics with their methods explained."""
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
          f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
          f"<p class='note'>{html.escape(summary)}</p>"]
-    if scorers:
-        h.append("<p class='note'>scorers: " + html.escape(json.dumps(scorers, sort_keys=True)) + "</p>")
-    h.append("<h2>Grid</h2>")
+    sentences = verdict(statistics)
+    if not sentences:
+        sentences = ["No verdict: " + ("the grid has no scores (add a `scores:` section)." if not metrics
+                                       else "no axis compares two or more models or settings.")]
+    h.append("<div class='top'><div class='verdict'><h2>Verdict</h2><p>"
+             + html.escape(" ".join(sentences)) + "</p></div><div class='pages'>")
     for page in pages:
         h.append(f"<p><img class='grid' src='{html.escape(_rel(page.path, out_dir))}' "
                  f"alt='{html.escape(page.z_label or title)}'></p>")
+    h.append("</div></div>")
+    if scorers:
+        h.append("<p class='note'>scorers: " + html.escape(short_hashes(json.dumps(scorers, sort_keys=True)))
+                 + "</p>")
     if metrics:
         h.append("<h2>Scores per axis value</h2>")
         for letter, (name, t, labels) in lay.axes.items():
@@ -263,23 +395,22 @@ def write_html(out_dir: Path, *, title: str, pages: list, cells: list[Cell], lay
                 h.append(svg_plot([(m, labels, means, halves)],
                                   f"{METRIC_TITLES.get(m, m)} by {t} (mean ± 1.96·SE)"))
     if statistics:
-        h.append("<h2>A/B statistics</h2><p class='note'>B − A, paired on prompt, seed and every "
-                 "other axis; mean of per-prompt mean differences with a BCa bootstrap interval "
-                 "resampled over prompts (over seeds when there is one prompt); win rate counts ties "
-                 "as ½; Wilcoxon signed-rank (Pratt) on the per-unit differences.</p>")
+        h.append("<h2>Details: A/B statistics</h2>" + _details_note())
         for entry in statistics:
             h.append(f"<h3>{entry['axis']}: {html.escape(entry['title'])} — "
                      f"{METRIC_TITLES.get(entry['metric'], entry['metric'])}</h3>")
             rows = [[p["a"], p["b"], p["mean_a"], p["mean_b"], p["mean_diff"],
-                     f"[{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}]", p["win_rate"],
-                     f"{p['wins']}/{p['ties']}/{p['losses']}", p["wilcoxon_p"],
+                     f"[{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] {p['ci_method']}", p["win_rate"],
+                     f"{p['wins']}/{p['ties']}/{p['losses']}",
+                     _p_cell(p["wilcoxon_p"], p.get("wilcoxon_min_p", 0.0), p["n_units"], p["unit"]),
                      f"{p['n_units']} {p['unit']}s, {p['n_pairs']} pairs"] for p in entry["pairs"]]
-            h.append(_table(["A", "B", "mean A", "mean B", "B − A", "95% CI", "win rate B",
-                             "W/T/L", "Wilcoxon p", "n"], rows))
+            h.append(_table(["A", "B", "mean A", "mean B", "B − A", "95 % interval (method)",
+                             "win rate B", "W/T/L", "p (Wilcoxon)", "n"], rows))
             if entry.get("ranking"):
                 r = entry["ranking"]
+                p_text = _p_cell(r["friedman_p"], r.get("friedman_min_p", 0.0), r["n_units"], r["unit"])
                 h.append(f"<p>ranking over {r['n_units']} {r['unit']}s; Friedman p = "
-                         f"{_fmt(r['friedman_p'])}</p>")
+                         f"{p_text if isinstance(p_text, str) else _fmt(p_text)}</p>")
                 h.append(_table(["rank", "value", "mean", "mean rank"],
                                 [[x["rank"], x["value"], x["mean"], x["mean_rank"]] for x in r["rows"]]))
     h.append("</body></html>")

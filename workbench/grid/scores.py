@@ -120,10 +120,16 @@ def _hf_cached_weights(name: str, tag: str) -> tuple[Path, dict]:
             found = try_to_load_from_cache(repo, filename, cache_dir=os.environ.get("HF_HUB_CACHE"))
             if isinstance(found, str):
                 return Path(found), cfg
+    from huggingface_hub import constants
+
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    fetch = (f"Download it once with `hf download {repo} open_clip_model.safetensors` (it goes to the "
+             "Hugging Face cache), or give" if repo else "Give")
     raise UnsupportedError(
-        f"scores.clip: the weights of {name}/{tag} are not in the local Hugging Face cache "
-        f"({repo or 'no hub repo'}); downloads are off. Give `scores.clip.weights:` a local weights "
-        "file (.safetensors/.pt) or an open_clip folder (open_clip_config.json + weights)")
+        f"scores.clip: the weights of open_clip {name} ({tag}) are not on this machine: looked for "
+        f"{repo or 'no hub repo'} in the Hugging Face cache ({cache}); workbench never downloads. "
+        f"{fetch} `scores.clip.weights:` a local weights file (.safetensors) or "
+        "an open_clip folder (open_clip_config.json + weights)")
 
 
 def load_backbone(model: str = "ViT-L-14", weights: Path | None = None, pretrained: str | None = None,
@@ -164,13 +170,206 @@ def load_backbone(model: str = "ViT-L-14", weights: Path | None = None, pretrain
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained_arg,
                                                                    device=device, **kwargs)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, AssertionError) as e:  # "pos_embed width changed!"
         raise WorkbenchError(f"scores.clip: cannot load open_clip {arch!r} with weights "
                              f"{pretrained_arg}: {str(e).splitlines()[0][:300]}") from e
     net.eval()
     tokenizer = open_clip.get_tokenizer(arch if arch.startswith("local-dir:") else
                                         arch.replace("-quickgelu", ""))
     return ClipBackbone(net, preprocess, tokenizer, info, device)
+
+
+# --------------------------------------------------------------------------------------------------
+# the dry run's check of the backbone's weights (shapes only, nothing loaded)
+
+# (what, key in the file, axis) -> what the open_clip model config says; read from the file header
+_WIDTHS = (("text width", "positional_embedding", 1),
+           ("embedding width", "text_projection", 1),
+           ("image width", "visual.conv1.weight", 0),
+           ("image patch size", "visual.conv1.weight", 2))
+
+
+@dataclass
+class BackboneCheck:
+    """What the dry run found about the CLIP backbone's weights: the file it would load (None when
+    there is none), lines for the plan, and problems, each saying how to fix it."""
+
+    label: str
+    model: str  # the open_clip model name, or "the config in FOLDER" for an open_clip folder
+    weights: Path | None = None
+    embed_dim: int | None = None
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _expected(cfg: dict) -> dict[str, int]:
+    """{what: value} an open_clip model config implies for the state-dict shapes checked here.
+    Widths come from open_clip's own config dataclasses (defaults included); towers built by timm
+    or Hugging Face transformers have other key names and are not checked."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # heavy: only when a grid scores
+
+    out: dict[str, int] = {}
+    text = CLIPTextCfg(**cfg.get("text_cfg", {}))
+    if not text.hf_model_name:
+        out["text width"], out["text layers"] = text.width, text.layers
+    out["embedding width"] = int(cfg["embed_dim"])
+    vision = CLIPVisionCfg(**cfg.get("vision_cfg", {}))
+    if not vision.timm_model_name and isinstance(vision.layers, int):
+        out["image width"], out["image layers"] = vision.width, vision.layers
+        out["image patch size"] = vision.patch_size
+    return out
+
+
+def _layers(shapes: dict, prefix: str) -> int | None:
+    found = {k[len(prefix):].split(".", 1)[0] for k in shapes if k.startswith(prefix)}
+    return len(found) or None
+
+
+def _found(shapes: dict) -> dict[str, int]:
+    """The same quantities read from a state dict's shapes (CLIP or CustomTextCLIP key names)."""
+    if any(k.startswith("module.") for k in list(shapes)[:1]):
+        shapes = {k[len("module."):]: v for k, v in shapes.items()}
+    text = "" if "positional_embedding" in shapes else "text."
+    out: dict[str, int] = {}
+    for what, key, axis in _WIDTHS:
+        shape = shapes.get(key if key.startswith("visual.") else text + key)
+        if shape is not None and len(shape) > axis:
+            out[what] = int(shape[axis])
+    proj = shapes.get("text.text_projection.weight")  # a Linear: [embed_dim, width]
+    if "embedding width" not in out and proj is not None:
+        out["embedding width"] = int(proj[0])
+    if "embedding width" not in out and "visual.proj" in shapes:
+        out["embedding width"] = int(shapes["visual.proj"][1])
+    for what, prefix in (("text layers", text + "transformer.resblocks."),
+                         ("image layers", "visual.transformer.resblocks.")):
+        n = _layers(shapes, prefix)
+        if n:
+            out[what] = n
+    return out
+
+
+def _shapes(path: Path) -> dict[str, tuple]:
+    """Tensor shapes of a weights file: the safetensors header, or a pickle read onto the meta
+    device (no tensor data; open_clip loads with weights_only=True too, so a file that fails
+    here fails there)."""
+    if path.suffix.lower() == ".safetensors":
+        from workbench.formats.safetensors_io import read_header
+
+        return {k: tuple(v) for k, v in read_header(path).shapes().items()}
+    state = torch.load(path, map_location="meta", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WorkbenchError(f"{path}: holds no state dict")
+    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def _mismatch(found: dict[str, int], expected: dict[str, int]) -> list[tuple[str, int, int]]:
+    return [(what, found[what], want) for what, want in expected.items()
+            if what in found and found[what] != want]
+
+
+def _models_fitting(found: dict[str, int]) -> list[str]:
+    """open_clip model names whose config fits these shapes (plain names before -quickgelu etc.)."""
+    import open_clip
+
+    fits = []
+    for name in open_clip.list_models():
+        try:
+            expected = _expected(open_clip.get_model_config(name) or {})
+        except (TypeError, KeyError):
+            continue
+        # every quantity the file shows must be one the config defines (a config with a Hugging
+        # Face text tower does not fit a file holding open_clip's own text transformer)
+        if set(found) <= set(expected) and not _mismatch(found, expected):
+            fits.append(name)
+    return sorted(fits, key=lambda n: (n.count("-") + n.count("_"), len(n), n))
+
+
+def check_backbone(scores) -> BackboneCheck | None:
+    """The dry run's look at the weights a grid's scorers would load (None: nothing is scored).
+
+    Mirrors `load_backbone`: an open_clip folder (its own config), a weights file checked against
+    the config of `scores.clip.model`, or the pretrained tag's file in the Hugging Face cache.
+    Compares the widths and depths in the file's header with open_clip's model config, so a file
+    of another architecture is a problem with its fix here, not an AssertionError after the
+    images were made."""
+    if scores is None or not any((scores.clip, scores.aesthetic, scores.style)):
+        return None
+    import open_clip
+
+    clip = scores.clip
+    model = clip.model if clip else "ViT-L-14"
+    weights = Path(clip.weights) if clip and clip.weights else None
+    label = "scores.clip" if clip else "scores (the aesthetic and style scores use CLIP ViT-L-14)"
+    check = BackboneCheck(label, model)
+    cfg = None
+    if weights is not None:
+        if not weights.exists():
+            return check  # check_input reports it
+        if weights.is_dir():
+            config = weights / "open_clip_config.json"
+            try:
+                cfg = json.loads(config.read_text(encoding="utf-8"))["model_cfg"]
+            except (OSError, ValueError, KeyError, TypeError):
+                check.problems.append(
+                    f"{label}.weights: {weights} is a folder without a readable open_clip_config.json "
+                    "(with a model_cfg); give an open_clip model folder or a weights file")
+                return check
+            files = [weights / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+                     if (weights / n).is_file()] or sorted(
+                p for p in weights.iterdir() if p.suffix in (".safetensors", ".bin", ".pth"))
+            if not files:
+                check.problems.append(f"{label}.weights: the folder {weights} has no weights file "
+                                      "(open_clip_model.safetensors)")
+                return check
+            model = check.model = f"the config in {weights.name}/"
+            weights = files[0]
+        else:
+            cfg = open_clip.get_model_config(_quickgelu_name(model, weights))
+    else:
+        try:
+            weights, _ = _hf_cached_weights(model, (clip.pretrained if clip else None) or DEFAULT_TAG)
+        except WorkbenchError as e:
+            check.problems.append(str(e))
+            return check
+        cfg = open_clip.get_model_config(model)
+    if not cfg:
+        close = ", ".join(n for n in open_clip.list_models() if model.lower()[:5] in n.lower())[:200]
+        check.problems.append(f"{label}.model: open_clip has no model {model!r}"
+                              + (f" (similar: {close})" if close else "")
+                              + "; `python -c \"import open_clip; print(open_clip.list_models())\"` "
+                              "lists them")
+        return check
+    check.weights = weights
+    check.embed_dim = int(cfg["embed_dim"])
+    try:
+        found = _found(_shapes(weights))
+    except (WorkbenchError, RuntimeError, OSError, ValueError, EOFError) as e:
+        check.problems.append(f"{label}: cannot read the tensor shapes of {weights} "
+                              f"({str(e).splitlines()[0][:200]}); open_clip could not load it either: "
+                              "give a .safetensors file or an open_clip folder")
+        return check
+    expected = _expected(cfg)
+    if not set(found) & {"text width", "image width"}:
+        check.problems.append(f"{label}: {weights} is not an open_clip CLIP state dict (no "
+                              "positional_embedding or visual.conv1.weight); give open_clip "
+                              "weights (e.g. open_clip_model.safetensors from the model's hub page)")
+        return check
+    wrong = _mismatch(found, expected)
+    if wrong:
+        shown = ", ".join(f"{what} {have} ({model} has {want})" for what, have, want in wrong)
+        desc = model if check.model.startswith("the config") else f"open_clip {model}"
+        fits = _models_fitting(found)
+        fix = (f"set `scores.clip.model: {fits[0]}`" + (f" (or {', '.join(fits[1:3])})" if len(fits) > 1 else "")
+               + f", or give weights made for {model}") if fits else \
+            f"give weights made for {model}, or the open_clip model these weights belong to"
+        check.problems.append(f"{label}: the weights {weights.name} do not fit {desc}: {shown}; {fix}")
+        return check
+    check.embed_dim = found.get("embedding width", check.embed_dim)
+    desc = model if check.model.startswith("the config") else f"open_clip {model}"
+    check.lines.append(f"score backbone: {desc}, weights {weights} (shapes match)")
+    return check
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,6 +402,18 @@ def load_aesthetic(weights: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if w2.shape[1] != w1.shape[0]:
             raise WorkbenchError(f"scores.aesthetic.weights: {weights}: layer sizes do not chain")
     return layers
+
+
+def aesthetic_input_width(weights: Path) -> int | None:
+    """The embedding width the predictor's first Linear layer takes, from the file's shapes
+    (None when the file does not look like a predictor: loading then says why)."""
+    try:
+        shapes = _shapes(Path(weights))
+    except (WorkbenchError, RuntimeError, OSError, ValueError, EOFError):
+        return None
+    firsts = sorted((int(m[1]), shape) for key, shape in shapes.items()
+                    if (m := re.fullmatch(r"(?:.*\.)?layers\.(\d+)\.weight", key)) and len(shape) == 2)
+    return int(firsts[0][1][1]) if firsts else None
 
 
 def aesthetic_scores(layers, features: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,38 @@ import numpy as np
 
 DEFAULT_RESAMPLES = 9999
 DEFAULT_CONFIDENCE = 0.95
+SIGNIFICANCE = 0.05  # the level the report's "can this test say anything" rule is taken at
+
+
+def wilcoxon_min_p(n: int) -> float:
+    """The smallest two-sided p the exact Wilcoxon signed-rank test can give with `n` non-zero
+    paired differences: every difference of one sign has probability 1/2^n under "no difference",
+    doubled for two sides, so p >= 2/2^n (0.25 with 3 units; below 0.05 only from 6 units)."""
+    return min(1.0, 2.0 / 2.0 ** n) if n > 0 else 1.0
+
+
+def friedman_min_p(k: int, n: int) -> float:
+    """The smallest p an exact Friedman test of `k` values over `n` units can give: all units
+    ranking the values the same way, one of k! orders, has probability (1/k!)^(n-1)."""
+    return (1.0 / math.factorial(k)) ** (n - 1) if k > 1 and n > 0 else 1.0
+
+
+def can_be_significant(min_p: float, level: float = SIGNIFICANCE) -> bool:
+    """Whether a test whose smallest possible p is `min_p` can reach `level` at all."""
+    return min_p <= level
+
+
+def evidence(n_units: int, ci_low: float | None, ci_high: float | None,
+             level: float = SIGNIFICANCE) -> str:
+    """How much a paired comparison says, in one word for the report's verdict:
+    "none" (fewer than 2 units: no interval), "unclear" (the interval holds zero), "weak" (the
+    interval leaves out zero, but with so few units that the signed-rank test could not reach
+    `level` whatever the data), "clear" (the interval leaves out zero with enough units)."""
+    if n_units < 2 or ci_low is None or ci_high is None:
+        return "none"
+    if ci_low <= 0.0 <= ci_high:
+        return "unclear"
+    return "clear" if can_be_significant(wilcoxon_min_p(n_units), level) else "weak"
 
 
 @dataclass(frozen=True)
@@ -48,6 +80,7 @@ class PairedStats:
     ties: int
     losses: int
     wilcoxon_p: float | None  # two-sided; None with fewer than 2 units; 1.0 when all d_p are 0
+    wilcoxon_min_p: float = 1.0  # the smallest p the exact test can give with n_units (2/2^n)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,7 +176,7 @@ def compare_pairs(a: Sequence[float], b: Sequence[float], units: Sequence[Hashab
         mean_a=float(np.mean(a)), mean_b=float(np.mean(b)), mean_diff=float(np.mean(d_u)),
         ci_low=low, ci_high=high, ci_method=how, confidence=confidence,
         win_rate=(wins + 0.5 * ties) / len(diffs), wins=wins, ties=ties, losses=losses,
-        wilcoxon_p=wilcoxon_p(d_u))
+        wilcoxon_p=wilcoxon_p(d_u), wilcoxon_min_p=wilcoxon_min_p(int(d_u.size)))
 
 
 @dataclass(frozen=True)
@@ -161,10 +194,12 @@ class Ranking:
     n_units: int
     unit: str
     friedman_p: float | None  # None with fewer than 3 values or 2 units
+    friedman_min_p: float = 1.0  # the smallest p the exact test can give (friedman_min_p)
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "n_units": self.n_units, "unit": self.unit,
-                "friedman_p": self.friedman_p, "rows": [asdict(r) for r in self.rows]}
+                "friedman_p": self.friedman_p, "friedman_min_p": self.friedman_min_p,
+                "rows": [asdict(r) for r in self.rows]}
 
 
 def rank_values(table: dict[str, Sequence[float]], *, metric: str = "score",
@@ -193,4 +228,5 @@ def rank_values(table: dict[str, Sequence[float]], *, metric: str = "score",
                 p = float(stats.friedmanchisquare(*matrix).pvalue)
         else:
             p = 1.0
-    return Ranking(metric, rows, int(matrix.shape[1]), unit, p)
+    return Ranking(metric, rows, int(matrix.shape[1]), unit, p,
+                   friedman_min_p(len(names), int(matrix.shape[1])))

@@ -28,7 +28,7 @@ from workbench.pipeline.generate import (
     save_image,
 )
 from workbench.kinds.checks import check_lora_blocks
-from workbench.plan import RunPlan, RunResult, check_input
+from workbench.plan import RunPlan, RunResult, check_input, lora_problem, t5_tokenizer_problem
 from workbench.provenance import Provenance
 from workbench.recipes.generate import GenerateRecipe
 from workbench.recipes.loader import recipe_to_yaml
@@ -73,8 +73,14 @@ def describe(recipe: GenerateRecipe, overwrite: bool = False) -> RunPlan:
     plan = RunPlan.for_recipe(recipe, overwrite)
     model = check_input(plan, "model", recipe.model)
     for i, lora in enumerate(recipe.loras):
-        check_input(plan, f"loras[{i}]", lora.path, expect="file")
+        problem = lora_problem(check_input(plan, f"loras[{i}]", lora.path, expect="lora"),
+                               "the model", model.arch)
+        if problem:
+            plan.problems.append(problem)
         check_lora_blocks(plan, f"loras[{i}]", model.arch, lora)
+    problem = t5_tokenizer_problem("model", recipe.model, model.arch)
+    if problem:
+        plan.problems.append(problem)
     seed = "random" if recipe.seed == -1 else str(recipe.seed)
     plan.lines += [
         "generation:",

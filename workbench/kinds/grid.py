@@ -22,21 +22,23 @@ from typing import Any
 import torch
 from PIL import Image
 
+from workbench import throughput
 from workbench.errors import WorkbenchError
 from workbench.formats.detect import detect
 from workbench.grid import report
 from workbench.grid.cache import CellCache, signature_hash
 from workbench.grid.merge_preview import MergePreviewer, load_merge_recipe, steps_with
 from workbench.grid.render import MAX_SIDE, render_pages
-from workbench.grid.scores import GridScorer
+from workbench.grid.scores import GridScorer, aesthetic_input_width, check_backbone
 from workbench.grid.cells import LETTERS, Cell, GridLayout, expand, layout, run_order, with_keys
 from workbench.pipeline.generate import generate, load_model, plan_for_file
 from workbench.pipeline.image_meta import format_parameters
 from workbench.progress import task
 from workbench.kinds.checks import check_lora_blocks
-from workbench.plan import RunPlan, RunResult, check_input
+from workbench.plan import RunPlan, RunResult, check_input, lora_problem, t5_tokenizer_problem
 from workbench.provenance import Provenance
 from workbench.recipes.grid import GridRecipe, LoraAxis, MergeAxis, ModelAxis
+from workbench.throughput import human_time
 
 # Rough sampling speed for the estimate before any cell was timed: seconds per step per megapixel
 # (SD1.5 at 512x512 is 0.26 MP; SDXL costs about 3x SD1.5 at the same pixels).
@@ -96,17 +98,48 @@ def _measured_rate(cache: CellCache) -> float | None:
     return pystats.median(rates) if rates else None
 
 
-def estimate_seconds(todo: list[Cell], cache: CellCache, device: str | None = None) -> float:
+def device_kind(device: str | None) -> str:
+    """'cuda' or 'cpu': what the speed tables are keyed by."""
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = "cuda" if str(dev).startswith("cuda") else "cpu"
-    rate = _measured_rate(cache)
+    return "cuda" if str(dev).startswith("cuda") else "cpu"
+
+
+def estimate_seconds(todo: list[Cell], cache: CellCache, device: str | None = None) -> tuple[float, str]:
+    """(seconds, how) for making `todo`: per architecture, the sampling speed and load time
+    measured by earlier grids on this machine (workbench/throughput.py), else the speed measured
+    in this grid's own cell store, else the rough constants above."""
+    dev = device_kind(device)
+    own = _measured_rate(cache)
     sources = {c.source for c in todo}
-    total = LOAD_SECONDS[dev] * len(sources)
     archs = {s: _arch_of(s) for s in sources}
+    total = 0.0
+    for source in sources:
+        load = throughput.measured("grid-load", archs[source], dev) if not source.is_merge else None
+        total += load.value if load else LOAD_SECONDS[dev]
+    measured, store, rough = set(), set(), set()
+    rates: dict[str, float] = {}
+    for arch in set(archs.values()):
+        m = throughput.measured("grid", arch, dev)
+        if m is not None:
+            rates[arch] = m.value
+            measured.add(f"{arch} {m.value:.3g} s per step per megapixel, median of the last "
+                         f"{m.runs} grid{'s' if m.runs != 1 else ''}")
+        elif own is not None:
+            rates[arch] = own
+            store.add(arch)
+        else:
+            rates[arch] = SECONDS_PER_STEP_MP[dev] * ARCH_FACTOR.get(arch, 1.0)
+            rough.add(arch)
     for cell in todo:
-        r = rate if rate is not None else SECONDS_PER_STEP_MP[dev] * ARCH_FACTOR.get(archs[cell.source], 1.0)
-        total += _sec_per_image(cell, r)
-    return total
+        total += _sec_per_image(cell, rates[archs[cell.source]])
+    how = []
+    if measured:
+        how.append(f"measured on this machine ({dev}): " + "; ".join(sorted(measured)))
+    if store:
+        how.append(f"{', '.join(sorted(store))}: speed of the cells already in this grid's store")
+    if rough:
+        how.append(f"rough for {', '.join(sorted(rough))}: no cell timed on this machine yet")
+    return total, "; ".join(how) or "nothing to make"
 
 
 def _arch_of(source) -> str:
@@ -118,14 +151,6 @@ def _arch_of(source) -> str:
         return detect(path).arch or "sd15"
     except (WorkbenchError, OSError, StopIteration):
         return "sd15"
-
-
-def _human_time(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def plan_cells(recipe) -> tuple[list[Cell], GridLayout]:
@@ -142,10 +167,14 @@ def _short(value: Any) -> str:
 
 def _check_inputs(recipe: GridRecipe, plan: RunPlan) -> None:
     d = recipe.defaults
-    arch = check_input(plan, "defaults.model", d.model).arch if d.model is not None else None
+    models: list[tuple[str, Path, str | None]] = []  # (label, file, arch) of every model a cell uses
+    loras = []
+    if d.model is not None:
+        check = check_input(plan, "defaults.model", d.model)
+        models.append((check.label, check.path, check.arch))
     for i, lora in enumerate(d.loras):
-        check_input(plan, f"defaults.loras[{i}]", lora.path, expect="file")
-        check_lora_blocks(plan, f"defaults.loras[{i}]", arch, lora)
+        loras.append(check_input(plan, f"defaults.loras[{i}]", lora.path, expect="lora"))
+        check_lora_blocks(plan, f"defaults.loras[{i}]", models[0][2] if models else None, lora)
     plan.lines.append("axes:")
     for letter, axis in recipe.axes():
         values = axis.expanded_values()  # type: ignore[attr-defined]
@@ -153,13 +182,28 @@ def _check_inputs(recipe: GridRecipe, plan: RunPlan) -> None:
         plan.lines.append(f"  {letter}: {axis.axis} ({len(values)}): {shown}")  # type: ignore
         if isinstance(axis, ModelAxis):
             for j, p in enumerate(axis.values):
-                check_input(plan, f"{letter}.values[{j}]", p)
+                check = check_input(plan, f"{letter}.values[{j}]", p)
+                models.append((check.label, check.path, check.arch))
         elif isinstance(axis, LoraAxis):
             for j, lora in enumerate(axis.values):
-                check_input(plan, f"{letter}.values[{j}]", lora.path, expect="file")
-                check_lora_blocks(plan, f"{letter}.values[{j}]", arch, lora)
+                loras.append(check_input(plan, f"{letter}.values[{j}]", lora.path, expect="lora"))
+                check_lora_blocks(plan, f"{letter}.values[{j}]", models[0][2] if models else None,
+                                  lora)
         elif isinstance(axis, MergeAxis):
-            check_input(plan, f"{letter}.recipe", axis.recipe, expect="file")
+            check = check_input(plan, f"{letter}.recipe", axis.recipe, expect="file")
+            if check.exists and check.size is not None:
+                models.append((f"the merge of {letter}.recipe", axis.recipe, _merge_arch(axis.recipe)))
+    if d.model is not None and any(isinstance(a, (ModelAxis, MergeAxis)) for _, a in recipe.axes()):
+        models = models[1:]  # an axis that sets the model replaces defaults.model in every cell
+    for lora in loras:
+        for label, _, arch in models:
+            problem = lora_problem(lora, label, arch)
+            if problem:
+                plan.problems.append(problem)
+    for label, path, arch in models:
+        problem = t5_tokenizer_problem(label, path, arch)
+        if problem:
+            plan.problems.append(problem)
     seeds = recipe.seeds or [1]
     plan.lines.append(f"seeds: {', '.join(map(str, seeds))}; {recipe.cell_count()} images")
     if recipe.scores:
@@ -175,7 +219,38 @@ def _check_inputs(recipe: GridRecipe, plan: RunPlan) -> None:
         if s.style:
             plan.lines.append("score: style similarity")
             check_input(plan, "scores.style.reference_dir", s.style.reference_dir, expect="images")
+        _check_scorers(recipe, plan)
     plan.outputs.append(recipe.output.dir)
+
+
+def _merge_arch(path: Path) -> str | None:
+    """The architecture of a merge recipe's first model (None when it cannot be told yet)."""
+    try:
+        first = next(iter(load_merge_recipe(path).models.values()))
+        return detect(first).arch
+    except (WorkbenchError, OSError, StopIteration):
+        return None
+
+
+def _check_scorers(recipe: GridRecipe, plan: RunPlan) -> None:
+    """The CLIP backbone's weights (present, of the stated architecture) and the aesthetic
+    predictor's input width against it, from headers: what GridScorer would load after every
+    image was made."""
+    backbone = check_backbone(recipe.scores)
+    if backbone is None:
+        return
+    plan.lines += backbone.lines
+    plan.problems += backbone.problems
+    aesthetic = recipe.scores.aesthetic
+    if backbone.problems or aesthetic is None or aesthetic.weights is None \
+            or not Path(aesthetic.weights).is_file() or backbone.embed_dim is None:
+        return
+    width = aesthetic_input_width(Path(aesthetic.weights))
+    if width is not None and width != backbone.embed_dim:
+        plan.problems.append(
+            f"scores.aesthetic.weights: {Path(aesthetic.weights).name} expects {width}-d CLIP "
+            f"embeddings but the CLIP backbone ({backbone.model}) gives {backbone.embed_dim}-d; use the "
+            "backbone the predictor was trained on (ViT-L-14 for the LAION predictor)")
 
 
 @dataclass
@@ -187,6 +262,7 @@ class GridPlan:
     layout: GridLayout
     todo: list[Cell]
     memory: dict[Any, Any] = field(default_factory=dict)
+    estimated_seconds: float | None = None
 
 
 def _memory_plans(recipe: GridRecipe, todo: list[Cell], plan: RunPlan) -> dict[Any, Any]:
@@ -225,11 +301,11 @@ def cells_report(recipe: GridRecipe) -> tuple[list[str], list[str], GridPlan | N
     n_sources = len({c.source for c in todo})
     todo_keys = {c.key for c in todo}
     cached = sum(1 for c in cells if c.key not in todo_keys)
+    seconds, how = estimate_seconds(todo, cache, recipe.memory.device)
     lines = [f"cells: {len(cells)} ({cached} cached, {len(todo)} to generate from {n_sources} "
              f"model{'s' if n_sources != 1 else ''})",
-             f"estimated time: ~{_human_time(estimate_seconds(todo, cache, recipe.memory.device))}"
-             + (" (measured speed)" if _measured_rate(cache) else " (rough: no cell timed yet)")]
-    return lines, [], GridPlan(cells, lay, todo)
+             f"estimated time: ~{human_time(seconds)} ({how})"]
+    return lines, [], GridPlan(cells, lay, todo, estimated_seconds=seconds)
 
 
 def describe(recipe: GridRecipe, overwrite: bool = False) -> RunPlan:
@@ -245,6 +321,7 @@ def describe(recipe: GridRecipe, overwrite: bool = False) -> RunPlan:
     if grid is not None:
         grid.memory = _memory_plans(recipe, grid.todo, plan)
         plan.detail = grid
+        plan.estimated_seconds = grid.estimated_seconds
     return plan
 
 
@@ -310,14 +387,21 @@ def _load_source(source, previewer, memory, planned):
 
 
 def _generate_missing(todo: list[Cell], cache: CellCache, scorer, progress: bool, memory,
-                      planned: dict) -> int:
-    """Make every cell in `todo` (model by model), scoring each group as it is made."""
+                      planned: dict, speeds: dict[tuple[str, str], list[float]] | None = None) -> int:
+    """Make every cell in `todo` (model by model), scoring each group as it is made. `speeds`
+    collects what was measured: ("grid", arch) -> seconds per step per megapixel of each group,
+    ("grid-load", arch) -> seconds each model file took to load."""
     previewer = MergePreviewer(device=memory.device)
+    speeds = {} if speeds is None else speeds
     made = 0
     with task("grid", len(todo), "cell", bar=progress) as t:
         for source, groups in run_order(todo):
             t.note(f"loading {source.label}")
+            arch = _arch_of(source)
+            loading = time.perf_counter()
             model = _load_source(source, previewer, memory, planned)
+            if not source.is_merge:  # a merge preview's load includes merging
+                speeds.setdefault(("grid-load", arch), []).append(time.perf_counter() - loading)
             t.note(f"generating with {source.label}")
             for group in groups:
                 first = group[0]
@@ -326,6 +410,8 @@ def _generate_missing(todo: list[Cell], cache: CellCache, scorer, progress: bool
                 images = generate(model, first.settings, [c.seed for c in group], loras=first.loras,
                                   batch_size=1)
                 per_image = (time.perf_counter() - started) / len(group)
+                work = first.settings.steps * first.settings.width * first.settings.height / 1e6
+                speeds.setdefault(("grid", arch), []).append(per_image / work)
                 values = scorer.score([g.image for g in images], [first.settings.prompt] * len(group)) \
                     if scorer is not None else [{} for _ in group]
                 for cell, img, val in zip(group, images, values):
@@ -342,6 +428,25 @@ def _generate_missing(todo: list[Cell], cache: CellCache, scorer, progress: bool
             del model
             gc.collect()
     return made
+
+
+UNITS = {"grid": "seconds per step per megapixel", "grid-load": "seconds per model load"}
+
+
+def record_speeds(speeds: dict[tuple[str, str], list[float]], device: str | None) -> None:
+    """Store this run's median speeds per architecture for the next dry run's estimate."""
+    for (kind, arch), values in speeds.items():
+        if values:
+            throughput.record(kind, arch, device_kind(device), pystats.median(values), UNITS[kind])
+
+
+def _measured_text(speeds: dict[tuple[str, str], list[float]], estimated: float | None) -> str:
+    """' (sampling sd15: 0.52 s per step per megapixel; the dry run estimated ~3 min)'."""
+    parts = [f"sampling {arch}: {pystats.median(v):.3g} s per step per megapixel"
+             for (kind, arch), v in sorted(speeds.items()) if kind == "grid" and v]
+    if estimated is not None:
+        parts.append(f"the dry run estimated ~{human_time(estimated)}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _score_cached(cells: list[Cell], cache: CellCache, scorer) -> dict[str, dict[str, float]]:
@@ -384,7 +489,10 @@ def run(plan: RunPlan, *, progress: bool = True, max_side: int | None = None) ->
     todo = [c for c in grid.todo if not cache.has(c.key)]  # another run may have made some since
     device = recipe.memory.device
     scorer = GridScorer(recipe.scores, device=device) if recipe.scores else None
-    made = _generate_missing(todo, cache, scorer, progress, recipe.memory, grid.memory) if todo else 0
+    speeds: dict[tuple[str, str], list[float]] = {}
+    made = _generate_missing(todo, cache, scorer, progress, recipe.memory, grid.memory,
+                             speeds) if todo else 0
+    record_speeds(speeds, recipe.memory.device)
     scores = _score_cached(cells, cache, scorer)
     metrics = scorer.metrics if scorer is not None else []
     pages = render_grid(recipe, cells, lay, cache, scores, metrics, out_dir, max_side)
@@ -393,11 +501,11 @@ def run(plan: RunPlan, *, progress: bool = True, max_side: int | None = None) ->
     elapsed = time.perf_counter() - started
     summary = (f"grid '{recipe.name}': {len(cells)} cells ({made} generated, {len(cells) - made} from "
                f"the cell store), {len(pages)} grid page{'s' if len(pages) != 1 else ''}, "
-               f"{elapsed:.1f} s")
+               f"{elapsed:.1f} s" + _measured_text(speeds, plan.estimated_seconds))
     extra = {"name": recipe.name, "axes": {k: {"axis": v[0], "title": v[1], "values": v[2]}
                                            for k, v in lay.axes.items()},
              "seeds": lay.seeds, "scorers": scorer.signature() if scorer else {},
-             "statistics": statistics, "generated": made}
+             "verdict": report.verdict(statistics), "statistics": statistics, "generated": made}
     tables = report.write_tables(rows, out_dir, extra)
     html = report.write_html(out_dir, title=recipe.name or "grid", pages=pages, cells=cells, lay=lay,
                              scores=scores, metrics=metrics, statistics=statistics,

@@ -72,6 +72,9 @@ BLOCK_COUNTS = {26: "BASE, IN00-IN11, M00, OUT00-OUT11", 20: "BASE, IN00-IN08, M
                 61: "CLIP, T5, IN, D00-D18, S00-S37, OUT"}
 # Block ids accepted in a `blocks:` mapping; the merge engine checks them against the architecture.
 BLOCK_ID_RE = re.compile(r"^(BASE|VAE|TE|CLIP|CLIPL|CLIPG|T5|IN|OUT|M00|(IN|OUT|D|S|J)\d\d)$")
+# A preset name as supermerger spells them ("SMOOTHSTEP*2", "REVERSE-SMOOTHSTEP", "R_SMOOTHSTEP/3"),
+# or a LoRA Block Weight preset ("ALL0.5"); whether the name exists is checked against the preset
+# tables when the architecture is known.
 PRESET_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.*/+-]*$")
 
 
