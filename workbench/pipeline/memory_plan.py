@@ -36,6 +36,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+from workbench.arch import DIT_IDS
 from workbench.errors import UnsupportedError, WorkbenchError
 
 from workbench.pipeline.sizes import (
@@ -233,7 +234,7 @@ def compute_dtype_for(arch: str, weights: str, device: DeviceInfo) -> str:
         return "bf16" if weights == "bf16" or (weights == "auto" and device.bf16) else "fp32"
     if weights in ("fp32", "fp16", "bf16"):
         return weights
-    return "bf16" if arch in ("sd3", "flux") and device.bf16 else "fp16"
+    return "bf16" if arch in DIT_IDS and device.bf16 else "fp16"
 
 
 def _initial_storage(c: ComponentSize, weights: str, compute: str) -> tuple[str, str]:
