@@ -42,6 +42,7 @@ output: {{dir: out}}
 def counting(monkeypatch):
     """Count model loads, generate calls (with their prompt and seeds) and CLIP loads."""
     from workbench.grid import scores
+    from workbench.kinds import grid as grid_kind
 
     calls = {"load": [], "generate": [], "clip": 0}
     real_load, real_gen, real_clip = gen.load_model, gen.generate, scores.load_backbone
@@ -58,7 +59,9 @@ def counting(monkeypatch):
         calls["clip"] += 1
         return real_clip(*a, **kw)
 
-    monkeypatch.setattr(gen, "load_model", load)
+    monkeypatch.setattr(gen, "load_model", load)  # the merge preview's loads
+    monkeypatch.setattr(grid_kind, "load_model", load)  # the grid kind calls the core by these names
+    monkeypatch.setattr(grid_kind, "generate", generate)
     monkeypatch.setattr(gen, "generate", generate)
     monkeypatch.setattr(scores, "load_backbone", clip)
     yield calls

@@ -20,20 +20,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
+from workbench.arch import ARCHS, UNET_IDS
 from workbench.errors import WorkbenchError
 from workbench.formats import lbw
 
 DIFFUSION_PREFIX = "model.diffusion_model."
 
-BLOCK_IDS: dict[str, list[str]] = {
-    "sd15": ["BASE", *(f"IN{i:02d}" for i in range(12)), "M00",
-             *(f"OUT{i:02d}" for i in range(12))],
-    "sdxl": ["BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9))],
-    "sd3": ["BASE", "IN", *(f"J{i:02d}" for i in range(38)), "OUT"],
-    "flux": ["BASE", "IN", *(f"D{i:02d}" for i in range(19)), *(f"S{i:02d}" for i in range(38)),
-             "OUT"],
-}
-BLOCK_IDS["sd2"] = BLOCK_IDS["sd15"]
+BLOCK_IDS: dict[str, list[str]] = {a.id: list(a.block_ids) for a in ARCHS}  # workbench/arch.py
 
 TE_VAE_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.", "first_stage_model.",
                    "vae.")
@@ -66,7 +59,7 @@ def _is_diffusion(arch: str, key: str) -> bool:
     bare, prefixed = _strip(key)
     if prefixed:
         return True
-    roots = UNET_ROOTS if arch in ("sd15", "sd2", "sdxl") else DIT_ROOTS.get(arch, set())
+    roots = UNET_ROOTS if arch in UNET_IDS else DIT_ROOTS.get(arch, set())
     return bare.split(".", 1)[0] in roots
 
 
@@ -93,7 +86,7 @@ def block_of(arch: str, key: str) -> str:
     root = parts[0]
     index = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
     block = None
-    if arch in ("sd15", "sd2", "sdxl"):
+    if arch in UNET_IDS:
         last_out = ids[-1]
         if root in ("time_embed", "label_emb"):
             block = "IN00"

@@ -14,12 +14,13 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
+from workbench.arch import ARCHS as RECORDS, BY_ID, DIT_IDS, IDS
 from workbench.errors import UnknownModelError
 from workbench.formats.lora_detect import detect_lora, is_lora
 from workbench.formats.model_info import ModelInfo
 from workbench.formats.safetensors_io import SafetensorsHeader, read_header
 
-ARCHS = ("sd15", "sd2", "sdxl", "sd3", "flux")
+ARCHS = IDS  # workbench/arch.py
 Shapes = Mapping[str, "tuple[int, ...] | None"]
 
 
@@ -48,20 +49,11 @@ TE_ROOTS = {"text_model", "transformer", "token_embedding", "positional_embeddin
             "text_projection", "logit_scale", "shared", "embeddings", "final_layer_norm"}
 VAE_ROOTS = {"encoder", "decoder", "quant_conv", "post_quant_conv"}
 
-# text encoder name -> (archs it serves, default arch, role per arch)
-TE_FAMILY = {
-    "clip_l": (("sd15", "sdxl", "sd3", "flux"), "sd15"),
-    "clip_h": (("sd2",), "sd2"),
-    "clip_g": (("sdxl", "sd3"), "sdxl"),
-    "t5xxl": (("sd3", "flux"), "flux"),
-}
-TE_ROLE = {
-    "sd15": {"clip_l": "text_encoder"},
-    "sd2": {"clip_h": "text_encoder"},
-    "sdxl": {"clip_l": "text_encoder", "clip_g": "text_encoder_2"},
-    "sd3": {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"},
-    "flux": {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
-}
+# arch -> {text encoder name: pipeline role}, from the records in workbench/arch.py
+TE_ROLE = {a.id: {t.model: t.component for t in a.text_encoders} for a in RECORDS}
+# text encoder name -> (archs it serves, the arch a lone file of it is taken for)
+TE_DEFAULT = {"clip_l": "sd15", "clip_h": "sd2", "clip_g": "sdxl", "t5xxl": "flux"}
+TE_FAMILY = {te: (tuple(a for a in ARCHS if te in TE_ROLE[a]), default) for te, default in TE_DEFAULT.items()}
 CLIP_WIDTH = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
 CLIP_LAYERS = {12: "clip_l", 23: "clip_h", 24: "clip_h", 32: "clip_g"}
 PREFIX_TE = {"text_encoders.clip_l.": "clip_l", "text_encoders.clip_g.": "clip_g",
@@ -332,11 +324,11 @@ def _with_diffusion(diffusion, tes, vae, shapes, notes, label) -> ModelInfo:
     prefixed = any(k.startswith("+") for k in diffusion)
     if vae is not None:
         z, _ = _classify_vae(vae)
-        want = 16 if arch in ("sd3", "flux") else 4
+        want = BY_ID[arch].latent_channels
         if z is not None and z != want:
             notes.append(f"VAE has {z} latent channels ({arch} uses {want})")
         components.add("vae")
-    dit = arch in ("sd3", "flux")
+    dit = arch in DIT_IDS
     kind = "checkpoint" if len(components) > 1 else ("transformer" if dit else "unet")
     if kind == "checkpoint":
         expected = {"unet", "vae", *roles.values()}
@@ -364,7 +356,7 @@ def _component_only(tes, vae, notes, label, n_keys) -> ModelInfo:
     known = [t for t in tes if t]
     if vae is not None and not known:
         z, style = _classify_vae(vae)
-        archs = ("sd15", "sd2", "sdxl") if z == 4 else ("sd3", "flux") if z == 16 else ()
+        archs = tuple(a.id for a in RECORDS if a.latent_channels == z)
         if not archs:
             raise UnknownModelError(f"{label}: VAE with {z} latent channels; expected 4 (SD1/SD2/"
                                     "SDXL) or 16 (SD3/FLUX)")

@@ -30,6 +30,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from workbench.arch import ARCHS, UNET_IDS
 from workbench.formats import dit_keys
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -168,20 +169,12 @@ class Section:
     diffusers: tuple[str, ...]  # first = what diffusers writes
 
 
+# from the text-encoder records in workbench/arch.py; diffusers/PEFT name a text encoder by its
+# pipeline attribute
 TE_SECTIONS: dict[str, tuple[Section, ...]] = {
-    "sd15": (Section("cond_stage_model.transformer.", "hf_clip", "te1", ("lora_te", "lora_te1"),
-                     ("text_encoder",)),),
-    "sd2": (Section("cond_stage_model.model.", "open_clip", "te1", ("lora_te", "lora_te1"),
-                    ("text_encoder",)),),
-    "sdxl": (Section("conditioner.embedders.0.transformer.", "hf_clip", "te1", ("lora_te1",), ("text_encoder",)),
-             Section("conditioner.embedders.1.model.", "open_clip", "te2", ("lora_te2",), ("text_encoder_2",))),
-    "sd3": (Section("text_encoders.clip_l.transformer.", "hf_clip", "te1", ("lora_te1",), ("text_encoder",)),
-            Section("text_encoders.clip_g.transformer.", "hf_clip", "te2", ("lora_te2",), ("text_encoder_2",)),
-            Section("text_encoders.t5xxl.transformer.", "t5", "te3", ("lora_te3",), ("text_encoder_3",))),
-    "flux": (Section("text_encoders.clip_l.transformer.", "hf_clip", "te1", ("lora_te1",), ("text_encoder",)),
-             Section("text_encoders.t5xxl.transformer.", "t5", "te3", ("lora_te3",), ("text_encoder_2",))),
-}
-KOHYA_UNET = {"sd15": "diffusers", "sd2": "diffusers", "sdxl": "ldm", "sd3": "original", "flux": "original"}
+    a.id: tuple(Section(t.prefix, t.layout, t.lora_component, t.kohya, (t.component,)) for t in a.text_encoders)
+    for a in ARCHS}
+KOHYA_UNET = {a.id: a.kohya_unet_names for a in ARCHS}
 
 
 def _te_modules(section: Section, path: str) -> list[tuple[str, tuple[int, int, int] | None, bool]]:
@@ -215,7 +208,7 @@ def _under(path: str) -> str:
 
 def _diffusion_prefix(arch: str, shapes: Shapes) -> str | None:
     """"model.diffusion_model." or "" (UNet/transformer-only files with bare keys), None: none."""
-    roots = SD_UNET_ROOTS if arch in ("sd15", "sd2", "sdxl") else DIT_ROOTS.get(arch, ())
+    roots = SD_UNET_ROOTS if arch in UNET_IDS else DIT_ROOTS.get(arch, ())
     if any(k.startswith(DIFFUSION_PREFIX) for k in shapes):
         return DIFFUSION_PREFIX
     if any(k.startswith(roots) for k in shapes):
@@ -339,7 +332,7 @@ def module_table(arch: str, shapes: Shapes) -> ModuleTable:
             shape = tuple(shapes[key])
             if len(shape) < 2:
                 continue
-            if arch in ("sd15", "sd2", "sdxl"):
+            if arch in UNET_IDS:
                 d = ldm_unet_to_diffusers(path)
                 if d is None:
                     continue

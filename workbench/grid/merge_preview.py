@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from workbench.arch import ARCHS
 from workbench.errors import UnsupportedError, RecipeError, WorkbenchError
 from workbench.merge.build import plan_merge
 from workbench.merge.executor import compute_key, open_inputs
 
-PREVIEW_ARCHS = ("sd15", "sdxl")
+PREVIEW_ARCHS = tuple(a.id for a in ARCHS if a.merge_preview)  # workbench/arch.py
 
 
 def load_merge_recipe(path: Path):

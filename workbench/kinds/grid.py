@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from workbench import throughput
+from workbench.arch import ARCHS
 from workbench.errors import WorkbenchError
 from workbench.formats.detect import detect
 from workbench.grid import report
@@ -43,7 +44,7 @@ from workbench.throughput import human_time
 # Rough sampling speed for the estimate before any cell was timed: seconds per step per megapixel
 # (SD1.5 at 512x512 is 0.26 MP; SDXL costs about 3x SD1.5 at the same pixels).
 SECONDS_PER_STEP_MP = {"cuda": 0.12, "cpu": 4.0}
-ARCH_FACTOR = {"sd15": 1.0, "sd2": 1.2, "sdxl": 3.0, "sd3": 4.0, "flux": 10.0}
+ARCH_FACTOR = {a.id: a.grid_speed for a in ARCHS}  # from workbench/arch.py
 LOAD_SECONDS = {"cuda": 8.0, "cpu": 12.0}
 BARE_LABEL_AXES = {"model", "sampler", "prompt", "prompt_sr", "negative_prompt"}
 

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from workbench.arch import ARCHS
 from workbench.errors import WorkbenchError
 from workbench.formats.detect import detect
 from workbench.formats.hashes import sha256_file
@@ -33,8 +34,8 @@ from workbench.formats.writer import SafetensorsWriter
 from workbench.progress import task
 
 DTYPES = {"fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16"), "fp32": (torch.float32, "F32")}
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
-NETWORK_MODULE = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
+BASE_MODEL_VERSION = {a.id: a.kohya_base_model_version for a in ARCHS}  # from workbench/arch.py
+NETWORK_MODULE = {a.id: a.kohya_network_module for a in ARCHS}
 CLAMP_QUANTILE = 0.99
 
 

@@ -15,13 +15,11 @@ import json
 from pathlib import Path
 
 from workbench import __version__
+from workbench.arch import ARCHS
 from workbench.formats.hashes import a1111_legacy_hash, sha256_file
 
-MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v",
-                  "sdxl": "stable-diffusion-xl-v1-base", "sd3": "stable-diffusion-v3-medium",
-                  "flux": "flux-1-dev"}
-MODELSPEC_IMPL = {"sd15": "sgm", "sd2": "sgm", "sdxl": "sgm", "sd3": "sgm",
-                  "flux": "https://github.com/black-forest-labs/flux"}
+MODELSPEC_ARCH = {a.id: a.modelspec_arch for a in ARCHS}  # from workbench/arch.py
+MODELSPEC_IMPL = {a.id: a.modelspec_impl for a in ARCHS}
 A1111_METHOD = {"weighted_sum": "Weighted sum", "add_difference": "Add difference",
                 "no_merge": "No interpolation"}
 

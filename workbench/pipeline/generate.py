@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from workbench import system
+from workbench.arch import ARCHS, BY_ID
 from workbench.errors import WorkbenchError
 from workbench.formats import scaled_fp8
 from workbench.formats.detect import detect
@@ -42,10 +43,10 @@ from workbench.provenance import versions
 
 # Latent pixels per side and the multiple a side must be: VAE factor 8, times the patch size 2 of
 # the DiT models (SD3, FLUX pack 2x2 latent patches).
-SIZE_MULTIPLE = {"sd15": 8, "sd2": 8, "sdxl": 8, "sd3": 16, "flux": 16}
+SIZE_MULTIPLE = {a.id: a.size_multiple for a in ARCHS}  # from workbench/arch.py
 MIN_SIDE = 64
 # Native training sizes: far from these, models repeat subjects or lose coherence (a warning only).
-NATIVE_SIDE = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+NATIVE_SIDE = {a.id: a.native_side for a in ARCHS}
 
 
 @contextmanager
@@ -94,7 +95,7 @@ def model_arch(path: Path) -> tuple[str, str | None]:
     header = read_header(path)
     scaled_fp8.check_supported(scaled_fp8.layout_of(header), path)  # refused before any plan
     info = detect(header)
-    if info.kind != "checkpoint" or info.arch not in SIZE_MULTIPLE:
+    if info.kind != "checkpoint" or info.arch not in BY_ID or not BY_ID[info.arch].generation:
         raise WorkbenchError(f"{path}: is a {info.arch} {info.kind}, not a checkpoint that can make "
                              "images; expected an SD1.5, SDXL, SD3.x or FLUX.1 checkpoint")
     return info.arch, info.variant

@@ -17,17 +17,16 @@ from typing import Any
 
 import torch
 
+from workbench.arch import ARCHS
 from workbench.errors import UnknownModelError
 from workbench.formats import scaled_fp8
 from workbench.formats.pipeline_config import config_dir
 from workbench.formats.safetensors_io import read_header
 
 # UNet architectures handled here; DiT architectures (sd3, flux) live in workbench.pipeline.load_dit.
-UNET_PIPELINES = {
-    "sd15": "StableDiffusionPipeline",
-    "sdxl": "StableDiffusionXLPipeline",
-}
-DIT_ARCHS = ("sd3", "flux")
+# Only architectures with a bundled pipeline config (`generation` in workbench/arch.py) load.
+UNET_PIPELINES = {a.id: a.pipeline_class for a in ARCHS if a.family == "unet" and a.generation}
+DIT_ARCHS = tuple(a.id for a in ARCHS if a.family == "dit" and a.generation)
 
 # Components the real model_index lists but that A1111-style use does not want.
 _EXTRA_KWARGS: dict[str, dict[str, Any]] = {

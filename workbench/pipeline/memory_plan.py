@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from workbench import hardware
+from workbench.arch import DIT_IDS
 from workbench.errors import UnsupportedError, WorkbenchError
 
 from workbench.pipeline.sizes import (
@@ -226,7 +227,7 @@ def compute_dtype_for(arch: str, weights: str, device: DeviceInfo) -> str:
         return hardware.compute_dtype(device) if weights == "auto" else "fp32"
     if weights in ("fp32", "fp16", "bf16"):
         return weights
-    return hardware.compute_dtype(device) if arch in ("sd3", "flux") else "fp16"
+    return hardware.compute_dtype(device) if arch in DIT_IDS else "fp16"
 
 
 def _initial_storage(c: ComponentSize, weights: str, compute: str) -> tuple[str, str]:

@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from workbench.arch import ARCHS
 from workbench.errors import UnsupportedError, WorkbenchError
 
-FLOW_MATCHING_ARCHS = {"sd3", "flux"}
+FLOW_MATCHING_ARCHS = {a.id for a in ARCHS if a.flow_matching}  # workbench/arch.py
 
 
 @dataclass(frozen=True)

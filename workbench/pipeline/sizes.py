@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workbench.arch import ARCHS, BY_ID
 from workbench.formats.scaled_fp8 import SCALE_SUFFIXES
 from workbench.pipeline.precision import castable_layers
 
@@ -83,18 +84,14 @@ BLOCK_PATTERN = re.compile(r"(?:^|\.)(input_blocks\.\d+|middle_block|output_bloc
                            r"encoder\.layers\.\d+|resblocks\.\d+)\.")
 BLOCK_ORDER = ("input_blocks", "middle_block", "output_blocks", "double_blocks", "single_blocks",
                "joint_blocks", "encoder.block", "encoder.layers", "resblocks")
-COMPONENTS = {"sd15": ("unet", "text_encoder", "vae"), "sd2": ("unet", "text_encoder", "vae"),
-              "sdxl": ("unet", "text_encoder", "text_encoder_2", "vae"),
-              "sd3": ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"),
-              "flux": ("transformer", "text_encoder", "text_encoder_2", "vae")}
+COMPONENTS = {a.id: a.components for a in ARCHS}  # from workbench/arch.py
 # Standard components assumed when a file lacks them: (params, blocks, embedding params).
+# clip_h (SD2's OpenCLIP ViT-H text tower, 24 layers): 24 x (12 x 1024^2 + 13 x 1024) + embeddings
+# + projection, counted the way clip_g's 694,659,840 is.
 STANDARD = {"clip_l": (123_060_480, 12, 38_000_000), "clip_g": (694_659_840, 32, 63_300_000),
+            "clip_h": (354_032_640, 24, 50_600_000),
             "t5xxl": (4_762_310_656, 24, 131_600_000), "vae": (83_700_000, 0, 0)}
-ROLE_MODEL = {("sd15", "text_encoder"): "clip_l", ("sd2", "text_encoder"): "clip_l",
-              ("sdxl", "text_encoder"): "clip_l", ("sdxl", "text_encoder_2"): "clip_g",
-              ("sd3", "text_encoder"): "clip_l", ("sd3", "text_encoder_2"): "clip_g",
-              ("sd3", "text_encoder_3"): "t5xxl", ("flux", "text_encoder"): "clip_l",
-              ("flux", "text_encoder_2"): "t5xxl"}
+ROLE_MODEL = {(a.id, t.component): t.model for a in ARCHS for t in a.text_encoders}
 
 
 def _castable_key(key: str, shape: tuple[int, ...]) -> bool:
@@ -156,7 +153,7 @@ def component_sizes_from_header(source, arch: str | None = None, *,
         header = item if isinstance(item, SafetensorsHeader) else read_header(item)
         info = detect(header)
         arch = arch or info.arch
-        denoiser = "transformer" if arch in ("sd3", "flux") else "unet"
+        denoiser = BY_ID[arch].denoiser if arch in BY_ID else "unet"
         t5 = "text_encoder_3" if arch == "sd3" else "text_encoder_2"
         single = sorted(info.components)[0] if len(info.components) == 1 else None
         for key, t in header.tensors.items():
@@ -215,8 +212,8 @@ def activation_bytes(arch: str, width: int, height: int, batch: int = 1) -> int:
     36.2 GB, minus 33.7 GB of weights leaves 2.5 GB with the VAE decode in it); plus a fixed 256 MB
     for allocator fragmentation. `bench/gpu_core.py` reports measured peaks to check these.
     """
-    per_px = {"sd15": 60_000, "sd2": 60_000, "sdxl": 30_000, "sd3": 30_000, "flux": 40_000}
-    cfg = 1 if arch == "flux" else 2
+    per_px = {a.id: a.activation_bytes_per_px for a in ARCHS}
+    cfg = BY_ID[arch].images_per_call if arch in BY_ID else 2
     latent_px = math.ceil(width / 8) * math.ceil(height / 8)
     return int(per_px.get(arch, 98_000) * latent_px * batch * cfg) + 256 * MB
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from workbench.arch import ARCHS
 from workbench.errors import FormatError, WorkbenchError
 
-TINY_VAE_ARCHS = ("sd15", "sdxl")  # 4-channel latents; SD3/FLUX need 16-channel TAESD3/TAEF1
+TINY_VAE_ARCHS = tuple(a.id for a in ARCHS if a.tiny_vae)  # 4-channel TAESD/TAESDXL; no TAESD3/TAEF1 yet
 _INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 
 

@@ -9,15 +9,11 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from workbench.arch import ARCHS
 from workbench.errors import UnsupportedError, UnknownModelError
 
 # arch -> module with `build(path, seed=0, dtype=torch.float16) -> Path`
-BUILDERS = {
-    "sd15": "workbench.testing.sd15",
-    "sdxl": "workbench.testing.sdxl",
-    "sd3": "workbench.testing.sd3",
-    "flux": "workbench.testing.flux",
-}
+BUILDERS = {a.id: a.tiny_builder for a in ARCHS if a.tiny_builder}  # from workbench/arch.py
 
 
 def builder_module(arch: str):

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from workbench.arch import ARCHS
 from workbench.errors import WorkbenchError
 from workbench.formats.writer import atomic_write_text, save_file_atomic
 from workbench.formats.hashes import a1111_legacy_hash, sha256_file
@@ -32,11 +33,10 @@ from workbench.train.check import bucket_info
 from workbench.train.loop import optimizer_label
 from workbench.train.network import ADAPTER, Network
 
-MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
-                  "flux": "flux-1-dev/lora"}
-MODELSPEC_IMPL = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models",
-                  "flux": "https://github.com/black-forest-labs/flux"}
-SIDECAR_SD_VERSION = {"sd15": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux"}
+# from workbench/arch.py: a LoRA's modelspec architecture is its base's plus "/lora"
+MODELSPEC_ARCH = {a.id: f"{a.modelspec_arch}/lora" for a in ARCHS if a.trainable}
+MODELSPEC_IMPL = {a.id: a.lora_modelspec_impl for a in ARCHS if a.trainable}
+SIDECAR_SD_VERSION = {a.id: a.sidecar_sd_version for a in ARCHS if a.sidecar_sd_version}
 
 
 def _factor(layer, attr: str) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench import hardware
+from workbench.arch import BY_ID, UNET_IDS
 from workbench.errors import RecipeError, UnsupportedError
 from workbench.progress import task
 
@@ -160,14 +161,14 @@ def encode_text(pipe, arch: str, captions: list[str], settings: TrainSettings,
 
     # A1111 numbering (1 = last layer) -> diffusers' (layers skipped), as the generation core does
     skip = settings.clip_skip - 1 if settings.clip_skip and settings.clip_skip > 1 else None
-    if arch in ("sd15", "sd2"):
-        with clip_skip_compat(pipe, skip is not None):
-            emb, _ = pipe.encode_prompt(captions, device, 1, False, clip_skip=skip)
-        return {"prompt_embeds": emb}
     if arch == "sdxl":
         emb, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
                                                do_classifier_free_guidance=False, clip_skip=skip)
         return {"prompt_embeds": emb, "pooled": pooled}
+    if arch in UNET_IDS:  # the one-CLIP UNets (SD1.5, SD2)
+        with clip_skip_compat(pipe, skip is not None):
+            emb, _ = pipe.encode_prompt(captions, device, 1, False, clip_skip=skip)
+        return {"prompt_embeds": emb}
     emb, pooled, _ = pipe.encode_prompt(captions, prompt_2=None, device=device,
                                         max_sequence_length=settings.t5_max_length)
     return {"prompt_embeds": emb, "pooled": pooled}
@@ -185,7 +186,7 @@ class NoiseSchedule:
 
 
 def noise_schedule(pipe, arch: str, prediction_type: str | None) -> NoiseSchedule | None:
-    if arch == "flux":
+    if BY_ID[arch].flow_matching:
         return None
     from diffusers import DDPMScheduler
 
@@ -312,7 +313,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.acc = accelerator  # from make_accelerator, before anything was placed on a device
         self.device = self.acc.device
-        self.denoiser = pipe.unet if arch != "flux" else pipe.transformer
+        self.denoiser = getattr(pipe, BY_ID[arch].denoiser)
         self.sched = noise_schedule(pipe, arch, settings.prediction_type)
         groups = net.param_groups(settings.learning_rate, settings.unet_lr, settings.text_encoder_lr)
         self.optimizer = make_optimizer(settings.optimizer, groups)

@@ -26,15 +26,17 @@ from pathlib import Path
 
 import torch
 
+from workbench.arch import ARCHS
 from workbench.errors import UnsupportedError, RecipeError, WorkbenchError
 from workbench.formats.blocks import block_of
 from workbench.formats.lora_keys import ModuleTable, Target, kohya_modules, module_table
 from workbench.formats.safetensors_io import read_header
 
 ADAPTER = "default"
-DENOISER = {"sd15": "unet", "sd2": "unet", "sdxl": "unet", "flux": "transformer", "sd3": "transformer"}
+DENOISER = {a.id: a.denoiser for a in ARCHS}  # from workbench/arch.py
 TE_ATTRS = {"te1": "text_encoder", "te2": "text_encoder_2"}
-TE_TRAINABLE = ("sd15", "sdxl")
+TE_TRAINABLE = tuple(a.id for a in ARCHS if a.text_encoder_trainable)
+TRAINABLE = tuple(a.id for a in ARCHS if a.trainable)
 TYPES = ("lora", "dora", "loha", "lokr")
 # the input-side factors that fused (row-split) kohya modules share, per adapter type
 SHARED_FACTORS = {"lora": ("lora_A",), "dora": ("lora_A",), "loha": ("hada_w1_b", "hada_w2_b")}
@@ -111,8 +113,8 @@ def plan_network(arch: str, shapes: dict[str, tuple[int, ...]], *, type: str = "
     ["IN04", "M00", "OUT05"] or FLUX ["D00", "S10"]), with pipeline paths and ranks."""
     if type not in TYPES:
         raise RecipeError(f"network.type: expected one of {', '.join(TYPES)} (got {type!r})")
-    if arch not in DENOISER or arch in ("sd2", "sd3"):
-        raise UnsupportedError(f"training a LoRA for {arch} is not supported (sd15, sdxl, flux)")
+    if arch not in TRAINABLE:
+        raise UnsupportedError(f"training a LoRA for {arch} is not supported ({', '.join(TRAINABLE)})")
     if train_text_encoder and arch not in TE_TRAINABLE:
         raise RecipeError(f"network.train_text_encoder: text-encoder training is only offered for "
                           f"{' and '.join(TE_TRAINABLE)} (base is {arch})")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.arch import ARCHS, BY_ID
 from workbench.errors import UnsupportedError, WorkbenchError
 from workbench.formats.detect import detect
 from workbench.pipeline.load import load_pipeline
@@ -25,7 +26,7 @@ from workbench.train.loop import (WEIGHT_DTYPE, DataSource, Trainer, TrainSettin
                                   make_accelerator)
 from workbench.train.network import NetworkPlan, inject, quantize_base
 
-SUPPORTED = ("sd15", "sdxl", "flux")
+SUPPORTED = tuple(a.id for a in ARCHS if a.trainable)  # from workbench/arch.py
 
 
 @dataclass
@@ -83,7 +84,7 @@ def build_trainer(recipe: TrainRecipe, setup: TrainSetup, *, out_dir: Path,
     pipe = load_pipeline(base, arch, torch_dtype=weight_dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.to(dev, torch.float32)  # fp16 SDXL VAEs give NaNs; encoding happens once anyway
-    denoiser = pipe.unet if arch != "flux" else pipe.transformer
+    denoiser = getattr(pipe, BY_ID[arch].denoiser)
     quantize_base(denoiser, recipe.base_precision, weight_dtype if weight_dtype != torch.float32 else torch.bfloat16)
     torch.manual_seed(recipe.seed)  # adapter init (peft's kaiming-uniform lora_A) from the seed
     net = inject(pipe, plan)

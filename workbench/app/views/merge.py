@@ -12,6 +12,7 @@ import streamlit as st
 
 from workbench.app import forms
 from workbench.app.config import AppConfig
+from workbench.arch import BLOCK_TABLES
 from workbench.formats.blocks import BLOCK_IDS, parse_block_values, presets
 from workbench.recipes.merge import KNOWN_MERGE_METHODS, MERGE_METHOD_RULES, PRESET_RE
 
@@ -19,7 +20,7 @@ P = "merge"
 NUM_PARAMS = ("beta", "k", "p", "sim_min", "sim_max")
 DTYPES = ("first input", "fp16", "bf16", "fp32", "fp8_e4m3fn")
 BLOCK_MODES = ("none", "preset", "per block")
-ARCHS = ("sd15", "sdxl", "sd3", "flux")
+ARCHS = BLOCK_TABLES  # one per block table (workbench/arch.py)
 S = st.session_state
 
 
