@@ -152,9 +152,9 @@ def model_arch(path: Path) -> tuple[str, str | None]:
                                  "Flux pipeline")
         return "flux", None  # split files: flux_parts() names what is missing
     from workbench.formats import scaled_fp8
-    from workbench.formats.safetensors_io import read_header
+    from workbench.formats.model_file import read_model_header
 
-    header = read_header(path)
+    header = read_model_header(path)  # GGUF and NF4 files too, with their logical shapes
     scaled_fp8.check_supported(scaled_fp8.layout_of(header), path)  # refused before any plan
     info = detect(header)
     if info.kind != "checkpoint" or info.arch not in SIZE_MULTIPLE:

@@ -26,7 +26,7 @@ import torch
 from workbench.errors import NotAvailableError, RecipeError, WorkbenchError
 from workbench.formats.blocks import block_of
 from workbench.formats.lora_keys import ModuleTable, Target, kohya_modules, module_table
-from workbench.formats.safetensors_io import read_header
+from workbench.formats.model_file import read_model_header
 
 ADAPTER = "default"
 DENOISER = {"sd15": "unet", "sd2": "unet", "sdxl": "unet", "flux": "transformer", "sd3": "transformer"}
@@ -152,7 +152,7 @@ def plan_network(arch: str, shapes: dict[str, tuple[int, ...]], *, type: str = "
 
 def plan_for_base(base: str | Path, arch: str, spec, blocks: list[str] | None = None) -> NetworkPlan:
     """plan_network from a recipe's `network:` section and the base file's header."""
-    shapes = read_header(Path(base)).shapes()
+    shapes = read_model_header(Path(base)).shapes()  # GGUF / NF4 bases: logical shapes
     return plan_network(arch, shapes, type=spec.type, rank=spec.rank, alpha=spec.alpha,
                         conv_rank=spec.conv_rank, conv_alpha=spec.conv_alpha,
                         train_text_encoder=spec.train_text_encoder,
