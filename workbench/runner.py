@@ -203,6 +203,18 @@ def _detect(check: InputCheck) -> str | None:
     return None
 
 
+def _split_flux(folder: Path) -> bool:
+    """Whether `folder` holds Forge-style split FLUX files (a transformer .safetensors or .gguf, ae,
+    clip_l, t5xxl), which the generation core loads as one model."""
+    from workbench.core.load_dit import flux_parts  # the loader's own rule (imports torch)
+
+    try:
+        flux_parts(folder)
+    except WorkbenchError:
+        return False
+    return True
+
+
 def check_input(plan: Plan, label: str, path: Path, expect: str = "model") -> InputCheck:
     """Record one input: `expect` is 'model' (a .safetensors file or a diffusers folder), 'file',
     'dir' or 'images' (a folder of images). Missing or unusable inputs become plan problems."""
@@ -222,6 +234,8 @@ def check_input(plan: Plan, label: str, path: Path, expect: str = "model") -> In
         elif expect == "model":
             if (path / "model_index.json").exists():
                 check.detail = "diffusers folder"
+            elif _split_flux(path):
+                check.arch, check.detail = "flux", "split FLUX files (transformer, ae, clip_l, t5xxl)"
             else:
                 plan.problems.append(f"{label}: folder without model_index.json; expected a "
                                      f"single .safetensors file or a diffusers folder: {path}")
@@ -230,13 +244,13 @@ def check_input(plan: Plan, label: str, path: Path, expect: str = "model") -> In
         if expect in ("dir", "images"):
             plan.problems.append(f"{label}: is a file, expected a folder: {path}")
         elif expect == "model":
-            if path.suffix.lower() == ".safetensors":
+            if path.suffix.lower() in (".safetensors", ".sft", ".gguf"):  # GGUF: tensors only, like safetensors
                 problem = _detect(check)
                 if problem:
                     plan.problems.append(f"{label}: {problem}")
             else:
-                plan.problems.append(f"{label}: only .safetensors files are read ({path.suffix} "
-                                     f"files can run code when loaded): {path}")
+                plan.problems.append(f"{label}: only .safetensors and .gguf files are read "
+                                     f"({path.suffix} files can run code when loaded): {path}")
     plan.inputs.append(check)
     return check
 

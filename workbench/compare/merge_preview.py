@@ -85,7 +85,7 @@ def identity_hash(identity: dict) -> str:
 
 def merged_state_dict(recipe) -> tuple[dict[str, torch.Tensor], str, Path]:
     """(state dict in the single-file layout, arch, path of the leaf input), computed in memory."""
-    from workbench.formats.lazy import open_lazy
+    from workbench.formats.model_file import open_model
     from workbench.merge.build import build_plan
     from workbench.merge.executor import _compute
     from workbench.merge.runner import _input_nodes
@@ -94,7 +94,7 @@ def merged_state_dict(recipe) -> tuple[dict[str, torch.Tensor], str, Path]:
     readers = []
     try:
         for node in _input_nodes(plan):
-            lazy = open_lazy(node.path).__enter__()
+            lazy = open_model(node.path).__enter__()  # GGUF/NF4/scaled fp8: decoded
             readers.append(lazy)
             node.reader = lazy.view
         # clone: values copied from an input are views of its memory map, closed below

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.formats.lazy import open_lazy
+from workbench.formats.model_file import open_model
 from workbench.formats.writer import SafetensorsWriter
 from workbench.merge.build import MergePlan, build_plan, output_plan
 from workbench.merge.executor import DEFAULT_BUDGET, stream
@@ -60,6 +60,7 @@ def describe(recipe, overwrite: bool = False) -> tuple[list[str], list[str]]:
         lines.append(f"  pruned: {len(plan.pruned)} EMA / training-only keys dropped")
     if plan.baked_vae:
         lines.append(f"  VAE baked in: {plan.baked_vae} tensors from {recipe.output.bake_vae}")
+    lines += [f"  {note}" for note in plan.notes]
     out_bytes = plan.output_bytes
     lines += [f"estimated peak RAM: {_gib(estimated_peak_ram(plan))} (inputs are memory-mapped)",
               f"output size: {_gib(out_bytes)}; estimated time: "
@@ -101,7 +102,7 @@ def run(recipe, *, overwrite: bool = False, progress: bool = True,
     overwrite = overwrite or recipe.output.overwrite
     readers = []
     for node in _input_nodes(plan):
-        lazy = open_lazy(node.path).__enter__()
+        lazy = open_model(node.path).__enter__()  # GGUF/NF4/scaled fp8: decoded
         readers.append(lazy)
         node.reader = lazy.view
     from workbench import progress as progress_events
@@ -129,7 +130,7 @@ def run(recipe, *, overwrite: bool = False, progress: bool = True,
     prov.timings["merge"] = round(elapsed, 3)
     prov.outputs.append(str(target))
     prov.extra = {"policies": {s: {p.name.lower(): len(k) for p, k in g.items()}
-                               for s, g in plan.policies.items()}}
+                               for s, g in plan.policies.items()}, "notes": plan.notes}
     prov_path = prov.write(target.parent, f"{target.stem}.provenance.json")
     return RunResult("merge", recipe.name, False, None, [target, prov_path],
                      summary=f"merge '{recipe.name}': wrote {target} ({_gib(out_bytes)}, "
