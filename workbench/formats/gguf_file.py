@@ -183,12 +183,13 @@ class GGUFTensors:
 
     def __init__(self, path: str | os.PathLike, header: GGUFHeader | None = None):
         self.path = Path(path)
-        self.header = header or read_gguf_header(self.path)
+        self.table = header or read_gguf_header(self.path)   # packed types, logical shapes
+        self.header = self.table  # what callers plan from (`model_file.open_model`: decoded dtypes)
         self._reader = None
         self._index: dict[str, int] = {}
 
     def __enter__(self) -> "GGUFTensors":
-        check_supported(self.header)
+        check_supported(self.table)
         self._reader = _reader(self.path)
         self._index = {t.name: i for i, t in enumerate(self._reader.tensors)}
         return self
@@ -211,7 +212,7 @@ class GGUFTensors:
 
     def info(self, key: str) -> PackedTensorInfo:
         try:
-            return self.header.tensors[key]
+            return self.table.tensors[key]
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {key!r}") from None
 
@@ -262,7 +263,7 @@ def load_tensors(path: str | os.PathLike, dtype: torch.dtype, *, prefix: str = "
     which `packed(name, info)` is true: they stay packed (`GGUFParameter`) for diffusers' GGUFLinear."""
     out: dict[str, torch.Tensor] = {}
     with GGUFTensors(path) as f:
-        for key, info in f.header.tensors.items():
+        for key, info in f.table.tensors.items():
             if not key.startswith(prefix):
                 continue
             name = key[len(prefix):]

@@ -65,7 +65,7 @@ def open_model(path: str | os.PathLike):
     `open_lazy`'s memory-mapped reader. `.header` describes what `get`/`view` return."""
     if gguf_file.is_gguf(path):
         reader = gguf_file.GGUFTensors(path)
-        reader.header = decoded_header(reader.header)
+        reader.header = decoded_header(reader.table)
         return reader
     lazy = open_lazy(path)
     logical = nf4_file.logical_header(lazy.header)
