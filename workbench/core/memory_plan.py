@@ -37,6 +37,7 @@ Units: MB = 10^6 bytes and GB = 10^9 bytes throughout (a "12 GB" card holds 12.9
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -254,7 +255,11 @@ def _file_storage(c: ComponentSize, weights: str, device: DeviceInfo) -> tuple[s
     if c.file_dtype in NF4_FILE_DTYPES and c.name in DENOISERS and weights == "auto":
         from workbench.core.precision import nf4_available  # tries bitsandbytes once per device kind
 
-        if nf4_available(device.kind):
+        # a GPU plan may be for another machine (checked at load, as for weights: nf4); the CPU
+        # backend depends on the installed bitsandbytes, so it is tried
+        here = importlib.util.find_spec("bitsandbytes") is not None if device.kind == "cuda" \
+            else nf4_available("cpu")
+        if here:
             return "nf4", "NF4 in the file: read, then packed to NF4 again with bitsandbytes"
     return None
 
