@@ -317,3 +317,25 @@ def test_merges_refuse_gguf_unless_allowed_then_merge_its_dequantized_values(flu
     got, want = load_file(str(out)), load_file(str(expected))
     assert got.keys() == want.keys()
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+
+
+def test_planner_fits_flux_q4_k_on_a_12_gb_card_and_names_the_way_out_for_q8_0():
+    """Full-size FLUX.1-dev transformer sizes (11.9 G parameters, Linear weights ~11.8 G) at the
+    gguf package's bytes per quant type: Q8_0 (12.6 GB) is kept whole and does not fit an 11 GB
+    budget, Q4_K (6.6 GB) does."""
+    from workbench.core.memory_plan import DeviceInfo, GB, plan_memory
+    from workbench.core.sizes import ComponentSize, _standard
+
+    params, linear = 11_901_408_320, 11_800_000_000
+    device = DeviceInfo("cuda", "RTX 2060", 12 * GB, 12 * GB)
+    others = [_standard("flux", n) for n in ("text_encoder", "text_encoder_2", "vae")]
+    for qtype, fits in (("Q8_0", False), ("Q4_K", True)):
+        block, size = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, qtype)]
+        t = ComponentSize("transformer", params, linear, linear, tuple([params // 57] * 57), 3072 * 12288, qtype,
+                          packed_params=linear, packed_bytes=linear * size // block)
+        plan = lambda: plan_memory([t, *others], device=device, arch="flux", vram_budget_mb=11000)  # noqa: E731
+        if fits:
+            assert plan().decision("transformer").storage == "gguf"
+        else:
+            with pytest.raises(WorkbenchError, match=r"12\.\d GB in gguf.*not streamed.*Q5_K_S or Q4_K_S"):
+                plan()

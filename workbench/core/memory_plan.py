@@ -534,6 +534,11 @@ def _vram_message(p: _Planner, arch: str) -> str:
     worst = max((s for s in p.comps if s.size.stage == stage), key=lambda s: s.gpu(), default=None)
     what = f"{arch} {worst.size.name} ({gb(worst.total)} in {worst.storage}, " \
            f"{gb(worst.gpu())} of it on the GPU)" if worst else "it"
+    if worst is not None and worst.storage in ("gguf", "nf4"):  # never streamed (see module doc)
+        return (f"the {stage} stage needs {gb(p.peak(stage))} of VRAM but the budget is {gb(p.budget)}: "
+                f"{what} plus {gb(p.work(stage))} of working memory at {p.width}x{p.height} do not fit, "
+                f"and {worst.storage} weights are kept whole on the GPU (not streamed); use a smaller "
+                "file (e.g. GGUF Q5_K_S or Q4_K_S instead of Q8_0), lower the resolution or raise the budget")
     return (f"the {stage} stage needs {gb(p.peak(stage))} of VRAM but the budget is {gb(p.budget)}: "
             f"{what} plus {gb(p.work(stage))} of working memory at {p.width}x{p.height} do not fit "
             "even when streamed block by block; lower the resolution or batch, raise the budget"
