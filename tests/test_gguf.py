@@ -6,7 +6,6 @@ model's with measured bounds (stated at each assertion)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np

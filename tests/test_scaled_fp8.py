@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workbench.core.load import load_pipeline
-from workbench.errors import FormatError, WorkbenchError
+from workbench.errors import FormatError
 from workbench.formats import scaled_fp8
 
 FP8 = torch.float8_e4m3fn

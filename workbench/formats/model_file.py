@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from workbench.errors import WorkbenchError
 from workbench.formats import gguf_file, nf4_file, scaled_fp8
 from workbench.formats.lazy import open_lazy
 from workbench.formats.packed import PackedTensorInfo, decoded_header
 from workbench.formats.safetensors_io import SafetensorsHeader, read_header
-
-MODEL_SUFFIXES = (".safetensors", ".sft", gguf_file.SUFFIX)
-
 
 @dataclass(frozen=True)
 class Quantization:
@@ -91,17 +87,3 @@ def check_merge_input(header: SafetensorsHeader, label: str, what: str, allow_de
                          f"these are {quant.kind.upper()}-quantized approximations (dequantizing "
                          f"cannot bring back what quantization dropped){how}, or use the model's "
                          "16-bit release")
-
-
-def decoded_dtypes(header: SafetensorsHeader) -> dict[str, int]:
-    """Parameters per dtype once read through `open_model` (for saying what precision a merge of
-    dequantized inputs has)."""
-    by: dict[str, int] = {}
-    for t in decoded_header(header).tensors.values():
-        if t.is_float:
-            by[t.dtype] = by.get(t.dtype, 0) + t.numel
-    return by
-
-
-def is_model_file(path: Path) -> bool:
-    return path.suffix.lower() in MODEL_SUFFIXES
