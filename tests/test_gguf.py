@@ -182,14 +182,14 @@ def test_flux_gguf_folder_generates_close_to_bf16_and_takes_a_lora(flux_q8, tmp_
     full = load_model(source, device="cpu", weights="fp32")
     a, b = generate(model, FLUX_SETTINGS, [3])[0], generate(full, FLUX_SETTINGS, [3])[0]
     other = generate(full, FLUX_SETTINGS, [4])[0]
-    # measured: Q8_0 vs bf16 source mean |diff| 0.36 (max 4) of 255; another seed differs by ~60
+    # measured: Q8_0 vs bf16 source mean |diff| 0.36 (max 3) of 255; another seed differs by 42
     assert _mean_diff(a, b) <= 2.0 and _mean_diff(b, other) > 20
 
     lora = _diffusers_lora(full.pipe, tmp_path / "lora")  # diffusers' kohya FLUX converter needs full widths
     la = generate(model, FLUX_SETTINGS, [3], loras=[LoraUse(lora, 1.0)])[0]
     lb = generate(full, FLUX_SETTINGS, [3], loras=[LoraUse(lora, 1.0)])[0]
     effect, gap = _mean_diff(la, a), _mean_diff(la, lb)
-    # the LoRA changes the picture (measured 5.3) the same way on both bases (measured ~0.4)
+    # the LoRA changes the picture (measured 5.3) the same way on both bases (measured 0.44)
     assert effect > 3 and gap <= 2.0 and gap < effect / 2, (effect, gap)
     assert len(dict(iter_packed(model.pipe.transformer))) == len(packed)  # still packed, LoRA beside it
 
@@ -215,8 +215,9 @@ def test_sdxl_gguf_checkpoint_q4_k_weights_equal_gguf_and_image_is_close(sdxl_fi
     full = load_model(sdxl_files["source"], device="cpu", weights="fp32")
     a, b = generate(model, SDXL_SETTINGS, [3])[0], generate(full, SDXL_SETTINGS, [3])[0]
     other = generate(full, SDXL_SETTINGS, [4])[0]
-    # measured: 4-bit tiny UNet mean |diff| 18.7 of 255, another seed ~60: Q4_K keeps the picture
-    assert _mean_diff(a, b) <= 30 and _mean_diff(b, other) > 40
+    # measured: the 4-bit tiny UNet (widths 8-32) mean |diff| 24.5 of 255 (Q8_0: 3.9); another seed 48
+    diff, seeds = _mean_diff(a, b), _mean_diff(b, other)
+    assert diff <= 35 and diff < 0.75 * seeds, (diff, seeds)
 
 
 @pytest.mark.slow

@@ -105,8 +105,8 @@ def test_weights_equal_bitsandbytes_dequantization_and_the_image_is_close(nf4_fi
     want, other = generate(full, settings, [3])[0], generate(full, settings, [4])[0]
     px = lambda g: np.asarray(g.image, dtype=np.int16)  # noqa: E731
     diff, seeds = np.abs(px(img) - px(want)).mean(), np.abs(px(want) - px(other)).mean()
-    # measured on the tiny FLUX: NF4 vs bf16 mean |diff| ~10 of 255; another seed ~60
-    assert diff <= 20 and seeds > 40, (diff, seeds)
+    # measured on the tiny FLUX: NF4 vs bf16 mean |diff| 11.9 of 255 (v1 and v2); another seed 42
+    assert diff <= 20 and diff < 0.6 * seeds, (diff, seeds)
 
 
 @pytest.mark.slow
