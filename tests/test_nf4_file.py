@@ -134,3 +134,19 @@ def test_merges_refuse_nf4_unless_allowed_then_merge_the_dequantized_weights(nf4
     assert got.keys() == want.keys()
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
     assert got["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_a_lora_trains_on_a_forge_nf4_base(nf4_files, style_set, tmp_path):
+    from workbench.recipes.loader import load_recipe
+    from workbench.train.runner import run
+
+    (tmp_path / "r.yaml").write_text(
+        f"kind: train\nname: tiny\nbase: {nf4_files['v1']}\ndataset: {style_set}\ntrigger: wbstyle\n"
+        "resolution: 64\nmax_steps: 2\nlearning_rate: 1.0e-3\nseed: 5\nnetwork: {type: lora, rank: 4, alpha: 4}\n"
+        f"output: {{dir: {tmp_path / 'f'}, save_every: 2, save_precision: fp32}}\n")
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert "2/2 steps" in run(recipe, progress=False, cache_root=tmp_path / "cache").summary
+    w = load_file(str(recipe.lora_path))
+    assert all(torch.isfinite(v).all() for v in w.values())
+    assert w["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].abs().sum() > 0
