@@ -254,7 +254,7 @@ def test_lora_of_another_architecture_is_refused_before_any_read(tmp_path, tiny_
                 ("conditioner.embedders.1.model.transformer.resblocks.2.mlp.c_fc.weight", None)})
     import workbench.merge.executor as mx
 
-    monkeypatch.setattr(mx, "open_lazy", lambda *a, **k: pytest.fail("a tensor was read"))
+    monkeypatch.setattr(mx, "open_model", lambda *a, **k: pytest.fail("a tensor was read"))
     from workbench.merge.build import plan_merge
 
     body = (f"kind: merge\nname: t\nmodels:\n  A: {tiny_model('sd15', 0)}\n  L: {tmp_path / 'xl.safetensors'}\n"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workbench.pipeline.load import load_pipeline
-from workbench.errors import FormatError, WorkbenchError
+from workbench.errors import FormatError
 from workbench.formats import scaled_fp8
 
 FP8 = torch.float8_e4m3fn
@@ -89,7 +89,7 @@ def test_auto_plan_keeps_a_scaled_unet_in_fp8_with_its_own_values(tmp_path, tiny
     assert listed["scaled.safetensors"].dtype == "F16 + scaled fp8"  # the tiny text encoder is F16
     assert listed["plain.safetensors"].dtype == "F32"
     assert not any("scaled" in n for n in listed["plain.safetensors"].notes)
-    assert any("scaled fp8: generation applies the scales" in n for n in listed["scaled.safetensors"].notes)
+    assert any("scaled fp8: read with the scales applied" in n for n in listed["scaled.safetensors"].notes)
     model = load_model(scaled, device="cpu")
     unet = model.memory_plan.decision("unet")
     assert unet.storage == "fp8_e4m3fn" and "scaled fp8 in the file" in unet.reason
@@ -151,53 +151,46 @@ def test_unsupported_formats_and_bad_scales_are_refused_with_the_layer(tmp_path,
     assert out.keys() == {"a.weight", "b"} and out["a.weight"] is w  # unscaled dicts pass through
 
 
-def test_merge_and_extraction_refuse_a_scaled_file(tmp_path, tiny_sd15):
-    """They read stored tensors one by one; combining fp8 values without scales would be silent garbage."""
-    from workbench.merge.extract import plan_extraction
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["old", "new"])
+def test_merge_and_extraction_read_a_scaled_file_as_its_multiplied_out_weights(tmp_path, tiny_sd15, layout):
+    """Merges and LoRA extraction multiply the scales out while reading: the same results, tensor
+    for tensor, as from the multiplied-out (fp32) file."""
+    from workbench.merge.extract import extract_lora
+    from workbench.kinds import merge as merge_kind
+
+    def describe(recipe):
+        plan = merge_kind.describe(recipe)
+        return plan.lines, plan.problems
     from workbench.recipes import parse_recipe
     from workbench.dispatch import run_recipe
 
     scaled, plain = tmp_path / "scaled.safetensors", tmp_path / "plain.safetensors"
-    write_scaled(tiny_sd15["A"], scaled, plain, prefix="model.diffusion_model.", layout="old")
-    out = tmp_path / "out.safetensors"
-    recipe = parse_recipe(
-        f"kind: merge\nname: s\nmodels: {{A: {scaled}, B: {tiny_sd15['B']}}}\n"
-        f"steps:\n  - {{id: m, method: weighted_sum, inputs: [A, B], alpha: 0.5}}\n"
-        f"output: {{path: {out}}}\n", tmp_path / "s.yaml")
-    with pytest.raises(WorkbenchError, match=r"model A: .*scaled\.safetensors: a ComfyUI scaled-fp8 file.*scale"):
-        run_recipe(recipe, progress=False)
-    assert not out.exists()
-    with pytest.raises(FormatError, match=r"base: .*scaled\.safetensors: a ComfyUI scaled-fp8"):
-        plan_extraction(tiny_sd15["B"], scaled, 4, None, ("unet",))
+    write_scaled(tiny_sd15["A"], scaled, plain, prefix="model.diffusion_model.", layout=layout)
 
+    def recipe(a, b, out):  # A + 0.5 (B - C)
+        return parse_recipe(
+            f"kind: merge\nname: s\nmodels: {{A: {a}, B: {b}, C: {tiny_sd15['C']}}}\n"
+            f"steps:\n  - {{id: m, method: add_difference, inputs: [A, B, C], alpha: 0.5}}\n"
+            f"output: {{path: {out}}}\n", tmp_path / "s.yaml")
 
-def test_a_forge_bitsandbytes_nf4_file_is_refused_by_name(tmp_path, tiny_model):
-    """Forge's flux1-dev-bnb-nf4 layout (bitsandbytes' own serialization: packed uint8 weight plus
-    absmax/quant_map/quant_state): a clear refusal, not a shape error deep in a converter."""
-    bnb = pytest.importorskip("bitsandbytes")
-    from workbench.pipeline.generate import load_model, plan_for_file
+    for first, second, name in ((scaled, tiny_sd15["B"], "a"), (tiny_sd15["B"], scaled, "b")):
+        ours, ref = tmp_path / f"{name}-ours.safetensors", tmp_path / f"{name}-ref.safetensors"
+        r = recipe(first, second, ours)
+        lines, problems = describe(r)
+        assert not problems and any("scaled fp8: each layer read as its fp8 values times its scale" in ln
+                                    for ln in lines)
+        run_recipe(r, progress=False)
+        run_recipe(recipe(plain if first == scaled else first, plain if second == scaled else second, ref),
+                   progress=False)
+        got, want = load_file(ours), load_file(ref)
+        assert got.keys() == want.keys() and not any(k.endswith(("scale_weight", "weight_scale")) for k in got)
+        assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
 
-    tensors = load_file(tiny_model("flux"))
-    out = {}
-    for key, t in tensors.items():
-        if key.startswith("model.diffusion_model.") and key.endswith(".weight") and t.ndim == 2:
-            packed, state = bnb.functional.quantize_4bit(t.float(), quant_type="nf4", blocksize=64)
-            out[key] = packed
-            out.update({f"{key}.{name}": v for name, v in state.as_dict(packed=True).items()})
-        else:
-            out[key] = t
-    assert any(k.endswith(".weight.quant_state.bitsandbytes__nf4") for k in out)
-    path = tmp_path / "flux1-dev-bnb-nf4.safetensors"
-    save_file(out, str(path))
-    from workbench.formats.scan import scan
-
-    (entry,) = scan(tmp_path, with_hash=False)
-    assert entry.dtype == "bitsandbytes nf4" and any("cannot be loaded" in n for n in entry.notes)
-    for call in (lambda: load_model(path, device="cpu"), lambda: plan_for_file(path, device="cpu"),
-                 lambda: load_pipeline(path, "flux", torch_dtype=torch.float32)):
-        with pytest.raises(FormatError, match=r"bnb-nf4\.safetensors: layer 'model\.diffusion_model\..*"
-                                              r"'bitsandbytes nf4'.*weights: nf4"):
-            call()
+    a = extract_lora(scaled, tiny_sd15["C"], tmp_path / "x.safetensors", rank=4, dtype="fp32")
+    b = extract_lora(plain, tiny_sd15["C"], tmp_path / "y.safetensors", rank=4, dtype="fp32")
+    la, lb = load_file(a), load_file(b)
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in lb)
 
 
 def test_scaled_files_load_right_from_two_threads_at_once(tmp_path, tiny_sd15):

@@ -4,7 +4,8 @@
 the lines the dry run prints, the outputs, the problems, and the kind's own plan object (`detail`:
 the merge plan, the training setup, the memory plan, the grid's cells). `run(plan)` executes that
 same object, so a real run does exactly what `--dry-run` printed and nothing is planned twice.
-This module sits below every kind and imports only `errors`, `units`, `system` and `formats`.
+This module sits below every kind: it imports `errors`, `units`, `system`, `formats` and the
+split-FLUX rule of `pipeline/load_dit.py`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from workbench.errors import WorkbenchError
 from workbench.formats import pipeline_config
 from workbench.formats import pipeline_configs_dit as dit_configs
 from workbench.formats.detect import detect
+from workbench.pipeline.load_dit import flux_parts
 from workbench.units import human_size
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -112,6 +114,16 @@ class RunResult:
         return f"{self.kind} '{self.name}': wrote " + (", ".join(map(str, self.outputs)) or "nothing")
 
 
+def _split_flux(folder: Path) -> bool:
+    """Whether `folder` holds Forge-style split FLUX files (a transformer .safetensors or .gguf, ae,
+    clip_l, t5xxl), which the generation core loads as one model (its own rule)."""
+    try:
+        flux_parts(folder)
+    except WorkbenchError:
+        return False
+    return True
+
+
 def _detect(check: InputCheck) -> str | None:
     """Fill in the architecture of a model file; returns a problem or None."""
     try:
@@ -153,6 +165,8 @@ def check_input(plan: RunPlan, label: str, path: Path, expect: str = "model") ->
         elif expect == "model":
             if (path / "model_index.json").exists():
                 check.detail = "diffusers folder"
+            elif _split_flux(path):
+                check.arch, check.detail = "flux", "split FLUX files (transformer, ae, clip_l, t5xxl)"
             else:
                 plan.problems.append(f"{label}: folder without model_index.json; expected a "
                                      f"single .safetensors file or a diffusers folder: {path}")
@@ -166,7 +180,7 @@ def check_input(plan: RunPlan, label: str, path: Path, expect: str = "model") ->
                     f"{label}: {path.suffix} files are Python pickles, which can run code when "
                     f"loaded; convert it once with `workbench convert {path}` and use the "
                     f".safetensors copy")
-            elif path.suffix.lower() not in (".safetensors", ".gguf"):
+            elif path.suffix.lower() not in (".safetensors", ".sft", ".gguf"):
                 plan.problems.append(f"{label}: expected a .safetensors model file "
                                      f"(got {path.suffix or 'no suffix'}): {path}")
             else:

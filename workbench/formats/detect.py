@@ -1,7 +1,9 @@
 """Architecture detection from a safetensors header: key names, shapes and metadata only.
 
 Detection never reads tensor data, so it is instant even on 24 GB files and works on files whose
-data section is damaged. The decision tables below are facts about published layouts (SD1.5 / SD2 /
+data section is damaged (exception: a bitsandbytes 4-bit file's logical shapes are in small JSON
+tensors, read by `formats.nf4_file`). GGUF files are read through the same tables: their tensor
+names are the checkpoint's and their shapes the logical ones (`formats.gguf_file`). The decision tables below are facts about published layouts (SD1.5 / SD2 /
 SDXL LDM-SGM single files, SAI/ComfyUI SD3 files, BFL and ComfyUI FLUX files, diffusers component
 files, kohya and diffusers/PEFT LoRAs); the block tables are in workbench/formats/blocks.py and the
 LoRA module names in workbench/formats/lora_keys.py.
@@ -17,8 +19,9 @@ from pathlib import Path
 from workbench.arch import ARCHS as RECORDS, BY_ID, DIT_IDS, IDS
 from workbench.errors import UnknownModelError
 from workbench.formats.lora_detect import detect_lora, is_lora
+from workbench.formats.model_file import read_model_header
 from workbench.formats.model_info import ModelInfo
-from workbench.formats.safetensors_io import SafetensorsHeader, read_header
+from workbench.formats.safetensors_io import SafetensorsHeader
 
 ARCHS = IDS  # workbench/arch.py
 Shapes = Mapping[str, "tuple[int, ...] | None"]
@@ -65,10 +68,11 @@ EXPECTED = ("expected a SD1.5/SD2/SDXL/SD3/FLUX single-file checkpoint, a diffus
 
 
 def detect(source: str | Path | SafetensorsHeader | Shapes, name: str | None = None) -> ModelInfo:
-    """Detect what a safetensors file is from its header alone.
+    """Detect what a safetensors or GGUF file is from its header alone.
 
-    `source` is a path (only the header is read), a parsed header, or a mapping key -> shape
-    (shape may be None when unknown). Raises UnknownModelError naming the file otherwise.
+    `source` is a path (only the header is read; GGUF and bitsandbytes 4-bit files give their
+    weights' logical shapes, `formats.model_file.read_model_header`), a parsed header, or a mapping
+    key -> shape (shape may be None when unknown). Raises UnknownModelError naming the file otherwise.
     """
     metadata: Mapping[str, str] = {}
     if isinstance(source, SafetensorsHeader):
@@ -76,7 +80,7 @@ def detect(source: str | Path | SafetensorsHeader | Shapes, name: str | None = N
     elif isinstance(source, Mapping):
         shapes, label = dict(source), name or "<header>"
     else:
-        header = read_header(source)
+        header = read_model_header(source)
         shapes, metadata, label = header.shapes(), header.metadata, str(header.path)
     return detect_keys(shapes, metadata, label)
 

@@ -32,7 +32,8 @@ from typing import Any
 
 from workbench.errors import FormatError, UnknownModelError
 from workbench.formats.hashes import cache_root
-from workbench.formats.safetensors_io import SafetensorsHeader, read_header
+from workbench.formats.model_file import read_model_header
+from workbench.formats.safetensors_io import SafetensorsHeader
 
 Shapes = Mapping[str, tuple[int, ...]]
 ConfigFiles = dict[str, dict[str, Any]]
@@ -70,7 +71,7 @@ def _shapes_of(path_or_header: str | os.PathLike | SafetensorsHeader | Shapes) -
     if isinstance(path_or_header, SafetensorsHeader):
         return path_or_header.shapes(), str(path_or_header.path)
     if isinstance(path_or_header, (str, os.PathLike)):
-        header = read_header(path_or_header)
+        header = read_model_header(path_or_header)  # GGUF and NF4 files: logical shapes
         return header.shapes(), str(header.path)
     return {k: tuple(v) for k, v in path_or_header.items()}, "<shapes>"
 

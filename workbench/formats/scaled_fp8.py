@@ -17,11 +17,10 @@ Two layouts exist (facts from reading ComfyUI's loader; `comfy/utils.py` `conver
 
 In both, the real weight is `weight.float() * scale`. `dequantize` applies that while a state dict is
 loaded, so everything downstream (diffusers' converters, LoRA, the memory planner's fp8 storage) sees
-ordinary weights; other formats in the new layout (nvfp4, int8) are refused with the layer named,
-and so are bitsandbytes 4-bit files (Forge's `flux1-dev-bnb-nf4*.safetensors`: packed uint8
-`<layer>.weight` plus `absmax`/`quant_map`/`quant_state.bitsandbytes__nf4` beside it), whose packed
-shapes would otherwise reach the loaders as nonsense; `weights: nf4` gives the same 4-bit model from
-a 16-bit or fp8 file.
+ordinary weights; other formats in the new layout (nvfp4, int8) are refused with the layer named.
+Merges and LoRA extraction read such files through `ScaledTensors`, which multiplies each scale out
+as its weight is read (in float32, exactly), so a scaled file is an ordinary merge input.
+(bitsandbytes 4-bit files are `formats.nf4_file`'s.)
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.errors import FormatError
+from workbench.formats.safetensors_io import SafetensorsHeader, TensorInfo
 
 MARKER = "scaled_fp8"
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -40,7 +40,6 @@ INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
 CONFIG_SUFFIX = ".comfy_quant"
 METADATA_KEY = "_quantization_metadata"
 FP8_FORMATS = {"float8_e4m3fn", "float8_e5m2"}
-BNB_STATE = ".weight.quant_state.bitsandbytes__"  # + "nf4" or "fp4"
 
 
 @dataclass
@@ -82,9 +81,6 @@ def layout_from_keys(keys, metadata: Mapping[str, str] | None = None) -> ScaledL
         for suffix in SCALE_SUFFIXES + (CONFIG_SUFFIX,):
             if k.endswith(suffix):
                 layout.formats.setdefault(k[: -len(suffix)], "float8_e4m3fn")
-        if BNB_STATE in k:
-            layer, _, kind = k.rpartition(BNB_STATE)
-            layout.formats[layer] = f"bitsandbytes {kind}"
     if not layout.formats and not layout.markers:
         return None
     return layout
@@ -152,15 +148,79 @@ def dequantize(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, *, path=
     return out
 
 
-def refuse_raw_use(header, path, what: str) -> None:
-    """FormatError if `header` is a scaled-fp8 file: `what` (a merge, an extraction) reads tensors
-    one by one as stored and would combine fp8 values without their scales."""
-    layout = layout_of(header)
-    if layout is None:
-        return
-    check_supported(layout, path)
-    layer = next(iter(layout.formats), layout.markers[0] if layout.markers else "?")
-    raise FormatError(f"{path}: a ComfyUI scaled-fp8 file (layer {layer!r} has a per-layer scale); "
-                      f"{what} works on plain weights, and these are only right once multiplied by "
-                      "their scales: use the model's 16-bit or plain fp8 release (it loads for "
-                      "generation as it is)")
+def decoded_header(header, layout: ScaledLayout):
+    """`header` as a merge sees it through `ScaledTensors`: quantization keys left out, each scaled
+    weight a float32 tensor of its shape (the exact product of its fp8 values and scale)."""
+    tensors = {}
+    for key, t in header.tensors.items():
+        if is_aux_key(key):
+            continue
+        if key.endswith(".weight") and key[: -len(".weight")] in layout.formats:
+            t = TensorInfo("F32", t.shape, t.begin, t.begin + t.numel * 4)
+        tensors[key] = t
+    return SafetensorsHeader(header.path, tensors, dict(header.metadata), header.data_offset,
+                             header.file_size)
+
+
+class ScaledTensors:
+    """A scaled-fp8 safetensors file read as its real weights, one tensor at a time: each scaled
+    weight comes back as `fp8 value x scale` in float32, everything else as stored. The reader
+    interface of `formats.lazy.LazySafetensors` over an open one (what merges and extraction use)."""
+
+    def __init__(self, lazy, layout: ScaledLayout):
+        check_supported(layout, lazy.path)
+        self._lazy = lazy
+        self.path = lazy.path
+        self.layout = layout
+        self.header = decoded_header(lazy.header, layout)
+
+    def __enter__(self) -> "ScaledTensors":
+        self._lazy.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._lazy.close()
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.header.tensors
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    def info(self, key: str):
+        return self.header.tensors[key]
+
+    def _scale(self, key: str) -> torch.Tensor | None:
+        layer = key[: -len(".weight")] if key.endswith(".weight") else None
+        if layer is None or layer not in self.layout.formats:
+            return None
+        scale_key = next((layer + s for s in SCALE_SUFFIXES if layer + s in self._lazy), None)
+        if scale_key is None:
+            return None
+        scale = self._lazy.get(scale_key)
+        if scale.numel() != 1:
+            raise FormatError(f"{self.path}: scale of {key!r} has shape {tuple(scale.shape)}; "
+                              "expected one number per layer (tensor-wise scaled fp8)")
+        if layer + CONFIG_SUFFIX in self._lazy:
+            fmt = _layer_format({layer + CONFIG_SUFFIX: self._lazy.get(layer + CONFIG_SUFFIX)}, layer, "?")
+            if fmt not in FP8_FORMATS:
+                check_supported(ScaledLayout({layer: fmt}), self.path)
+        return scale
+
+    def get(self, key: str) -> torch.Tensor:
+        scale = self._scale(key)
+        value = self._lazy.get(key)
+        return value if scale is None else value.to(torch.float32) * scale.to(torch.float32)
+
+    def view(self, key: str) -> torch.Tensor:
+        scale = self._scale(key)
+        if scale is None:
+            return self._lazy.view(key)
+        return self._lazy.view(key).to(torch.float32) * scale.to(torch.float32)

@@ -22,8 +22,8 @@ from workbench.formats import scaled_fp8
 from workbench.formats.detect import detect
 from workbench.formats.hashes import autov2
 from workbench.formats.lazy import PICKLE_SUFFIXES
+from workbench.formats.model_file import quantization_of, read_model_header
 from workbench.formats.model_folders import KINDS, ModelFolders
-from workbench.formats.safetensors_io import read_header
 from workbench.units import human_size
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -128,23 +128,27 @@ def scan_file(path: Path, root: Path, with_hash: bool = True) -> ModelEntry | No
         entry.notes = ("GGUF (quantized) file: listed by name and size",)
         return entry
     try:
-        header = read_header(path)
+        header = read_model_header(path)  # GGUF and bitsandbytes 4-bit files: logical shapes
         entry.dtype = header.dtype_summary()
         entry.metadata = summarize_metadata(header.metadata)
         info = detect(header)
         entry.arch, entry.variant, entry.kind = info.arch, info.variant, info.kind
         entry.layout, entry.rank, entry.notes = info.layout, info.rank, info.notes
-        quant = scaled_fp8.layout_of(header)
-        if quant is not None:  # what a dtype column alone would hide
-            unsupported = quant.unsupported()
+        quant = quantization_of(header)
+        if quant is not None:  # what a dtype column alone would hide: the quant type
+            unsupported = scaled_fp8.layout_of(header).unsupported() if quant.kind == "scaled_fp8" else {}
             if unsupported:
                 entry.dtype = next(iter(unsupported.values()))
                 entry.notes = (*entry.notes, f"{entry.dtype} weights: cannot be loaded; use the 16-bit "
                                "or fp8 release (weights: nf4 quantizes it when loading)")
-            else:
+            elif quant.kind == "scaled_fp8":
                 entry.dtype = "scaled fp8" if entry.dtype.startswith("F8") else f"{entry.dtype} + scaled fp8"
-                entry.notes = (*entry.notes, "ComfyUI scaled fp8: generation applies the scales; "
-                               "merges and LoRA extraction refuse it")
+                entry.notes = (*entry.notes, "ComfyUI scaled fp8: read with the scales applied (generation, "
+                               "merges, LoRA extraction)")
+            else:
+                entry.dtype = quant.label
+                entry.notes = (*entry.notes, f"{quant.label}: generation dequantizes it; merges only with "
+                               "output.allow_dequantized")
         if with_hash:
             entry.short_hash = autov2(path)
     except WorkbenchError as e:

@@ -178,7 +178,11 @@ def source_identity(source: Source, merge_identity=None) -> dict:
         if merge_identity is None:
             from workbench.grid.merge_preview import merge_identity
         return merge_identity(source)
-    return {"sha256": _sha256(source.path)}
+    path = Path(source.path)
+    if path.is_dir():  # split FLUX files (e.g. a GGUF transformer beside ae, clip_l, t5xxl) or diffusers
+        return {"files": {p.relative_to(path).as_posix(): _sha256(p) for p in sorted(path.rglob("*"))
+                          if p.is_file() and p.suffix.lower() in (".safetensors", ".gguf", ".json", ".bin")}}
+    return {"sha256": _sha256(path)}
 
 
 def cell_key(cell: Cell, source_id: dict, lora_ids: dict[Path, str]) -> str:

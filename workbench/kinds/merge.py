@@ -170,6 +170,7 @@ def _describe_merge(plan: RunPlan, recipe: MergeRecipe, merge: MergePlan) -> Non
             if keys:
                 example = "" if policy is Policy.MERGE else f"  e.g. {keys[0]}"
                 lines.append(f"    {len(keys):5d} {policy.value}{example}")
+    lines += [f"  {note}" for note in merge.notes]
     if merge.pruned:
         lines.append(f"  pruned: {len(merge.pruned)} EMA / training-only keys dropped")
     if merge.baked_vae:
@@ -237,7 +238,7 @@ def run(plan: RunPlan, *, progress: bool = True, cancel: threading.Event | None 
     prov.timings["merge"] = round(elapsed, 3)
     prov.outputs.append(str(target))
     prov.extra = {"policies": {s: {p.name.lower(): len(k) for p, k in g.items()}
-                               for s, g in merge.policies.items()}}
+                               for s, g in merge.policies.items()}, "notes": merge.notes}
     prov_path = prov.write(target.parent, f"{target.stem}.provenance.json")
     estimated = (f"; the dry run estimated {human_time(plan.estimated_seconds)}"
                  if plan.estimated_seconds is not None else "")

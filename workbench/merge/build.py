@@ -17,7 +17,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.formats.blocks import block_of, component_of, parse_block_values
 from workbench.formats.detect import ModelInfo, detect
-from workbench.formats import scaled_fp8
+from workbench.formats.model_file import Quantization, check_merge_input, open_model, read_model_header
 from workbench.formats.safetensors_io import SafetensorsHeader, read_header, torch_dtype
 from workbench.formats.writer import st_dtype_of
 from workbench.merge.executor import CHUNK, OutputKey
@@ -36,8 +36,9 @@ VAE_PREFIX = {"flux": "vae."}
 class MergeInput:
     name: str
     path: Path
-    header: SafetensorsHeader
+    header: SafetensorsHeader   # as read through `open_model`: dequantized dtypes, logical shapes
     info: ModelInfo
+    quant: Quantization | None = None   # GGUF / NF4 / scaled fp8 (read decoded), None for plain files
 
 
 @dataclass
@@ -52,6 +53,7 @@ class MergePlan:
     policies: dict[str, dict[Policy, list[str]]] = field(default_factory=dict)
     pruned: list[str] = field(default_factory=list)
     baked_vae: int = 0
+    notes: list[str] = field(default_factory=list)  # what the dry run and provenance should say
 
     @property
     def output_bytes(self) -> int:
@@ -62,19 +64,29 @@ class MergePlan:
         return sum(i.header.data_bytes for i in self.inputs.values())
 
 
-def read_inputs(models: dict[str, Path]) -> dict[str, MergeInput]:
-    """Headers and architectures of every input; refuses mixed architectures before any read."""
+def read_inputs(models: dict[str, Path], allow_dequantized: bool = False) -> dict[str, MergeInput]:
+    """Headers and architectures of every input; refuses mixed architectures before any read.
+
+    ComfyUI scaled-fp8 inputs are read with their scales multiplied out (exact: ordinary inputs);
+    GGUF and bitsandbytes 4-bit inputs are refused unless `allow_dequantized`, then read
+    dequantized (`formats.model_file`). Their nodes are read whole, not slice by slice: a slice of
+    a dequantized tensor costs the whole tensor's dequantization.
+    """
     inputs = {}
     for name, path in models.items():
         if not Path(path).is_file():
             raise WorkbenchError(f"model {name}: {path}: file not found")
-        header = read_header(path)
-        scaled_fp8.refuse_raw_use(header, f"model {name}: {path}", "a merge")
+        header = read_model_header(path)
+        quant = check_merge_input(header, f"model {name}: {path}", "a merge", allow_dequantized,
+                                  "output.allow_dequantized")
         info = detect(header)
         if info.kind not in MERGEABLE_KINDS and info.kind != "lora":  # LoRAs: see merge/lora.py
             raise WorkbenchError(f"model {name}: {path} is a {info.arch} {info.kind}; merge steps take "
                                  "checkpoints, model components or LoRAs (method add_lora)")
-        inputs[name] = MergeInput(name, Path(path), header, info)
+        if quant is not None:
+            with open_model(path) as decoded:  # the header of what reading will give
+                header = decoded.header
+        inputs[name] = MergeInput(name, Path(path), header, info, quant)
     models = {i.info.arch for i in inputs.values() if i.info.kind != "lora"}
     for inp in inputs.values():  # a text-encoder-only LoRA may fit several families (lora_detect)
         if inp.info.kind == "lora" and len(models) == 1 and (arch := next(iter(models))) in inp.info.archs:
@@ -132,6 +144,9 @@ def _alpha_function(arch: str, step, method_name: str):
 
 def build_steps(recipe, inputs: dict[str, MergeInput], arch: str) -> tuple[dict[str, Node], list[StepNode]]:
     nodes: dict[str, Node] = {n: InputNode(n, i.path, i.header) for n, i in inputs.items()}
+    for n, i in inputs.items():
+        if i.quant is not None:
+            nodes[n].sliceable = False  # see read_inputs
     lora_nodes: dict = {}  # (LoRA name, id of the step's first input) -> LoraInputNode
     steps = []
     for step in recipe.steps:
@@ -181,7 +196,7 @@ def _bake_vae_source(path: Path, arch: str, out_keys: list[str]) -> tuple[InputN
 
 def plan_merge(recipe) -> MergePlan:
     """Everything the merge will do, from headers only."""
-    inputs = read_inputs(dict(recipe.models))
+    inputs = read_inputs(dict(recipe.models), getattr(recipe.output, "allow_dequantized", False))
     arch = next(iter(inputs.values())).info.arch
     nodes, steps = build_steps(recipe, inputs, arch)
     final = nodes[recipe.final_step]
@@ -209,7 +224,32 @@ def plan_merge(recipe) -> MergePlan:
         keys.append(OutputKey(name, src, src_key, dtype, tuple(shape), work, sliced))
     policies = {s.id: count_policies(s, [k.source_key for k in keys if k.source is final])
                 for s in steps_of(final)}
-    return MergePlan(arch, inputs, steps, final, keys, policies, pruned, len(vae_map))
+    notes = _precision_notes(inputs, keys, recipe.output.dtype)
+    return MergePlan(arch, inputs, steps, final, keys, policies, pruned, len(vae_map), notes)
+
+
+def _precision_notes(inputs: dict[str, MergeInput], keys: list[OutputKey], out_dtype: str | None) -> list[str]:
+    """What reading quantized inputs means for the output's precision, one line per input."""
+    stored: dict[str, int] = {}
+    for k in keys:
+        name = str(k.dtype).replace("torch.", "")
+        stored[name] = stored.get(name, 0) + k.numel
+    written = ", ".join(f"{n} {c / max(1, sum(stored.values())):.0%}" for n, c in
+                        sorted(stored.items(), key=lambda kv: -kv[1]))
+    notes = []
+    for i in inputs.values():
+        if i.quant is None:
+            continue
+        if i.quant.exact:
+            notes.append(f"{i.name}: {i.quant.label}: each layer read as its fp8 values times its scale "
+                         "(float32, exact)")
+        else:
+            notes.append(f"{i.name}: {i.quant.label}, read dequantized (allow_dequantized): its weights carry "
+                         f"{i.quant.label}'s precision, not the original model's")
+    if notes:
+        notes.append(f"output precision: {written} of the values"
+                     + ("" if out_dtype else " (the first input's dtypes; set output.dtype to choose)"))
+    return notes
 
 
 def output_plan(plan: MergePlan) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from workbench.formats.lazy import open_lazy
+from workbench.formats.model_file import open_model
 from workbench.formats.writer import SafetensorsWriter
 from workbench.merge.graph import InputNode, Node, evaluate
 
@@ -170,7 +170,7 @@ def open_inputs(plan: Any) -> Iterator[None]:
     with ExitStack() as stack:
         try:
             for node in nodes:
-                node.reader = stack.enter_context(open_lazy(node.path)).view
+                node.reader = stack.enter_context(open_model(node.path)).view  # GGUF/NF4/fp8: decoded
             yield
         finally:
             for node in nodes:

@@ -26,10 +26,8 @@ from workbench.arch import ARCHS
 from workbench.errors import WorkbenchError
 from workbench.formats.detect import detect
 from workbench.formats.hashes import sha256_file
-from workbench.formats.lazy import open_lazy
 from workbench.formats.lora_keys import Target, kohya_modules, module_table
-from workbench.formats import scaled_fp8
-from workbench.formats.safetensors_io import read_header
+from workbench.formats.model_file import check_merge_input, open_model, read_model_header
 from workbench.formats.writer import SafetensorsWriter
 from workbench.progress import task
 
@@ -66,9 +64,10 @@ def _weight(raw: Callable[[str], torch.Tensor], target: Target) -> torch.Tensor:
 def plan_extraction(tuned: Path, base: Path, rank: int, conv_rank: int | None,
                     components: tuple[str, ...], check_identical: bool = True) -> ExtractPlan:
     """Modules and ranks, from headers (and, when `check_identical`, one pass over both files)."""
-    th, bh = read_header(tuned), read_header(base)
-    scaled_fp8.refuse_raw_use(th, f"tuned: {tuned}", "LoRA extraction")
-    scaled_fp8.refuse_raw_use(bh, f"base: {base}", "LoRA extraction")
+    th, bh = read_model_header(tuned), read_model_header(base)
+    # scaled fp8 is read with its scales multiplied out (open_model); GGUF and NF4 are refused
+    check_merge_input(th, f"tuned: {tuned}", "LoRA extraction", False, "")
+    check_merge_input(bh, f"base: {base}", "LoRA extraction", False, "")
     ti, bi = detect(th), detect(bh)
     for label, path, info in (("tuned", tuned, ti), ("base", base, bi)):
         if info.kind == "lora":
@@ -104,7 +103,7 @@ def drop_unchanged(plan: ExtractPlan, tuned: Path, base: Path, components: tuple
     modules = dict(plan.modules)
     unchanged = 0
     if modules:
-        with open_lazy(tuned) as ft, open_lazy(base) as fb:
+        with open_model(tuned) as ft, open_model(base) as fb:
             for name in list(modules):
                 t = modules[name][0]
                 if torch.equal(_weight(ft.get, t), _weight(fb.get, t)):
@@ -173,7 +172,7 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, rank: int
                                {"tuned": sha256_file(tuned), "base": sha256_file(base)})
     out.parent.mkdir(parents=True, exist_ok=True)
     with task("extracting LoRA modules", len(plan.modules), "module", bar=progress) as bar, \
-            open_lazy(tuned) as ft, open_lazy(base) as fb, \
+            open_model(tuned) as ft, open_model(base) as fb, \
             SafetensorsWriter(out, plan.tensor_plan(st), meta, overwrite=overwrite) as writer:
         for name, (t, r) in plan.modules.items():
             delta = _weight(ft.get, t).float() - _weight(fb.get, t).float()

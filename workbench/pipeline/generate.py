@@ -29,7 +29,7 @@ from workbench.errors import WorkbenchError
 from workbench.formats import scaled_fp8
 from workbench.formats.detect import detect
 from workbench.formats.hashes import addnet_hash, autov2, sha256_file
-from workbench.formats.safetensors_io import read_header
+from workbench.formats.model_file import read_model_header
 from workbench.pipeline import memory_plan, sizes, streaming
 from workbench.pipeline.image_meta import format_parameters, lora_hashes_field, save_png
 from workbench.pipeline.load import LOAD_LOCK, load_pipeline, quiet_diffusers
@@ -92,7 +92,7 @@ def model_arch(path: Path) -> tuple[str, str | None]:
                                  "expected a StableDiffusion, StableDiffusionXL, StableDiffusion3 or "
                                  "Flux pipeline")
         return "flux", None  # split files: flux_parts() names what is missing
-    header = read_header(path)
+    header = read_model_header(path)  # GGUF and NF4 files too, with their logical shapes
     scaled_fp8.check_supported(scaled_fp8.layout_of(header), path)  # refused before any plan
     info = detect(header)
     if info.kind != "checkpoint" or info.arch not in BY_ID or not BY_ID[info.arch].generation:

@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
+from workbench.pipeline.load_gguf import gguf_denoiser
 from workbench.errors import FormatError
 from workbench.formats.pipeline_config import config_dir
-from workbench.formats.safetensors_io import read_header
-from workbench.formats import dit_keys, scaled_fp8
+from workbench.formats import dit_keys, gguf_file, nf4_file, scaled_fp8
+from workbench.formats.model_file import read_model_header
 
 TRANSFORMER_PREFIX = "model.diffusion_model."
 # Canonical (ComfyUI all-in-one) prefix of each component; split files are read into this namespace.
@@ -44,15 +45,19 @@ PART_ALIASES = {"clip_l": "text_encoder", "t5xxl": "text_encoder_2", "ae": "vae"
 # ---------------------------------------------------------------------------------------- reading
 
 def _read(path: str | os.PathLike, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors under `prefix` (removed) from one safetensors file; other tensors are not read.
+    """Tensors under `prefix` (removed) from one safetensors or GGUF file; other tensors are not read.
 
-    ComfyUI scaled-fp8 layers come back multiplied out, in `dtype` (`formats.scaled_fp8`).
+    ComfyUI scaled-fp8 layers come back multiplied out, bitsandbytes 4-bit and GGUF weights
+    dequantized, in `dtype` (`formats.scaled_fp8`, `formats.nf4_file`, `formats.gguf_file`).
     """
     from safetensors import safe_open
 
+    if gguf_file.is_gguf(path):
+        return gguf_file.load_tensors(path, dtype, prefix=prefix)
     with safe_open(str(path), framework="pt") as f:
         tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         metadata = f.metadata() or {}
+    tensors = nf4_file.dequantize(tensors, dtype, path=path)
     return scaled_fp8.dequantize(tensors, dtype, path=path, metadata=metadata)
 
 
@@ -73,14 +78,16 @@ def flux_parts(path_or_parts: str | os.PathLike | Mapping[str, str | os.PathLike
     """{component: file} for split FLUX files given as a folder or a mapping.
 
     Mapping keys may be diffusers names (transformer, vae, text_encoder, text_encoder_2) or the
-    file-style names (clip_l, t5xxl, ae). In a folder every .safetensors file is classified by keys.
+    file-style names (clip_l, t5xxl, ae). In a folder every .safetensors and .gguf file is
+    classified by keys.
     """
     if isinstance(path_or_parts, Mapping):
         parts = {PART_ALIASES.get(k, k): Path(v) for k, v in path_or_parts.items()}
     else:
         parts = {}
-        for f in sorted(Path(path_or_parts).glob("*.safetensors")):
-            kind = _kind(set(read_header(f).tensors))
+        files = [f for f in sorted(Path(path_or_parts).iterdir()) if f.suffix.lower() in (".safetensors", ".gguf")]
+        for f in files:
+            kind = _kind(set(read_model_header(f).tensors))
             if kind is None:
                 continue
             if kind in parts:
@@ -95,7 +102,7 @@ def flux_parts(path_or_parts: str | os.PathLike | Mapping[str, str | os.PathLike
 
 def _bare_prefix(path: Path, marker: str) -> str:
     """"" for bare BFL/SAI transformer files, the ComfyUI prefix when the file has it."""
-    keys = read_header(path).tensors
+    keys = read_model_header(path).tensors
     return TRANSFORMER_PREFIX if any(k.startswith(TRANSFORMER_PREFIX + marker) for k in keys) else ""
 
 
@@ -103,7 +110,7 @@ def split_shapes(parts: Mapping[str, Path], prefixes: Mapping[str, str], marker:
     """Header shapes of split files, renamed into the all-in-one namespace (for config inference)."""
     shapes: dict[str, tuple] = {}
     for comp, f in parts.items():
-        sub = read_header(f).shapes()
+        sub = read_model_header(f).shapes()
         own = _bare_prefix(f, marker) if comp == "transformer" else ""
         for k, v in sub.items():
             if k.startswith(own):
@@ -178,13 +185,19 @@ def load_clip(tensors: dict[str, torch.Tensor], folder: Path, subfolder: str, cl
 
 
 def load_flux_transformer(path: str | os.PathLike, folder: Path, dtype: torch.dtype, prefix: str | None = None):
-    """FluxTransformer2DModel from a BFL-named file (bare or `model.diffusion_model.` prefixed)."""
+    """FluxTransformer2DModel from a BFL-named file (bare or `model.diffusion_model.` prefixed);
+    a GGUF file's Linear weights stay packed (`load_gguf.gguf_denoiser`; the row splits of fused qkv
+    and `linear1` cut whole quantized rows)."""
     from diffusers import FluxTransformer2DModel
 
     prefix = _bare_prefix(Path(path), "double_blocks.") if prefix is None else prefix
-    converted = dit_keys.flux_to_diffusers(_read(path, prefix, dtype))
-    model = FluxTransformer2DModel.from_single_file(converted, config=str(folder), subfolder="transformer",
-                                                    local_files_only=True, torch_dtype=dtype)
+    if gguf_file.is_gguf(path):
+        converted = dit_keys.flux_to_diffusers(gguf_file.denoiser_tensors(path, prefix, dtype))
+        model = gguf_denoiser(FluxTransformer2DModel, path, folder, "transformer", dtype, converted)
+    else:
+        converted = dit_keys.flux_to_diffusers(_read(path, prefix, dtype))
+        model = FluxTransformer2DModel.from_single_file(converted, config=str(folder), subfolder="transformer",
+                                                        local_files_only=True, torch_dtype=dtype)
     _no_meta(model, f"{path}: FLUX transformer")
     return model
 
@@ -212,7 +225,11 @@ def load_sd3_pipeline(path: str | os.PathLike, torch_dtype: torch.dtype = torch.
 
     path = Path(path)
     folder = config_dir(path, "sd3")
-    keys = read_header(path).tensors
+    keys = read_model_header(path).tensors
+    if "transformer" not in kwargs and gguf_file.is_gguf(path):
+        from diffusers import SD3Transformer2DModel
+
+        kwargs["transformer"] = gguf_denoiser(SD3Transformer2DModel, path, folder, "transformer", torch_dtype)
     if "text_encoder_3" not in kwargs and any(k.startswith(SD3_PREFIXES["text_encoder_3"]) for k in keys):
         kwargs["text_encoder_3"] = load_t5(_read(path, SD3_PREFIXES["text_encoder_3"], torch_dtype), folder,
                                            "text_encoder_3", torch_dtype)
@@ -228,13 +245,14 @@ def load_flux_pipeline(path_or_parts: str | os.PathLike | Mapping[str, str | os.
     """FluxPipeline from an all-in-one file (ComfyUI layout), or from split files.
 
     `path_or_parts`: a .safetensors file with transformer + clip_l + t5xxl + vae; or a folder / a
-    mapping with the four Forge-style files (flux1-*.safetensors, ae, clip_l, t5xxl).
+    mapping with the four Forge-style files (flux1-*.safetensors or a GGUF such as
+    flux1-dev-Q8_0.gguf, ae, clip_l, t5xxl).
     """
     from diffusers import FluxPipeline
 
     if not isinstance(path_or_parts, Mapping) and Path(path_or_parts).is_file():
         path = Path(path_or_parts)
-        keys = read_header(path).tensors
+        keys = read_model_header(path).tensors
         if not any(k.startswith(FLUX_PREFIXES["text_encoder_2"]) for k in keys):
             raise FormatError(f"{path}: holds no text encoders; pass the folder or a mapping with ae, clip_l "
                               "and t5xxl files as well")

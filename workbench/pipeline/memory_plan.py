@@ -26,13 +26,19 @@ Policy, applied one rung at a time until every stage fits the budget (what a 12 
      RAM (offloaded and streamed weights) is more than the RAM free.
 NF4 is only used when asked for (`weights="nf4"`), for the denoiser: it changes images more than
 fp8 and needs bitsandbytes (a CUDA GPU, or its CPU backend); NF4 weights are resident or
-offloaded, never streamed.
+offloaded, never streamed. Two file formats bring their own storage:
+- a GGUF denoiser is stored as the file has it (`gguf`: Linear weights packed, dequantized per
+  layer by diffusers' GGUFLinear; sized from the header's bytes per quant type), whatever `weights`
+  says; it is resident or offloaded, never streamed, like NF4;
+- a bitsandbytes NF4 file (Forge's) is dequantized while loading; under `auto` its denoiser is
+  packed to NF4 again where bitsandbytes runs on the device, else it takes the rungs above.
 
 Units: MB = 10^6 bytes and GB = 10^9 bytes throughout (a "12 GB" card holds 12.9 GB).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -58,6 +64,7 @@ TE_WORK = 256 * MB             # text-encoder activations (77-512 tokens): small
 STREAM_DEPTH = 3               # streamed blocks alive at once: computing, prefetching, kept alive
 WEIGHTS = ("auto", "fp32", "fp16", "bf16", "fp8", "fp8_e4m3fn", "fp8_e5m2", "nf4")
 FILE_DTYPE_STORAGE = {"F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
+NF4_FILE_DTYPES = ("NF4", "FP4")  # bitsandbytes 4-bit files (formats.nf4_file)
 STAGES = ("encode", "denoise", "decode")
 
 
@@ -230,6 +237,23 @@ def compute_dtype_for(arch: str, weights: str, device: DeviceInfo) -> str:
     return hardware.compute_dtype(device) if arch in DIT_IDS else "fp16"
 
 
+def _file_storage(c: ComponentSize, weights: str, device: DeviceInfo) -> tuple[str, str] | None:
+    """The storage a GGUF or NF4 file brings for this component, or None."""
+    if c.packed_params:
+        ignored = "" if weights == "auto" else f" (weights: {weights} does not apply to GGUF)"
+        return "gguf", f"GGUF {c.file_dtype} in the file: Linear weights stay packed, dequantized per layer{ignored}"
+    if c.file_dtype in NF4_FILE_DTYPES and c.name in DENOISERS and weights == "auto":
+        from workbench.pipeline.precision import nf4_available  # tries bitsandbytes once per device kind
+
+        # a GPU plan may be for another machine (checked at load, as for weights: nf4); the CPU
+        # backend depends on the installed bitsandbytes, so it is tried
+        here = importlib.util.find_spec("bitsandbytes") is not None if device.kind == "cuda" \
+            else nf4_available("cpu")
+        if here:
+            return "nf4", "NF4 in the file: read, then packed to NF4 again with bitsandbytes"
+    return None
+
+
 def _initial_storage(c: ComponentSize, weights: str, compute: str) -> tuple[str, str]:
     if weights in ("fp32", "fp16", "bf16"):
         return weights, f"asked for {weights}"
@@ -256,7 +280,7 @@ class _Planner:
         self.compute, self.width, self.height, self.batch = compute, width, height, batch
         self.comps = []
         for c in sizes:
-            storage, why = _initial_storage(c, weights, compute)
+            storage, why = _file_storage(c, weights, device) or _initial_storage(c, weights, compute)
             self.comps.append(_State(c, storage, reason=why))
         self.tiling = False
         self.compute_bytes = STORAGE_BYTES[compute]
@@ -279,7 +303,7 @@ class _Planner:
                 blocks = s.size.block_bytes(s.storage)
                 keep = choose_resident(blocks, s.resident_bytes - s.size.rest_bytes(s.storage))
                 extra += STREAM_DEPTH * max((b for b, k in zip(blocks, keep) if not k), default=0)
-            if s.storage not in (self.compute, "nf4"):
+            if s.storage not in (self.compute, "nf4"):  # fp8 upcast / GGUF dequantization scratch
                 extra += 2 * s.size.largest_layer * self.compute_bytes
         return base + extra
 
@@ -325,7 +349,7 @@ class _Planner:
 
     def maximize(self, s: _State) -> bool:
         """Make `s` partial with the most resident bytes its stage allows; False if none fit."""
-        if s.storage == "nf4" or not s.size.blocks:
+        if s.storage in ("nf4", "gguf") or not s.size.blocks:
             return False
         old = (s.placement, s.resident_bytes, s.keep)
         s.keep = s.keep and s.placement != "offload"  # an offloaded one stays out between stages
@@ -477,7 +501,9 @@ def _plan_cpu(sizes, arch, weights, device, compute, ram_free, width, height, ba
         decisions = []
         for c in sizes:
             chosen, why = storage, "no CUDA GPU: runs on the CPU"
-            if c.name == "vae" and storage.startswith("fp8"):
+            if (from_file := _file_storage(c, weights, device)) is not None:
+                chosen, why = from_file
+            elif c.name == "vae" and storage.startswith("fp8"):
                 chosen = compute
             elif storage == "nf4" and c.name not in DENOISERS:
                 chosen, why = compute, "no CUDA GPU: runs on the CPU (nf4 is for the denoiser)"
@@ -498,6 +524,11 @@ def _vram_message(p: _Planner, arch: str) -> str:
     worst = max((s for s in p.comps if s.size.stage == stage), key=lambda s: s.gpu(), default=None)
     what = f"{arch} {worst.size.name} ({gb(worst.total)} in {worst.storage}, " \
            f"{gb(worst.gpu())} of it on the GPU)" if worst else "it"
+    if worst is not None and worst.storage in ("gguf", "nf4"):  # never streamed (see module doc)
+        return (f"the {stage} stage needs {gb(p.peak(stage))} of VRAM but the budget is {gb(p.budget)}: "
+                f"{what} plus {gb(p.work(stage))} of working memory at {p.width}x{p.height} do not fit, "
+                f"and {worst.storage} weights are kept whole on the GPU (not streamed); use a smaller "
+                "file (e.g. GGUF Q5_K_S or Q4_K_S instead of Q8_0), lower the resolution or raise the budget")
     return (f"the {stage} stage needs {gb(p.peak(stage))} of VRAM but the budget is {gb(p.budget)}: "
             f"{what} plus {gb(p.work(stage))} of working memory at {p.width}x{p.height} do not fit "
             "even when streamed block by block; lower the resolution or batch, raise the budget"

@@ -148,6 +148,8 @@ def apply_storage(module: nn.Module, storage: str, compute_dtype: torch.dtype, *
     Linear is replaced by a bitsandbytes Linear4bit there (not undone by `remove()`).
     """
     handle = StorageHandle(module, storage, compute_dtype)
+    if storage == "gguf":  # a GGUF denoiser as loaded: diffusers' GGUFLinear dequantizes per layer
+        return handle
     if storage == "nf4":
         handle.layers = _apply_nf4(module, compute_dtype, device)
         return handle

@@ -7,14 +7,18 @@ working-memory estimates per stage. Bytes follow from the storage dtype chosen b
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from workbench.arch import ARCHS, BY_ID
+from workbench.formats.gguf_file import keeps_packed
+from workbench.formats.packed import PackedTensorInfo
 from workbench.formats.scaled_fp8 import SCALE_SUFFIXES
 from workbench.pipeline.precision import castable_layers
 
@@ -46,16 +50,21 @@ class ComponentSize:
     linear_params: int = 0
     blocks: tuple[int, ...] = ()
     largest_layer: int = 0
-    file_dtype: str = "F16"
+    file_dtype: str = "F16"      # dominant by parameters; "NF4", "Q8_0", ... for packed files
     estimated: bool = False      # not in the file: a standard component's size, assumed
     scaled_fp8: bool = False     # ComfyUI scaled fp8 (formats.scaled_fp8): fp8 values x layer scales
+    packed_params: int = 0       # GGUF: parameters that stay packed in memory (Linear weights)
+    packed_bytes: int = 0        # ... and their bytes as stored in the file
 
     @property
     def stage(self) -> str:
         return STAGE_OF.get(self.name, "encode")
 
     def bytes_at(self, storage: str) -> int:
-        """Weight bytes when stored as `storage` (non-castable parameters stay 2-byte)."""
+        """Weight bytes when stored as `storage` (non-castable parameters stay 2-byte). "gguf": the
+        file's packed bytes of the weights kept packed, the rest dequantized (2-byte)."""
+        if storage == "gguf":
+            return self.packed_bytes + (self.params - self.packed_params) * 2
         per = STORAGE_BYTES[storage]
         if storage == "fp32":
             return self.params * 4
@@ -101,7 +110,7 @@ def _castable_key(key: str, shape: tuple[int, ...]) -> bool:
 
 
 def _size_from_keys(name: str, infos: Mapping[str, object]) -> ComponentSize:
-    params = cast = linear = largest = 0
+    params = cast = linear = largest = packed = packed_bytes = 0
     blocks: dict[tuple[int, int], int] = {}
     by_dtype: dict[str, int] = {}
     for key, t in infos.items():
@@ -110,6 +119,9 @@ def _size_from_keys(name: str, infos: Mapping[str, object]) -> ComponentSize:
             continue
         params += n
         by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + n
+        if name in DENOISERS and isinstance(t, PackedTensorInfo) and keeps_packed(t):  # GGUF
+            packed += n
+            packed_bytes += t.nbytes
         if _castable_key(key, t.shape):
             cast += n
             linear += n if len(t.shape) == 2 else 0
@@ -121,7 +133,8 @@ def _size_from_keys(name: str, infos: Mapping[str, object]) -> ComponentSize:
     file_dtype = max(by_dtype, key=by_dtype.get) if by_dtype else "F16"
     scaled = any(key.endswith(SCALE_SUFFIXES) for key in infos)
     return ComponentSize(name, params, cast, linear, tuple(blocks[k] for k in sorted(blocks)),
-                         largest, file_dtype, scaled_fp8=scaled)
+                         largest, file_dtype, scaled_fp8=scaled, packed_params=packed,
+                         packed_bytes=packed_bytes)
 
 
 def _standard(arch: str, name: str) -> ComponentSize | None:
@@ -138,19 +151,24 @@ def component_sizes_from_header(source, arch: str | None = None, *,
                                 fill_missing: bool = True) -> list[ComponentSize]:
     """Sizes of each component from safetensors headers only (nothing is loaded).
 
-    `source`: a path or parsed header, or a sequence/mapping of them (split files). Keys are grouped
-    by their single-file prefixes; a file without prefixes is one component, as `detect` says.
-    Standard components missing from the files (e.g. T5 beside a FLUX transformer-only file) are
-    added with assumed sizes when `fill_missing`.
+    `source`: a path or parsed header, or a sequence/mapping of them (split files), or a folder of
+    split FLUX files. Keys are grouped by their single-file prefixes; a file without prefixes is one
+    component, as `detect` says. GGUF and bitsandbytes 4-bit files count their logical shapes
+    (`formats.model_file.read_model_header`). Standard components missing from the files (e.g. T5
+    beside a FLUX transformer-only file) are added with assumed sizes when `fill_missing`.
     """
+    from workbench.pipeline.load_dit import flux_parts
     from workbench.formats.detect import detect
-    from workbench.formats.safetensors_io import SafetensorsHeader, read_header
+    from workbench.formats.model_file import read_model_header
+    from workbench.formats.safetensors_io import SafetensorsHeader
 
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        source = flux_parts(source)  # split FLUX files: the only folders of single files we load
     items = list(source.values()) if isinstance(source, Mapping) else (
         list(source) if isinstance(source, (list, tuple)) else [source])
     groups: dict[str, dict] = {}
     for item in items:
-        header = item if isinstance(item, SafetensorsHeader) else read_header(item)
+        header = item if isinstance(item, SafetensorsHeader) else read_model_header(item)
         info = detect(header)
         arch = arch or info.arch
         denoiser = BY_ID[arch].denoiser if arch in BY_ID else "unet"

@@ -205,6 +205,9 @@ class MergeOutput(StrictModel):
     prune: bool = False
     bake_vae: RecipePath | None = None
     overwrite: bool = False
+    # GGUF and bitsandbytes 4-bit inputs are quantized approximations: merged only when this is true,
+    # from their dequantized values (the dry run says what precision the output then has)
+    allow_dequantized: bool = False
 
 
 class MergeRecipe(RecipeBase):

@@ -30,7 +30,7 @@ from workbench.arch import ARCHS
 from workbench.errors import UnsupportedError, RecipeError, WorkbenchError
 from workbench.formats.blocks import block_of
 from workbench.formats.lora_keys import ModuleTable, Target, kohya_modules, module_table
-from workbench.formats.safetensors_io import read_header
+from workbench.formats.model_file import read_model_header
 
 ADAPTER = "default"
 DENOISER = {a.id: a.denoiser for a in ARCHS}  # from workbench/arch.py
@@ -157,7 +157,7 @@ def plan_network(arch: str, shapes: dict[str, tuple[int, ...]], *, type: str = "
 
 def plan_for_base(base: str | Path, arch: str, spec, blocks: list[str] | None = None) -> NetworkPlan:
     """plan_network from a recipe's `network:` section and the base file's header."""
-    shapes = read_header(Path(base)).shapes()
+    shapes = read_model_header(Path(base)).shapes()  # GGUF / NF4 bases: logical shapes
     return plan_network(arch, shapes, type=spec.type, rank=spec.rank, alpha=spec.alpha,
                         conv_rank=spec.conv_rank, conv_alpha=spec.conv_alpha,
                         train_text_encoder=spec.train_text_encoder,

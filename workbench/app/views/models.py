@@ -93,10 +93,10 @@ def trigger_words(meta: dict[str, str], top: int = 20) -> list[str]:
 
 
 def details(path: Path) -> None:
-    from workbench.formats.safetensors_io import read_header
+    from workbench.formats.model_file import read_model_header
 
     try:
-        header = read_header(path)
+        header = read_model_header(path)  # GGUF files too
     except WorkbenchError as e:
         st.error(str(e))
         return
