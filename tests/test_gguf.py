@@ -246,7 +246,10 @@ def test_a_lora_trains_on_a_gguf_flux_base(tmp_path, tiny_model, style_set, monk
     """The frozen base stays packed (peft wraps diffusers' GGUFLinear); the LoRA learns."""
     from workbench.recipes.loader import load_recipe
     from workbench.train import loop
-    from workbench.train.runner import run
+    from workbench.dispatch import build_plan, run_plan
+
+    def run(recipe, **options):
+        return run_plan(build_plan(recipe), **options)
 
     base = build_gguf(tiny_model("flux"), tmp_path / "flux-tiny-Q8_0.gguf", "flux", "Q8_0", layout="checkpoint")
     seen = {}

@@ -107,7 +107,8 @@ def test_run_order_loads_each_model_once(tmp_path, files):
             assert all(c.source == source for c in g)
 
 
-def test_dry_run_problems_and_cached_count(tmp_path, files):
+def test_dry_run_problems_and_cached_count(tmp_path, files, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))  # no speed measured by other tests
     bad = _recipe(tmp_path, files, x={"axis": "prompt_sr", "values": ["green", "blue"]}, seeds=[-1])
     problems = problems_of(bad)
     assert any("prompt_sr searches for its first value 'green'" in p for p in problems)

@@ -384,7 +384,7 @@ def test_alpha_zero_or_missing_preview_equals_bake(tmp_path, tiny_model):
     """issue #15: alpha 0 or no alpha means alpha = rank (kohya's rule) in the bake AND at
     generation time (diffusers alone would apply alpha 0 as scale 0 and give alpha-less modules
     the most common alpha of the others); both warn naming the file."""
-    from _denoiser_inputs import denoiser_inputs
+    from helpers.denoiser_inputs import denoiser_inputs
 
     from workbench.pipeline.generate import LoraUse, load_model
     from workbench.pipeline.load import load_pipeline

@@ -140,7 +140,10 @@ def test_merges_refuse_nf4_unless_allowed_then_merge_the_dequantized_weights(nf4
 @pytest.mark.slow
 def test_a_lora_trains_on_a_forge_nf4_base(nf4_files, style_set, tmp_path):
     from workbench.recipes.loader import load_recipe
-    from workbench.train.runner import run
+    from workbench.dispatch import build_plan, run_plan
+
+    def run(recipe, **options):
+        return run_plan(build_plan(recipe), **options)
 
     (tmp_path / "r.yaml").write_text(
         f"kind: train\nname: tiny\nbase: {nf4_files['v1']}\ndataset: {style_set}\ntrigger: wbstyle\n"

@@ -3,7 +3,7 @@
 A constant throughput guesses wrong by a factor of several on another machine (a merge estimated at
 5 s took 34.5 s on the user's disk), so every run records what it measured and the next dry run
 uses it. One JSON file in the cache root (`<cache_root>/throughput.json`, see
-`formats/pipeline_config.cache_root`) maps "kind/arch/device" to the last few measurements; the
+`formats/hashes.cache_root`) maps "kind/arch/device" to the last few measurements; the
 estimate is their median, so one disturbed run does not swing it. A missing or unreadable file
 just means "nothing measured yet": the callers fall back to their rough constants and say so.
 """
@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from workbench.errors import WorkbenchError
-from workbench.formats.pipeline_config import cache_root
+from workbench.formats.hashes import cache_root
 from workbench.formats.writer import atomic_write_text
 
 FILE_NAME = "throughput.json"

@@ -123,10 +123,6 @@ def scan_file(path: Path, root: Path, with_hash: bool = True) -> ModelEntry | No
         entry.notes = (f"{PICKLE_NOTE} {path.name} (pickles can run code when loaded; the "
                        "conversion reads tensors only)",)
         return entry
-    if suffix in GGUF_SUFFIXES:
-        entry.dtype = "GGUF"
-        entry.notes = ("GGUF (quantized) file: listed by name and size",)
-        return entry
     try:
         header = read_model_header(path)  # GGUF and bitsandbytes 4-bit files: logical shapes
         entry.dtype = header.dtype_summary()
