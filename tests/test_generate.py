@@ -27,6 +27,7 @@ def _pixels(img) -> np.ndarray:
 SAMPLER = {"sd15": "Euler a", "sdxl": "DPM++ 2M Karras", "sd3": "Euler", "flux": "Euler"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux"])
 def test_same_seed_same_image_as_plain_diffusers(tiny_model, arch):
     from workbench.pipeline.load import load_pipeline
@@ -104,6 +105,7 @@ def extracted_lora(tmp_path_factory, tiny_sd15):
     return extract_lora(tiny_sd15["A"], tiny_sd15["C"], out, rank=8, dtype="fp32")
 
 
+@pytest.mark.slow
 def test_lora_at_generation_time_equals_the_baked_merge(tmp_path, tiny_sd15, extracted_lora):
     """A kohya LoRA applied at weight w gives the image of base + w·(up·down·alpha/rank) baked by
     the merge engine, and the base is left untouched afterwards."""
@@ -147,6 +149,7 @@ def _diffusers_lora(pipe, folder: Path) -> Path:
     return folder / "pytorch_lora_weights.safetensors"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux"])
 def test_diffusers_format_lora_gives_diffusers_own_image(tmp_path, tiny_model, arch):
     """A diffusers/peft-format LoRA at weight 0.6 through our core = plain diffusers with
@@ -173,6 +176,7 @@ def test_diffusers_format_lora_gives_diffusers_own_image(tmp_path, tiny_model, a
     assert "<lora:pytorch_lora_weights:0.6>" in ours.parameters
 
 
+@pytest.mark.slow
 def test_lora_of_another_architecture_is_refused(tiny_model, extracted_lora):
     model = load_model(tiny_model("sdxl"), device="cpu")
     with pytest.raises(WorkbenchError, match="LoRA for sd15"):
@@ -180,6 +184,7 @@ def test_lora_of_another_architecture_is_refused(tiny_model, extracted_lora):
                  loras=[LoraUse(extracted_lora, 1.0)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("naming", ["diffusers", "original"])
 def test_tiny_vae_decodes_instead_of_the_full_vae(tmp_path, tiny_model, naming):
     from safetensors.torch import load_file
@@ -219,6 +224,7 @@ def test_model_from_pipeline_wraps_an_in_memory_pipeline(tiny_model):
     assert "Model: in-memory" in img.parameters and "Model hash" not in img.parameters
 
 
+@pytest.mark.slow
 def test_fp8_storage_image_is_close_and_takes_a_lora(tiny_sd15, extracted_lora):
     """weights: fp8 stores the UNet and text encoder in float8 (upcast per layer); the picture stays
     close to fp32's, and a LoRA still applies on top of the fp8 base."""
@@ -239,6 +245,7 @@ def test_fp8_storage_image_is_close_and_takes_a_lora(tiny_sd15, extracted_lora):
     assert np.abs(lb - la).mean() < 0.6 * np.abs(b - la).mean()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not nf4_available("cpu"), reason="bitsandbytes with a CPU backend is not installed")
 def test_nf4_image_is_close_and_takes_a_lora(tiny_sd15, extracted_lora):
     """weights: nf4 (bitsandbytes, here on its CPU backend) quantizes the UNet's Linear layers to
@@ -280,6 +287,7 @@ def test_nf4_image_is_close_and_takes_a_lora(tiny_sd15, extracted_lora):
     assert np.array_equal(after, b)  # adapters switched off: the nf4 base image again
 
 
+@pytest.mark.slow
 def test_sde_sampler_is_seeded_per_image(tiny_model):
     """DPM++ SDE draws its noise from a Brownian tree; it is seeded with each image's seed, so
     the SDE sampler repeats like the others (diffusers would pick a random tree seed)."""
@@ -291,6 +299,7 @@ def test_sde_sampler_is_seeded_per_image(tiny_model):
     assert "Sampler: DPM++ SDE Karras" in first.parameters
 
 
+@pytest.mark.slow
 def test_a_diffusers_folder_loads_offline_with_the_same_weights(tmp_path, tiny_model):
     import diffusers
 
@@ -323,6 +332,7 @@ def test_a_folder_of_another_pipeline_is_refused(tmp_path):
         load_model(folder, device="cpu")
 
 
+@pytest.mark.slow
 def test_an_fp8_checkpoint_stays_fp8_and_bit_exact(tmp_path, tiny_sd15):
     """A file already stored in fp8 (here written by the merge engine) is used as stored under
     `auto`: the UNet's weights are the file's fp8 values, not an fp32 copy of them."""

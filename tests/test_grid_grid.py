@@ -93,6 +93,7 @@ def _scores(root: Path) -> dict:
     return json.loads((root / "out" / "scores.json").read_text())
 
 
+@pytest.mark.slow
 def test_grid_runs_each_model_once_and_writes_everything(base):
     root, result, calls = base["root"], base["result"], base["calls"]
     assert result.generated == 8
@@ -170,6 +171,7 @@ def test_rerun_generates_nothing(base, tmp_path, monkeypatch, capsys):
     assert new.keys() == old.keys() and all(new[k] != old[k] for k in new)
 
 
+@pytest.mark.slow
 def test_extension_computes_only_new_cells_and_resumes_after_cancel(base, tmp_path, monkeypatch):
     root = _copy(base, tmp_path)
     (root / "grid.yaml").write_text(_recipe_text(PROMPTS + ["a red apple"]))
@@ -199,6 +201,7 @@ def test_extension_computes_only_new_cells_and_resumes_after_cancel(base, tmp_pa
     assert next(s for s in data["statistics"] if s["axis"] == "x")["pairs"][0]["n_units"] == 3
 
 
+@pytest.mark.slow
 def test_merge_axis_previews_in_memory_with_shared_noise(base, tmp_path, monkeypatch):
     """alpha 0 and 1 of a weighted sum are models a and b: same (prompt, seed) -> the same pixels as
     the base grid's cells, and no merged checkpoint is written."""

@@ -170,6 +170,7 @@ def test_zombie_is_not_alive():
 
 # ------------------------------------------------------------------------------------- the workers
 
+@pytest.mark.slow
 def test_four_concurrent_jobs_each_run_once(store, tiny_sd15, tmp_path, plugin_env):
     outs = [tmp_path / "out" / f"m{i}.safetensors" for i in range(4)]
     ids = [store.submit("merge", merge_yaml(tiny_sd15, o, f"m{i}", "8 0.02"), name=f"m{i}")
@@ -191,6 +192,7 @@ def test_four_concurrent_jobs_each_run_once(store, tiny_sd15, tmp_path, plugin_e
     assert store.live_workers() == []  # idle workers removed themselves
 
 
+@pytest.mark.slow
 def test_killed_worker_marks_its_job_failed(store, tiny_sd15, tmp_path, plugin_env):
     out = tmp_path / "killed.safetensors"
     job = store.submit("merge", merge_yaml(tiny_sd15, out, pace="1000 0.05"))
@@ -204,6 +206,7 @@ def test_killed_worker_marks_its_job_failed(store, tiny_sd15, tmp_path, plugin_e
     assert failed.status == "failed" and f"worker process {worker.pid} died" in failed.error
 
 
+@pytest.mark.slow
 def test_cancel_running_job_leaves_no_partial_output(store, tiny_sd15, tmp_path, plugin_env):
     out = tmp_path / "merges" / "cancel.safetensors"
     job = store.submit("merge", merge_yaml(tiny_sd15, out, pace="1000 0.02"))
@@ -221,6 +224,7 @@ def test_cancel_running_job_leaves_no_partial_output(store, tiny_sd15, tmp_path,
     assert any("removed partial outputs" in line for line in store.log_tail(job))
 
 
+@pytest.mark.slow
 def test_cancel_reaches_an_engine_that_never_reports_progress(store, tiny_sd15, tmp_path,
                                                               plugin_env):
     out = tmp_path / "stubborn.safetensors"

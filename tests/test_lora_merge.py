@@ -159,6 +159,7 @@ def test_kohya_lora_changes_exactly_the_targeted_keys(tmp_path, tiny_model):
     assert_only_changed(out, base, expected, 0.8)
 
 
+@pytest.mark.slow
 def test_per_block_strengths(tmp_path, tiny_model):
     base_path = tiny_model("sd15", 1)
     base = load_file(base_path)
@@ -174,6 +175,7 @@ def test_per_block_strengths(tmp_path, tiny_model):
     assert_only_changed(out, base, expected, 1.0, weight_of)
 
 
+@pytest.mark.slow
 def test_sdxl_lora_with_fused_clip_g_rows_and_ldm_names(tmp_path, tiny_model):
     base_path = tiny_model("sdxl", 1)
     base = load_file(base_path)
@@ -197,6 +199,7 @@ def test_sdxl_lora_with_fused_clip_g_rows_and_ldm_names(tmp_path, tiny_model):
     assert torch.equal(k_rows, base[g + "2.attn.in_proj_weight"][w:2 * w].float())
 
 
+@pytest.mark.slow
 def test_flux_kohya_and_diffusers_loras(tmp_path, tiny_model):
     base_path = tiny_model("flux", 1)
     base = load_file(base_path)
@@ -287,6 +290,7 @@ def test_oft_and_misused_lora_are_clear_errors(tmp_path, tiny_model):
 
 # -------------------------------------------------------------------------------------- extraction
 
+@pytest.mark.slow
 def test_extraction_round_trip_and_diffusers_loads_it(tmp_path):
     from workbench.merge.extract import extract_lora
     from workbench.testing import build_tiny
@@ -506,6 +510,7 @@ def _sd3_kohya(path: Path, ckpt: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+@pytest.mark.slow
 def test_sd3_kohya_and_diffusers_names_bake_the_same(tmp_path, tiny_model):
     """kohya `lora_unet_joint_blocks_N_x_block_attn_qkv` = diffusers `transformer.transformer_blocks.N.
     attn.to_q/to_k/to_v` (row thirds), `context_block.attn.qkv` = `attn.add_{q,k,v}_proj`, mlp fc1/fc2

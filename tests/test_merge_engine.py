@@ -228,6 +228,7 @@ def test_dry_run_reports_policies_ram_size_and_time(tmp_path, tiny_sd15):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_rerun_from_metadata_reproduces_and_checks_hashes(tmp_path, tiny_sd15, capsys):
     import shutil
 
@@ -266,6 +267,7 @@ METHOD_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHOD_CASES))
 def test_every_method_through_the_engine_equals_the_method_on_each_key(tmp_path, tiny_sd15, method):
     inputs, params_yaml, params = METHOD_CASES[method]
@@ -298,6 +300,7 @@ def _compare_every_key(method, params, names, tensors, out):
     assert checked > 1100
 
 
+@pytest.mark.slow
 def test_flux_block_mapping_merge(tmp_path, tiny_model):
     a_path, b_path = tiny_model("flux", 1), tiny_model("flux", 2)
     body = recipe_text({"A": a_path, "B": b_path},

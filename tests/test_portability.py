@@ -180,6 +180,7 @@ def scan_package() -> list[Finding]:
     return found
 
 
+@pytest.mark.slow
 def test_no_unguarded_posix_only_call_in_the_package():
     """A new os.pwrite, os.kill, '/proc/...', fcntl, mmap.MADV_*, libc... fails the build unless
     a capability check guards it or ALLOWED names its portable path."""
@@ -439,6 +440,7 @@ def test_ram_available_comes_from_psutil(monkeypatch):
     assert system.ram_available() is None  # the planner then skips its RAM check
 
 
+@pytest.mark.slow
 def test_stop_process_tree_stops_children_too(tmp_path):
     child_code = "import time; time.sleep(120)"
     parent_code = textwrap.dedent(f"""

@@ -53,6 +53,7 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert not different, different[:5]
 
 
+@pytest.mark.slow
 def test_old_layout_sd15_file_loads_as_its_multiplied_out_weights(tmp_path, tiny_sd15):
     scaled, plain = tmp_path / "scaled.safetensors", tmp_path / "plain.safetensors"
     n = write_scaled(tiny_sd15["A"], scaled, plain, prefix="model.diffusion_model.", layout="old")
@@ -76,6 +77,7 @@ def test_old_layout_sd15_file_loads_as_its_multiplied_out_weights(tmp_path, tiny
     assert torch.equal(plain.unet.down_blocks[0].resnets[0].conv1.weight.detach(), raw)
 
 
+@pytest.mark.slow
 def test_auto_plan_keeps_a_scaled_unet_in_fp8_with_its_own_values(tmp_path, tiny_sd15):
     """Under `auto` the planner keeps an fp8 file in fp8; a scaled file's layers come back to the
     file's fp8 values and scale (to_scaled_fp8 recovers them), not to unscaled rounding."""
@@ -109,6 +111,7 @@ def test_auto_plan_keeps_a_scaled_unet_in_fp8_with_its_own_values(tmp_path, tiny
     assert diff.max() <= 2
 
 
+@pytest.mark.slow
 def test_split_flux_with_scaled_t5_and_transformer(tmp_path):
     """Forge/ComfyUI FLUX folders: t5xxl in the new layout (weight_scale + comfy_quant), the
     transformer in the old one with a bare `scaled_fp8` marker; both load multiplied out."""
@@ -193,6 +196,7 @@ def test_merge_and_extraction_read_a_scaled_file_as_its_multiplied_out_weights(t
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in lb)
 
 
+@pytest.mark.slow
 def test_scaled_files_load_right_from_two_threads_at_once(tmp_path, tiny_sd15):
     """The dashboard runs jobs in worker threads: overlapping loads of scaled files all get their
     scales (the reader wrapper is installed once and keyed by file, not swapped in and out)."""

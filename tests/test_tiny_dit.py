@@ -115,6 +115,7 @@ def test_flux_split_files(files):
     assert "shared.weight" in t5 and "encoder.embed_tokens.weight" not in t5 and len(t5) == 219
 
 
+@pytest.mark.slow
 def test_build_is_deterministic(tmp_path):
     a = flux.build_transformer(tmp_path / "a.safetensors", seed=3, variant="schnell")
     b = flux.build_transformer(tmp_path / "b.safetensors", seed=3, variant="schnell")
@@ -164,6 +165,7 @@ def _full_config(cls, cfg: dict) -> dict:
     return cls(**cfg).to_dict()
 
 
+@pytest.mark.slow
 def test_configs_inferred_from_real_shapes_equal_bundled():
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -218,6 +220,7 @@ def test_real_t5_tokenizer_is_not_invented(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- loading + generation
 
+@pytest.mark.slow
 def test_sd35_medium_loads_exactly_and_generates(files):
     pipe = load_dit.load_sd3_pipeline(files["sd3m"], torch_dtype=torch.float32)
     source = sd3.tiny_models(variant="sd3.5-medium")
@@ -238,6 +241,7 @@ def test_sd35_large_transformer_loads_exactly(files):
     assert _same_weights(model, sd3.tiny_models(variant="sd3.5-large")["transformer"]) == []
 
 
+@pytest.mark.slow
 def test_flux_dev_all_in_one_loads_exactly_and_generates(files):
     pipe = load_dit.load_flux_pipeline(files["flux_dev"], torch_dtype=torch.float32)
     source = flux.tiny_models(variant="dev")
@@ -248,6 +252,7 @@ def test_flux_dev_all_in_one_loads_exactly_and_generates(files):
     assert img.shape == (1, 64, 64, 3) and torch.isfinite(img).all() and img.std() > 1e-3
 
 
+@pytest.mark.slow
 def test_flux_split_files_load_exactly_and_generate(files):
     pipe = load_dit.load_flux_pipeline(files["split"]["transformer"].parent, torch_dtype=torch.float32)
     source = flux.tiny_models(variant="dev")

@@ -155,6 +155,7 @@ def test_open_clip_g_layout(env):
     assert (p + "positional_embedding") in original and (p + "ln_final.weight") in original
 
 
+@pytest.mark.slow
 def test_builds_are_deterministic(env, tmp_path):
     for arch, module in (("sd15", sd15), ("sdxl", sdxl)):
         again = module.build(tmp_path / f"{arch}.safetensors", seed=0)
@@ -257,6 +258,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,module", [("sd15", sd15), ("sdxl", sdxl)])
 def test_load_offline_round_trip_and_generate(env, no_network, arch, module):
     from workbench.pipeline.load import load_pipeline

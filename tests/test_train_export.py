@@ -62,6 +62,7 @@ def _lora_layers(model) -> int:
     return sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_diffusers_loads_kohya_file_exactly(loaded, tmp_path, arch):
     path, pipe, clean, net = _trained(loaded, arch)
@@ -107,6 +108,7 @@ def test_alpha_metadata_sidecar_hash(loaded, tmp_path):
     assert side["preferred weight"] == 1.0
 
 
+@pytest.mark.slow
 def test_flux_kohya_file_bakes_to_the_trained_model(loaded, tmp_path, tiny_model):
     """Apply the exported file by hand (W += alpha/rank · up@down on the BFL keys, fused qkv and
     linear1 included) to the checkpoint and compare with the adapter in training."""
@@ -136,6 +138,7 @@ def test_flux_kohya_file_bakes_to_the_trained_model(loaded, tmp_path, tiny_model
     assert read_header(out).metadata["modelspec.architecture"] == "flux-1-dev/lora"
 
 
+@pytest.mark.slow
 def test_flux_double_blocks_load_in_diffusers(loaded, tmp_path):
     # diffusers hard-codes FLUX.1's real widths when splitting `linear1`, so tiny single blocks
     # cannot go through it; the fused qkv of the double blocks can.
@@ -194,6 +197,7 @@ def test_peft_format_with_text_encoder_loads_in_diffusers_like_our_bake(loaded, 
         assert changed > 10, comp  # the bake did change this component
 
 
+@pytest.mark.slow
 def test_multiplier_zero_is_base(loaded):
     path, pipe, clean, net = _trained(loaded, "sd15", te=False)
     set_multiplier(net, 0.0)
@@ -206,6 +210,7 @@ def _peft_delta(layer) -> torch.Tensor:
     return layer.get_delta_weight("default").float()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
 def test_lycoris_layouts_match_the_trained_delta(loaded, kind):
     """The LyCORIS formulas loaders use, applied to the exported tensors, give peft's ΔW."""

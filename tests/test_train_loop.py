@@ -36,6 +36,7 @@ def _recipe(tmp: Path, base: Path, data: Path, out: str, extra: str = "", **fiel
 NET = "network: {type: lora, rank: 4, alpha: 2, dropout: 0.1}\n"
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_and_outputs(tmp_path, tiny_model, style_set):
     base = tiny_model("sd15")
     cache = tmp_path / "cache"
@@ -70,6 +71,7 @@ def test_resume_equals_uninterrupted_and_outputs(tmp_path, tiny_model, style_set
     assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"  # kohya's form
 
 
+@pytest.mark.slow
 def test_loss_falls_on_the_style_set(tmp_path, tiny_model, style_set):
     r = _recipe(tmp_path, tiny_model("sd15"), style_set, "c",
                 "network: {type: lora, rank: 8, alpha: 8}\n", max_steps=12, learning_rate="5.0e-3")
@@ -105,6 +107,7 @@ def test_min_snr_and_v_prediction_terms(pred):
     assert torch.allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_flux_lora_trains_and_exports(tmp_path, tiny_model, style_set):
     r = _recipe(tmp_path, tiny_model("flux"), style_set, "f", "network: {type: lora, rank: 4, alpha: 4}\n",
                 max_steps=2)
@@ -118,6 +121,7 @@ def test_flux_lora_trains_and_exports(tmp_path, tiny_model, style_set):
     assert w["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_lora_trains_on_an_nf4_base(tmp_path, tiny_model, style_set):
     """base_precision: nf4 (bitsandbytes; its CPU backend here): the frozen UNet is 4-bit, the LoRA
     learns, and the file loads into diffusers."""
@@ -146,6 +150,7 @@ def test_lora_trains_on_an_nf4_base(tmp_path, tiny_model, style_set):
     assert "nf4" in pipe.get_active_adapters()
 
 
+@pytest.mark.slow
 def test_adamw8bit_trains_and_resumes_bit_exactly(tmp_path, tiny_model, style_set):
     """kohya's favourite optimizer (bitsandbytes AdamW8bit; its CPU backend here): 8-bit moments for
     tensors of 4096+ values, and its state goes through the resume folder like AdamW's."""

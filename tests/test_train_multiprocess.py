@@ -3,6 +3,8 @@ the same LoRA as one process accumulating two micro-batches per step, text encod
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -33,6 +35,7 @@ def _recipe(tmp: Path, base: Path, data: Path, name: str, accumulation: int) -> 
     return path
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_lora_as_one_with_accumulation(tmp_path, tiny_model, style_set):
     base = tiny_model("sd15")
     cache = tmp_path / "cache"

@@ -67,6 +67,7 @@ def test_refusals(tiny_model):
 
 @pytest.mark.parametrize("arch, kind", [("sd15", "lora"), ("sd15", "loha"), ("sdxl", "dora"),
                                         ("flux", "lora"), ("flux", "loha")])
+@pytest.mark.slow
 def test_inject_counts_freezes_and_starts_at_base(pipes, arch, kind):
     path, pipe = pipes(arch)
     den = "unet" if arch != "flux" else "transformer"
@@ -87,6 +88,7 @@ def test_inject_counts_freezes_and_starts_at_base(pipes, arch, kind):
         assert torch.allclose(model(**kw)[0], ref(**kw)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fused_flux_modules_share_the_input_factor(pipes):
     path, pipe = pipes("flux")
     net = inject(pipe, plan_network("flux", _shapes(path), rank=4, alpha=4))

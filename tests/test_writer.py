@@ -134,6 +134,7 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_file_leaves_no_target(tmp_path):
     """SIGKILL cannot be cleaned up after: a stale *.tmp may stay, the target never appears."""
     target = tmp_path / "big.safetensors"
