@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from workbench.errors import FormatError, UnsupportedError
-from workbench.formats.packed import INTEGER, UNPACKED, PackedTensorInfo
+from workbench.formats.packed import HeaderTensors, INTEGER, PackedTensorInfo, UNPACKED
 from workbench.formats.safetensors_io import SafetensorsHeader
 
 MAGIC = b"GGUF"
@@ -173,7 +173,7 @@ def check_supported(header: GGUFHeader) -> None:
                           "Q5_0/Q5_1, Q4_0/Q4_1, Q2_K-Q6_K or IQ4_NL/IQ4_XS tensors")
 
 
-class GGUFTensors:
+class GGUFTensors(HeaderTensors):
     """An open GGUF file: header up front, tensors on demand (memory-mapped by `gguf.GGUFReader`).
 
     `packed(key)` gives a weight as diffusers' `GGUFParameter` (quantized bytes, dequantized when its
@@ -194,21 +194,8 @@ class GGUFTensors:
         self._index = {t.name: i for i, t in enumerate(self._reader.tensors)}
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def close(self) -> None:
         self._reader = None  # the memory map goes with the reader
-
-    def keys(self) -> list[str]:
-        return list(self.header.tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.header.tensors
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.header.metadata
 
     def info(self, key: str) -> PackedTensorInfo:
         try:

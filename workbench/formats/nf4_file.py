@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from workbench.errors import FormatError, UnsupportedError
-from workbench.formats.packed import PackedTensorInfo
+from workbench.formats.packed import HeaderTensors, PackedTensorInfo
 from workbench.formats.safetensors_io import SafetensorsHeader
 
 STATE = ".quant_state.bitsandbytes__"   # + "nf4" | "fp4", after `<layer>.weight`
@@ -138,7 +138,7 @@ def dequantize(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, *,
     return out
 
 
-class NF4Tensors:
+class NF4Tensors(HeaderTensors):
     """A bitsandbytes 4-bit safetensors file read as plain tensors, one at a time: the reader
     interface of `formats.lazy.LazySafetensors` (what merges use) over an open one."""
 
@@ -152,24 +152,8 @@ class NF4Tensors:
         self._lazy.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def close(self) -> None:
         self._lazy.close()
-
-    def keys(self) -> list[str]:
-        return list(self.header.tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.header.tensors
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.header.metadata
-
-    def info(self, key: str):
-        return self.header.tensors[key]
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._weights:

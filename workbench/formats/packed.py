@@ -49,3 +49,30 @@ def decoded_header(header: SafetensorsHeader) -> SafetensorsHeader:
         tensors[key] = t
     return SafetensorsHeader(header.path, tensors, dict(header.metadata), header.data_offset,
                              header.file_size)
+
+
+class HeaderTensors:
+    """The read-only mapping protocol the merge readers share (`formats/model_file.open_model`):
+    names, membership, metadata and entries come from `self.header`, the logical header of what
+    `get` returns; subclasses give `header`, `get` and `close`."""
+
+    header: SafetensorsHeader
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:  # pragma: no cover - every reader defines its own
+        raise NotImplementedError
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.header.tensors
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    def info(self, key: str):
+        return self.header.tensors[key]

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.errors import FormatError
+from workbench.formats.packed import HeaderTensors
 from workbench.formats.safetensors_io import SafetensorsHeader, TensorInfo
 
 MARKER = "scaled_fp8"
@@ -162,7 +163,7 @@ def decoded_header(header, layout: ScaledLayout):
                              header.file_size)
 
 
-class ScaledTensors:
+class ScaledTensors(HeaderTensors):
     """A scaled-fp8 safetensors file read as its real weights, one tensor at a time: each scaled
     weight comes back as `fp8 value x scale` in float32, everything else as stored. The reader
     interface of `formats.lazy.LazySafetensors` over an open one (what merges and extraction use)."""
@@ -178,24 +179,8 @@ class ScaledTensors:
         self._lazy.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def close(self) -> None:
         self._lazy.close()
-
-    def keys(self) -> list[str]:
-        return list(self.header.tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.header.tensors
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.header.metadata
-
-    def info(self, key: str):
-        return self.header.tensors[key]
 
     def _scale(self, key: str) -> torch.Tensor | None:
         layer = key[: -len(".weight")] if key.endswith(".weight") else None
