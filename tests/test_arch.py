@@ -208,9 +208,6 @@ def test_grid_estimate_and_dashboard_list_every_record():
 # ----------------------------------------------------------------------- one home for per-arch facts
 
 ALLOWED = {PACKAGE / "arch.py",  # and data files (JSON/YAML), which the scan does not read
-           # the LoRA Block Weight extension's own list lengths and last OUT block per architecture
-           # (merged in from a parallel branch; to move into arch.py)
-           PACKAGE / "formats" / "lbw.py",
            # the tiny GGUF writer's per-architecture test layouts (test builders, not product facts)
            PACKAGE / "testing" / "gguf_files.py"}
 

@@ -17,14 +17,14 @@ from workbench import throughput
 from workbench.dispatch import build_plan, run_recipe
 from workbench.errors import WorkbenchError
 from workbench.formats import pipeline_configs_dit as pcd
-from workbench.formats.blocks import presets
+from workbench.formats.blocks import check_block_text, presets
 from workbench.formats.detect import detect
 from workbench.formats.lora_keys import kohya_modules, module_table
 from workbench.formats.safetensors_io import read_header
 from workbench.grid import scores as grid_scores
 from workbench.kinds import grid as grid_kind
 from workbench.recipes.loader import parse_recipe
-from workbench.recipes.merge import PRESET_RE, MergeRecipe
+from workbench.recipes.merge import MergeRecipe
 from workbench.testing import clip as tiny_clip
 
 from helpers import formats_keys as fk
@@ -288,7 +288,7 @@ def test_every_offered_preset_validates_in_a_recipe(tmp_path, tiny_sd15):
     names = list(presets())
     assert len(names) == 38 and {"SMOOTHSTEP*2", "REVERSE-SMOOTHSTEP", "R_SMOOTHSTEP/3"} <= set(names)
     for name in names:
-        assert PRESET_RE.match(name), name  # the dashboard recognises it as a preset, too
+        check_block_text(name)  # the one block grammar (formats/blocks.py) takes it
         MergeRecipe.model_validate({
             "kind": "merge", "name": "p", "models": {"A": "a.safetensors", "B": "b.safetensors"},
             "steps": [{"id": "m", "method": "block_weighted", "inputs": ["A", "B"], "blocks": name}],
@@ -301,6 +301,24 @@ def test_every_offered_preset_validates_in_a_recipe(tmp_path, tiny_sd15):
         output: {{path: {tmp_path / "o.safetensors"}}}
         """))
     assert plan.ok, plan.problems
+
+
+def test_block_texts_follow_the_one_grammar_before_the_architecture_is_known():
+    def recipe(blocks):
+        return {"kind": "merge", "name": "p", "models": {"A": "a.safetensors", "B": "b.safetensors"},
+                "steps": [{"id": "m", "method": "block_weighted", "inputs": ["A", "B"], "blocks": blocks}],
+                "output": {"path": "o.safetensors"}}
+
+    # one value per SD3.5 large block (41) or FLUX block (60): refused by the old recipe grammar
+    MergeRecipe.model_validate(recipe(",".join(["0.5"] * 41)))
+    MergeRecipe.model_validate(recipe(",".join(["0.5"] * 60)))
+    MergeRecipe.model_validate(recipe({"BASE": 0, "J05": 1, "S37": 0.5}))
+    with pytest.raises(ValueError, match="SMOOTHSTEP"):  # misspelt preset: refused with a hint
+        MergeRecipe.model_validate(recipe("SMOOTHSTEPP"))
+    with pytest.raises(ValueError, match="7 values"):
+        MergeRecipe.model_validate(recipe(",".join(["1"] * 7)))
+    with pytest.raises(ValueError, match="J99"):
+        MergeRecipe.model_validate(recipe({"J99": 1}))
 
 
 # ------------------------------------------------------------------------------ extrapolation

@@ -297,9 +297,9 @@ def test_method_checks(tmp_path):
 
 def test_bad_block_weights(tmp_path):
     path = write(tmp_path, MERGE_MD.replace('"0,0.2,0.4,', '"0,0.2,'))
-    assert f"{path}:15: steps[1].blocks: expected 26 comma-separated block weights" in problems_of(path)
+    assert f"{path}:15: steps[1].blocks: 25 values; expected 26 for SD1.5/SD2" in problems_of(path)
     path = write(tmp_path, MERGE_MD.replace('blocks: "0,0.2', 'blocks: "0,zero'))
-    assert "block weight 2 is 'zero'" in problems_of(path)
+    assert "value 2: 'zero' is not a number" in problems_of(path)
     ok = MERGE_MD.replace('blocks: "0,0.2,0.4,0.6,0.8,1,1,1,1,1,1,1,1,0.5,1,1,1,1,1,1,0.8,0.6,0.4,0.2,0,0"',
                           "blocks: {BASE: 0, D00: 1, S05: 0.5}")
     assert load_recipe(write(tmp_path, ok)).steps[1].blocks == {"BASE": 0, "D00": 1, "S05": 0.5}

@@ -63,6 +63,9 @@ class Arch:
     tiny_vae: str | None           # the TAESD kind that decodes its latents (pipeline/tiny_vae.py)
     grid_speed: float              # sampling cost per step and megapixel relative to SD1.5
     tiny_builder: str | None       # module in workbench.testing that builds a tiny checkpoint
+    # list lengths the LoRA Block Weight extension takes for this architecture ("17(1.X/2.X)",
+    # "12(XL)", ...; workbench/formats/lbw.py); () where it has no form for it
+    lbw_lengths: tuple[int, ...] = ()
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -83,6 +86,7 @@ def _numbered(head: str, n: int) -> list[str]:
 SD1_BLOCKS = ("BASE", *_numbered("IN", 12), "M00", *_numbered("OUT", 12))
 SDXL_BLOCKS = ("BASE", *_numbered("IN", 9), "M00", *_numbered("OUT", 9))
 SD3_BLOCKS = ("BASE", "IN", *_numbered("J", 38), "OUT")
+SD3_MEDIUM_JOINT_BLOCKS = 24  # SD3.5 medium: J00..J23 (large: 38)
 FLUX_BLOCKS = ("BASE", "IN", *_numbered("D", 19), *_numbered("S", 38), "OUT")
 
 _CLIP_L_SAI = TextEncoder("clip_l", "text_encoder", "text_encoders.clip_l.transformer.", "hf_clip", "te1",
@@ -98,7 +102,8 @@ SD15 = Arch(
     lora_modelspec_impl="diffusers", kohya_base_model_version="sd_v1",
     kohya_network_module="networks.lora", kohya_unet_names="diffusers", sidecar_sd_version="SD1",
     block_ids=SD1_BLOCKS, merge_preview=True, trainable=True, text_encoder_trainable=True,
-    tiny_vae="taesd", grid_speed=1.0, tiny_builder="workbench.testing.sd15")
+    tiny_vae="taesd", grid_speed=1.0, tiny_builder="workbench.testing.sd15",
+    lbw_lengths=(17, 26))
 
 SD2 = Arch(
     id="sd2", name="SD2", family="unet", denoiser="unet",
@@ -110,7 +115,8 @@ SD2 = Arch(
     lora_modelspec_impl=None, kohya_base_model_version="sd_v2",
     kohya_network_module="networks.lora", kohya_unet_names="diffusers", sidecar_sd_version="SD2",
     block_ids=SD1_BLOCKS, merge_preview=False, trainable=False, text_encoder_trainable=False,
-    tiny_vae=None, grid_speed=1.2, tiny_builder=None)
+    tiny_vae=None, grid_speed=1.2, tiny_builder=None,
+    lbw_lengths=(17, 26))
 
 SDXL = Arch(
     id="sdxl", name="SDXL", family="unet", denoiser="unet",
@@ -125,7 +131,8 @@ SDXL = Arch(
     lora_modelspec_impl=SAI_IMPL, kohya_base_model_version="sdxl_base_v1-0",
     kohya_network_module="networks.lora", kohya_unet_names="ldm", sidecar_sd_version="SDXL",
     block_ids=SDXL_BLOCKS, merge_preview=True, trainable=True, text_encoder_trainable=True,
-    tiny_vae="taesdxl", grid_speed=3.0, tiny_builder="workbench.testing.sdxl")
+    tiny_vae="taesdxl", grid_speed=3.0, tiny_builder="workbench.testing.sdxl",
+    lbw_lengths=(12, 20, 17, 26))
 
 SD3 = Arch(
     id="sd3", name="SD3", family="dit", denoiser="transformer",
@@ -155,7 +162,8 @@ FLUX = Arch(
     lora_modelspec_impl=BFL_IMPL, kohya_base_model_version="flux1",
     kohya_network_module="networks.lora_flux", kohya_unet_names="original", sidecar_sd_version="Flux",
     block_ids=FLUX_BLOCKS, merge_preview=False, trainable=True, text_encoder_trainable=False,
-    tiny_vae=None, grid_speed=10.0, tiny_builder="workbench.testing.flux")
+    tiny_vae=None, grid_speed=10.0, tiny_builder="workbench.testing.flux",
+    lbw_lengths=(61,))
 
 ARCHS: tuple[Arch, ...] = (SD15, SD2, SDXL, SD3, FLUX)
 BY_ID: dict[str, Arch] = {a.id: a for a in ARCHS}

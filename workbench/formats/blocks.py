@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from workbench.arch import ARCHS, UNET_IDS
+from workbench.arch import ARCHS, SD3_MEDIUM_JOINT_BLOCKS, UNET_IDS
 from workbench.errors import WorkbenchError
 from workbench.formats import lbw
 
@@ -234,9 +233,49 @@ def keys_by_block(arch: str, keys: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
-_ID_RX = re.compile(r"^(BASE|IN\d\d|M00|OUT\d\d|IN|OUT|J\d\d|D\d\d|S\d\d)$")
+# every block id of every architecture, and the aggregate ids SD3/FLUX use (IN, OUT)
+ALL_BLOCK_IDS = frozenset(i for a in ARCHS for i in a.block_ids)
+# how many values a block-weight list may have for some architecture: supermerger's lists (every id;
+# SDXL also takes SD1.5's 26; an SD3 medium file has J00-J23 only) and the LoRA Block Weight forms
+LIST_LENGTHS = frozenset({len(a.block_ids) for a in ARCHS} | {*lbw.LISTS}
+                         | {len(BLOCK_IDS["sd3"]) - 38 + SD3_MEDIUM_JOINT_BLOCKS})
 
 
 def is_block_id(text: str) -> bool:
-    """Whether `text` looks like any block id of any architecture (used by recipe validation)."""
-    return bool(_ID_RX.match(text.strip().upper()))
+    """Whether `text` is a block id of some architecture (recipe validation, before the
+    architecture is known; `parse_block_values` then checks it against the file's own ids)."""
+    return text.strip().upper() in ALL_BLOCK_IDS
+
+
+def preset_name(text: str) -> str | None:
+    """The preset `text` names, spelt as its table spells it (supermerger's, then the LoRA Block
+    Weight extension's), or None when it names none."""
+    body = lbw.strip_prefix(text).upper()
+    return next((n for n in (*presets(), *lbw.PRESETS) if n.upper() == body), None)
+
+
+def check_block_text(text: str) -> None:
+    """What can be checked of a `blocks:` text before the architecture is known: numbers of a
+    length some architecture takes, or a preset name that exists (supermerger's or the LoRA Block
+    Weight extension's). Raises WorkbenchError saying what was expected."""
+    body = lbw.strip_prefix(text)
+    if "," not in body:
+        try:
+            float(body)
+            return
+        except ValueError:
+            pass
+        names = [*presets(), *lbw.PRESETS]
+        if not any(n.upper() == body.upper() for n in names):
+            raise WorkbenchError(f"block weights: {body!r} is neither a number nor a known preset"
+                                 f"{_hint(body.upper(), names)}; presets: {', '.join(names)}")
+        return
+    parts = [p.strip() for p in body.split(",")]
+    for n, part in enumerate(parts):
+        _number(part, f"value {n + 1}")
+    if len(parts) not in LIST_LENGTHS:
+        raise WorkbenchError(
+            f"block weights: {len(parts)} values; expected 26 for SD1.5/SD2 (BASE, IN00-IN11, M00, "
+            "OUT00-OUT11), 20 for SDXL (BASE, IN00-IN08, M00, OUT00-OUT08), one per block for SD3/FLUX "
+            "(or a mapping such as {BASE: 0, D00: 1}), or a LoRA Block Weight list of 17 (SD1.5), "
+            "12 (SDXL) or 61 (FLUX) values")

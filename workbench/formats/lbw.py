@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 
+from workbench.arch import ARCHS, BY_ID
 from workbench.errors import WorkbenchError
 
 BLOCKID26 = ["BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12))]
@@ -32,7 +33,7 @@ BLOCKID_FLUX = ["CLIP", "T5", "IN", *(f"D{i:02d}" for i in range(19)), *(f"S{i:0
                 "OUT"]
 LISTS = {17: BLOCKID17, 12: BLOCKID12, 20: BLOCKID20, 26: BLOCKID26, 61: BLOCKID_FLUX}
 # which list lengths each architecture takes (the extension's "17(1.X/2.X)", "12(XL)", ...)
-LENGTHS = {"sd15": (17, 26), "sd2": (17, 26), "sdxl": (12, 20, 17, 26), "flux": (61,)}
+LENGTHS = {a.id: a.lbw_lengths for a in ARCHS if a.lbw_lengths}  # workbench/arch.py
 
 PRESETS: dict[str, list[float]] = {
     "NONE": [0.0] * 17,
@@ -126,7 +127,6 @@ _FOR = {17: "SD1.5/SD2 (BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03-OUT
 
 _SD = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets|downsamplers|upsamplers)\.(\d+)\.")
 _DIT = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
-_LAST_OUT = {"sd15": "OUT11", "sd2": "OUT11", "sdxl": "OUT08"}
 LAYERS_PER_BLOCK = 2  # SD1.5, SD2 and SDXL: 2 ResBlocks per level, so 3 LDM slots per level
 
 
@@ -142,7 +142,7 @@ def diffusers_block(arch: str, component: str, path: str) -> str | None:
     if component not in ("unet", "transformer"):
         return "BASE"
     step = LAYERS_PER_BLOCK + 1
-    if arch in _LAST_OUT:
+    if BY_ID[arch].family == "unet":
         if path.startswith("mid_block."):
             return "M00"
         m = _SD.match(path)
@@ -156,7 +156,7 @@ def diffusers_block(arch: str, component: str, path: str) -> str | None:
         if path.startswith(("conv_in", "time_embedding", "add_embedding")):
             return "IN00"
         if path.startswith(("conv_norm_out", "conv_out")):
-            return _LAST_OUT[arch]
+            return BY_ID[arch].block_ids[-1]  # the last OUT block (OUT11 / OUT08)
         return None
     m = _DIT.match(path)
     if m:

@@ -71,7 +71,7 @@ def extrapolation_notes(step, blocks: dict[str, float] | None = None) -> list[st
     (weighted_sum, block_weighted, slerp: ALPHA_B in merge/methods.py). Extrapolating is a
     legitimate tool (push past B, or away from it), so it is a note, not a problem. `blocks`: the
     per-block table once the architecture is known (without it only `alpha` is looked at)."""
-    method = METHODS.get("weighted_sum" if step.method == "block_weighted" else step.method)
+    method = METHODS.get(step.method)
     if method is None or method.params.get("alpha") is not ALPHA_B:
         return []
     first, second = (step.inputs + ["A", "B"])[:2]

@@ -150,7 +150,7 @@ def build_steps(recipe, inputs: dict[str, MergeInput], arch: str) -> tuple[dict[
     lora_nodes: dict = {}  # (LoRA name, id of the step's first input) -> LoraInputNode
     steps = []
     for step in recipe.steps:
-        method = get_method("weighted_sum" if step.method == "block_weighted" else step.method)
+        method = get_method(step.method)
         static = {k: v for k, v in step.params().items() if k not in ("alpha", "blocks")}
         alpha_of = _alpha_function(arch, step, method.name)
         probe = dict(static)

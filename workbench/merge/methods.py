@@ -83,6 +83,8 @@ class MergeMethod:
     # each output element depends only on the inputs at that element: the executor may evaluate
     # the method on cache-sized slices of a tensor (same bits, far less memory traffic)
     elementwise: bool = False
+    # alpha comes from the recipe's `blocks:` (per key, by its block), which is then required
+    alpha_from_blocks: bool = False
 
     @property
     def inputs_text(self) -> str:
@@ -109,8 +111,8 @@ METHODS: dict[str, MergeMethod] = {}
 
 
 def merge_method(name: str, *, inputs: int | str, params: Mapping[str, ParamSpec] | None = None,
-                 description: str, formula: str, elementwise: bool = False
-                 ) -> Callable[[Callable], Callable]:
+                 description: str, formula: str, elementwise: bool = False,
+                 alpha_from_blocks: bool = False) -> Callable[[Callable], Callable]:
     """Register `fn` under `name`. Checks the signature at import time, so a slip fails loudly.
 
     `inputs` is an int (exact) or "N+" (at least N). The function's keyword-only arguments must be
@@ -143,7 +145,7 @@ def merge_method(name: str, *, inputs: int | str, params: Mapping[str, ParamSpec
         METHODS[name] = MergeMethod(name=name, fn=fn, n_inputs=n_inputs, variadic=variadic,
                                     params=MappingProxyType(params), description=description,
                                     formula=formula, input_names=names, uses_key="key" in kwonly,
-                                    elementwise=elementwise)
+                                    elementwise=elementwise, alpha_from_blocks=alpha_from_blocks)
         return fn
 
     return register
@@ -245,12 +247,12 @@ def weighted_sum(a: torch.Tensor, b: torch.Tensor, *, alpha: float) -> torch.Ten
     return (1 - alpha) * a + alpha * b
 
 
-# An alias of weighted_sum (same function): the recipe gives `blocks`, and the executor resolves each
-# key's block and passes that block's value as `alpha`.
+# weighted_sum under the name supermerger users know; the recipe gives `blocks` instead of alpha, and
+# the executor passes each key's block value as `alpha` (workbench/merge/build.py).
 merge_method("block_weighted", inputs=2, params={"alpha": ALPHA_B},
              formula="(1 - alpha)*a + alpha*b, alpha chosen per key by its block",
              description="weighted_sum whose alpha the executor supplies per key from the recipe's `blocks`.",
-             )(weighted_sum)
+             elementwise=True, alpha_from_blocks=True)(weighted_sum)
 
 
 @merge_method("add_difference", inputs=3, params={"alpha": ALPHA_DIFF},

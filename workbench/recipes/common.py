@@ -33,6 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from workbench.formats import lbw
 from workbench.pipeline.samplers import SCHEDULERS, UNAVAILABLE
+from workbench.formats.blocks import presets
 
 # --------------------------------------------------------------------------------------------------
 # choices and "did you mean"
@@ -208,7 +209,6 @@ def _check_lora_blocks(value: str | None) -> str | None:
     merge presets GRAD_V, ...) or 12/17/20/26/61 numbers; which counts fit is checked per model."""
     if value is None:
         return None
-    from workbench.formats.blocks import presets
 
     text = lbw.strip_prefix(str(value))
     if lbw.looks_like_lbw(text) or any(p.upper() == text.upper() for p in presets()):

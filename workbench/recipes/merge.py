@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, Discriminator, Field, Tag
 
+from workbench.errors import WorkbenchError
+from workbench.formats.blocks import check_block_text, is_block_id
 from workbench.recipes.common import (
     RecipeBase,
     RecipeName,
@@ -23,6 +25,7 @@ from workbench.recipes.common import (
     did_you_mean,
     user_error,
 )
+from workbench.merge.methods import METHODS
 
 # Parameters a step may give; which ones a method reads comes from the engine's registry.
 STEP_PARAMS = ("alpha", "beta", "k", "p", "seed", "sim_min", "sim_max", "blocks")
@@ -34,7 +37,8 @@ class MethodRule:
 
     Derived from the merge engine's registry (workbench.merge.methods), the one place where a
     method declares its inputs and parameters. `blocks` goes with every method that reads alpha:
-    it gives alpha per block; `block_weighted` requires it instead of alpha.
+    it gives alpha per block; a method declared `alpha_from_blocks` (block_weighted) requires it
+    instead of alpha.
     """
 
     min_inputs: int
@@ -44,13 +48,11 @@ class MethodRule:
 
 
 def _rules_from_registry() -> tuple[dict[str, str], dict[str, MethodRule]]:
-    from workbench.merge.methods import METHODS
-
     descriptions, rules = {}, {}
     for name, m in METHODS.items():
         required = tuple(p for p, spec in m.params.items() if spec.required)
         optional = tuple(p for p, spec in m.params.items() if not spec.required)
-        if name == "block_weighted":
+        if m.alpha_from_blocks:
             required = tuple(p for p in required if p != "alpha") + ("blocks",)
         elif "alpha" in m.params:
             optional += ("blocks",)
@@ -64,65 +66,24 @@ KNOWN_MERGE_METHODS, MERGE_METHOD_RULES = _rules_from_registry()
 
 OUTPUT_DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn")
 
-# Number of values in a block-weight list, per architecture (supermerger's order; 17/12/61: the
-# LoRA Block Weight extension's SD1.5/SDXL/FLUX lists, workbench/formats/lbw.py).
-BLOCK_COUNTS = {26: "BASE, IN00-IN11, M00, OUT00-OUT11", 20: "BASE, IN00-IN08, M00, OUT00-OUT08",
-                17: "BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03-OUT11",
-                12: "BASE, IN04, IN05, IN07, IN08, M00, OUT00-OUT05",
-                61: "CLIP, T5, IN, D00-D18, S00-S37, OUT"}
-# Block ids accepted in a `blocks:` mapping; the merge engine checks them against the architecture.
-BLOCK_ID_RE = re.compile(r"^(BASE|VAE|TE|CLIP|CLIPL|CLIPG|T5|IN|OUT|M00|(IN|OUT|D|S|J)\d\d)$")
-# A preset name as supermerger spells them ("SMOOTHSTEP*2", "REVERSE-SMOOTHSTEP", "R_SMOOTHSTEP/3"),
-# or a LoRA Block Weight preset ("ALL0.5"); whether the name exists is checked against the preset
-# tables when the architecture is known.
-PRESET_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.*/+-]*$")
-
-
-def parse_block_values(text: str) -> list[float] | None:
-    """A comma list of block weights -> floats; a preset name -> None. Raises on anything else.
-    `lbw=` / `w=` in front (the LoRA Block Weight prompt syntax) is accepted."""
-    from workbench.formats.lbw import strip_prefix
-
-    text = strip_prefix(text)
-    if PRESET_RE.match(text) and not _is_number(text):
-        return None
-    parts = [p.strip() for p in text.split(",")]
-    values = []
-    for i, part in enumerate(parts):
-        try:
-            values.append(float(part))
-        except ValueError:
-            raise user_error(
-                "bad_blocks", f"block weight {i + 1} is {part!r}: expected comma-separated numbers "
-                "or a preset name like GRAD_V or INS") from None
-    if len(values) not in BLOCK_COUNTS:
-        raise user_error(
-            "bad_blocks", f"expected 26 comma-separated block weights for SD1.5/SD2 ({BLOCK_COUNTS[26]}) "
-            f"or 20 for SDXL ({BLOCK_COUNTS[20]}), or a LoRA Block Weight list of 17 (SD1.5), 12 "
-            f"(SDXL) or 61 (FLUX) values (got {len(values)}); for SD3/FLUX also a mapping such as "
-            "{BASE: 0, D00: 1}")
-    return values
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _check_block_text(value: str) -> str:
-    parse_block_values(value)
+    """Numbers of a length some architecture takes, or a known preset (workbench/formats/blocks.py,
+    the one block grammar); the count is checked against the model's architecture at dry run."""
+    try:
+        check_block_text(value)
+    except WorkbenchError as e:
+        raise user_error("bad_blocks", str(e).removeprefix("block weights: ")) from None
     return value
 
 
 def _check_block_ids(value: dict[str, float]) -> dict[str, float]:
     for key in value:
-        if not BLOCK_ID_RE.match(key):
+        if not is_block_id(key):
             raise user_error(
                 "bad_block_id", f"unknown block id {key!r}: expected BASE, INnn, M00, OUTnn (SD1.5/"
-                "SDXL), Jnn (SD3 joint blocks) or Dnn/Snn (FLUX double/single blocks)")
+                "SDXL), IN, Jnn, OUT (SD3 joint blocks) or IN, Dnn, Snn, OUT (FLUX double/single blocks)")
     return value
 
 

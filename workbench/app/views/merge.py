@@ -13,8 +13,8 @@ import streamlit as st
 from workbench.app import forms
 from workbench.app.config import AppConfig
 from workbench.arch import BLOCK_TABLES
-from workbench.formats.blocks import BLOCK_IDS, parse_block_values, presets
-from workbench.recipes.merge import KNOWN_MERGE_METHODS, MERGE_METHOD_RULES, PRESET_RE
+from workbench.formats.blocks import BLOCK_IDS, parse_block_values, preset_name, presets
+from workbench.recipes.merge import KNOWN_MERGE_METHODS, MERGE_METHOD_RULES
 
 P = "merge"
 NUM_PARAMS = ("beta", "k", "p", "sim_min", "sim_max")
@@ -125,8 +125,8 @@ def to_data(get, cfg: AppConfig, problems: list) -> dict:
 def _blocks_state(i: int, blocks: Any) -> dict[str, Any]:
     if blocks is None:
         return {}
-    if isinstance(blocks, str) and "," not in blocks and PRESET_RE.match(blocks.strip()):
-        name = next((p for p in presets() if p.upper() == blocks.strip().upper()), blocks.strip())
+    if isinstance(blocks, str) and preset_name(blocks):
+        name = preset_name(blocks)
         return {f"step{i}.blocks_mode": "preset", f"step{i}.blocks_preset": name}
     if isinstance(blocks, dict):
         ids = [str(b).upper() for b in blocks]
