@@ -87,7 +87,7 @@ def test_arguments_pass_through(run):
                                     "help or version", "--cpu"]
     assert run.child_args(run.parse_command(["test", "-v"])) == ["-m", "pytest", "-v"]
     assert run.child_args(run.parse_command(["test-fast", "tests/test_cli.py"])) == \
-        ["-m", "pytest", "-q", "-m", "not slow", "tests/test_cli.py"]
+        ["-m", "pytest", "-q", "-m", "not slow", "-n", "2", "--dist", "loadfile", "tests/test_cli.py"]
     assert run.child_args(run.parse_command(["app", "--port", "8600"])) == \
         ["-m", "workbench", "app", "--port", "8600"]
     assert run.parse_command([]) is None and run.parse_command(["tests"]) is None
