@@ -346,8 +346,9 @@ def test_sd3_export_is_kohyas_loads_in_diffusers_and_equals_our_bake(tiny_sd3, t
     via_kohya.load_lora_weights(for_diffusers(out, "sd3", path))
     assert unmatched == [] and _lora_layer_count(via_kohya.transformer) == n_layers
     assert torch.allclose(_denoise(via_kohya, "sd3"), want, atol=1e-5)
-    peft_copy = save_peft(net, tmp_path / "sd3.peft.safetensors", dtype="fp32")
+    peft_copy = save_peft(net, tmp_path / "sd3.peft.safetensors", dtype="fp32", variant=variant)
     keys = list(load_file(str(peft_copy)))
+    assert (detect(peft_copy).arch, detect(peft_copy).layout) == ("sd3", "peft")
     assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
     assert any(".attn.to_q.lora_A." in k for k in keys) and not any("joint_blocks" in k for k in keys)
     via_peft = copy.deepcopy(clean)

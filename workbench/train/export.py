@@ -342,10 +342,18 @@ def peft_state_dict(net: Network, dtype: str = "fp16") -> tuple[dict[str, torch.
     return tensors, config_meta
 
 
+def peft_family_metadata(arch: str, variant: str | None = None) -> dict[str, str]:
+    """What model family the peft copy is for, in the keys loaders and detection read (its
+    diffusers names alone do not tell SD3.5 from FLUX at widths of neither)."""
+    return {"ss_base_model_version": BASE_MODEL_VERSION.get(arch, arch),
+            "modelspec.architecture": modelspec_architecture(arch, variant)}
+
+
 def save_peft(net: Network, path: str | Path, *, dtype: str = "fp16", overwrite: bool = False,
-              extra_metadata: dict[str, str] | None = None) -> Path:
+              extra_metadata: dict[str, str] | None = None, variant: str | None = None) -> Path:
     """Write the diffusers/PEFT file (loads with `pipe.load_lora_weights(path)`)."""
     tensors, cfg = peft_state_dict(net, dtype)
-    meta = {"format": "pt", "lora_adapter_metadata": json.dumps(cfg, indent=2, sort_keys=True, default=str)}
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps(cfg, indent=2, sort_keys=True, default=str),
+            **peft_family_metadata(net.plan.arch, variant)}
     meta.update(extra_metadata or {})
     return save_file_atomic(tensors, Path(path), meta, overwrite=overwrite)
