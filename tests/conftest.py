@@ -48,6 +48,24 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_model, tmp_path_factory):
+    """tiny_sd3(variant) -> path: the tiny SD3.5 medium (= tiny_model("sd3")) or large checkpoint."""
+    from workbench.testing import build_tiny
+
+    built: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant == "sd3.5-medium":
+            return tiny_model("sd3")
+        if variant not in built:
+            built[variant] = build_tiny("sd3", tmp_path_factory.mktemp("tiny_sd3") / f"{variant}.safetensors",
+                                        variant=variant)
+        return built[variant]
+
+    return get
+
+
 @pytest.fixture(scope="module")
 def style_set(tmp_path_factory):
     """Four captioned images of the sample style set, for the training tests."""

@@ -232,3 +232,27 @@ def test_open_clip_scoring_model_is_recognised(tmp_path):
     folder = tiny_clip.build(tmp_path / "clip")
     info = detect(folder / "open_clip_model.safetensors")
     assert (info.arch, info.kind, info.layout) == ("clip", "scorer", "open_clip")
+
+
+@pytest.mark.parametrize("variant", ["sd3.5-medium", "sd3.5-large"])
+def test_golden_kohya_sd3_loras(tmp_path, variant):
+    """kohya's SD3.5 LoRA modules (golden list from sd-scripts' lora_sd3, real shapes) and the
+    diffusers names of the same LoRA (our peft copy), which need the trainer's metadata to be told
+    from FLUX's double blocks when the width is neither model's."""
+    from helpers.kohya_keys import KOHYA_SD3
+
+    mods = KOHYA_SD3[variant]["modules"]
+    path = write_header_only(tmp_path / f"{variant}.safetensors", kohya_lora(mods))
+    info = detect(path)
+    assert (info.arch, info.variant, info.kind, info.layout, info.rank) == ("sd3", variant, "lora", "kohya", 16)
+    assert info.components == {"unet"}
+    tiny = {"transformer.transformer_blocks.37.attn.to_q.lora_A.weight": (4, 32),
+            "transformer.transformer_blocks.37.attn.to_q.lora_B.weight": (32, 4)}
+    with pytest.raises(UnknownModelError):
+        detect(tiny)
+    for meta in ({"modelspec.architecture": "stable-diffusion-3-5-large/lora"},
+                 {"ss_base_model_version": "sd3"}):
+        info = detect(write_header_only(tmp_path / "peft.safetensors", tiny, metadata=meta))
+        assert (info.arch, info.variant, info.layout) == ("sd3", "sd3.5-large", "peft")
+    flux = detect(write_header_only(tmp_path / "fx.safetensors", tiny, metadata={"ss_base_model_version": "flux1"}))
+    assert flux.arch == "flux"

@@ -47,7 +47,7 @@ def _trained(loaded, arch, kind="lora", rank=4, alpha=2.0, te=True, blocks=None)
 
 def _denoise(pipe, arch):
     torch.manual_seed(1)
-    m = pipe.transformer if arch == "flux" else pipe.unet
+    m = pipe.transformer if arch in ("flux", "sd3") else pipe.unet
     kw = denoiser_inputs(arch, m)
     with torch.no_grad():
         return m(**kw)[0]
@@ -272,3 +272,89 @@ def test_legacy_hash_is_the_64k_at_1mib_of_the_ss_only_file():
             want = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
     assert got == want
     assert legacy_hash(tensors, {**meta, "ss_training_comment": "a longer header"}) != got  # it moves
+
+
+def _diffusers_key_report(monkeypatch) -> list:
+    """Record what diffusers' LoRA loader found unmatched (it only logs it, and quietly here)."""
+    import diffusers.loaders.peft as dpeft
+
+    found: list = []
+    real = dpeft._maybe_warn_for_unhandled_keys
+
+    def spy(incompatible_keys, adapter_name):
+        # diffusers' own filter: LoRA keys it could not place, LoRA keys of this adapter left empty
+        found.extend(k for k in getattr(incompatible_keys, "unexpected_keys", None) or [] if ".lora_" in k)
+        found.extend(k for k in getattr(incompatible_keys, "missing_keys", None) or []
+                     if ".lora_" in k and adapter_name in k)
+        return real(incompatible_keys, adapter_name)
+
+    monkeypatch.setattr(dpeft, "_maybe_warn_for_unhandled_keys", spy)
+    return found
+
+
+def _lora_layer_count(model) -> int:
+    return sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["sd3.5-medium", "sd3.5-large"])
+def test_sd3_export_is_kohyas_loads_in_diffusers_and_equals_our_bake(tiny_sd3, tmp_path, monkeypatch, variant):
+    """issue #15: an SD3.5 LoRA as trained (adapter tensors random, as if trained) is written with
+    exactly kohya's module names and tensors (golden list from sd-scripts' own lora_sd3), goes into
+    diffusers' SD3 pipeline with no leftover key (kohya names mapped to diffusers' by
+    pipeline/loras.py, since diffusers 0.42 reads no kohya SD3 names; the peft copy directly, in
+    diffusers' own names), and both give the trained transformer's output, as does our bake."""
+    from helpers.kohya_keys import KOHYA_SD3
+    from safetensors.torch import load_file
+
+    from workbench.formats.detect import detect
+    from workbench.pipeline.load import load_pipeline
+    from workbench.pipeline.loras import for_diffusers
+
+    path = tiny_sd3(variant)
+    pipe = load_pipeline(path, "sd3", torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    clean = copy.deepcopy(pipe)
+    plan = plan_network("sd3", read_header(path).shapes(), rank=4, alpha=2.0)
+    net = inject(pipe, plan)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.named_trainable().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    out = tmp_path / "sd3.safetensors"
+    save_kohya(net, out, TrainFacts("sd3", "sd3", path, variant=variant), dtype="fp32")
+    # (a) kohya's names, three tensors per module, kohya's shapes at the tiny width (32)
+    lora = load_file(str(out))
+    golden = KOHYA_SD3[variant]["modules"]
+    assert set(lora) == {f"{m}.{t}" for m in golden for t in ("lora_down.weight", "lora_up.weight", "alpha")}
+    for name, ((_, d_in), (d_out, _)) in golden.items():
+        w = KOHYA_SD3[variant]["hidden_size"] // 32
+        assert lora[f"{name}.lora_down.weight"].shape == (4, d_in // w), name
+        assert lora[f"{name}.lora_up.weight"].shape == (d_out // w, 4), name
+        assert float(lora[f"{name}.alpha"]) == 2.0
+    info = detect(out)
+    assert (info.kind, info.arch, info.variant, info.layout) == ("lora", "sd3", variant, "kohya")
+    meta = read_header(out).metadata
+    assert meta["ss_base_model_version"] == "sd3" and meta["ss_network_module"] == "networks.lora_sd3"
+    assert meta["modelspec.architecture"] == f"stable-diffusion-3-{variant.split('.')[1]}/lora"
+    want, base = _denoise(pipe, "sd3"), _denoise(clean, "sd3")
+    assert (want - base).abs().max() > 1e-2  # the LoRA does something
+    n_layers = sum(len(p) for p in net.paths.values())
+    # (b) diffusers: the kohya file (mapped to diffusers names), then the peft copy as it is
+    unmatched = _diffusers_key_report(monkeypatch)
+    via_kohya = copy.deepcopy(clean)
+    via_kohya.load_lora_weights(for_diffusers(out, "sd3", path))
+    assert unmatched == [] and _lora_layer_count(via_kohya.transformer) == n_layers
+    assert torch.allclose(_denoise(via_kohya, "sd3"), want, atol=1e-5)
+    peft_copy = save_peft(net, tmp_path / "sd3.peft.safetensors", dtype="fp32", variant=variant)
+    keys = list(load_file(str(peft_copy)))
+    assert (detect(peft_copy).arch, detect(peft_copy).layout) == ("sd3", "peft")
+    assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
+    assert any(".attn.to_q.lora_A." in k for k in keys) and not any("joint_blocks" in k for k in keys)
+    via_peft = copy.deepcopy(clean)
+    via_peft.load_lora_weights(str(peft_copy))
+    assert unmatched == [] and _lora_layer_count(via_peft.transformer) == n_layers
+    assert torch.allclose(_denoise(via_peft, "sd3"), want, atol=1e-5)
+    # our bake (merge add_lora on the SAI keys, fused qkv and swapped adaLN included)
+    baked = load_pipeline(_bake(tmp_path, path, out), "sd3", torch.float32)
+    assert torch.allclose(_denoise(baked, "sd3"), want, atol=1e-4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers.denoiser_inputs import denoiser_inputs
-from helpers.kohya_keys import KOHYA_MODULES
+from helpers.kohya_keys import KOHYA_MODULES, KOHYA_SD3
 
 from workbench.errors import UnsupportedError, RecipeError
 from workbench.formats.safetensors_io import read_header
@@ -48,6 +48,26 @@ def test_module_names_are_kohyas(tiny_model, arch, te):
         assert names == golden  # the tiny models have the real block structure
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["sd3.5-medium", "sd3.5-large"])
+def test_sd3_module_names_and_shapes_are_kohyas(tiny_sd3, variant):
+    """The SD3.5 modules are exactly those kohya's lora_sd3 makes (golden list from its own code),
+    and every factor has kohya's shape relative to the model width (tiny: 32, real: 64 x depth)."""
+    from workbench.testing.sd3 import TRANSFORMER
+
+    golden = KOHYA_SD3[variant]
+    plan = plan_network("sd3", _shapes(tiny_sd3(variant)), rank=16, alpha=8)
+    assert set(plan.modules) == set(golden["modules"])
+    tiny_w = TRANSFORMER["num_attention_heads"] * TRANSFORMER["attention_head_dim"]
+    for name, ((rank, d_in), (d_out, _)) in golden["modules"].items():
+        m = plan.modules[name]
+        assert (m.rank, m.alpha, m.component) == (rank, 8.0, "transformer")
+        out, inp = m.target.delta_shape
+        assert (out * golden["hidden_size"], inp * golden["hidden_size"]) == (d_out * tiny_w, d_in * tiny_w), name
+    dual = any("attn2" in n for n in plan.modules)
+    assert dual == (variant == "sd3.5-medium")
+
+
 def test_blocks_select_only_those_blocks(tiny_model):
     plan = plan_network("sdxl", _shapes(tiny_model("sdxl")), blocks=["M00"])
     assert plan.modules and all(n.startswith("lora_unet_middle_block_") for n in plan.modules)
@@ -63,17 +83,21 @@ def test_refusals(tiny_model):
         plan_network("flux", _shapes(tiny_model("flux")), train_text_encoder=True)
     with pytest.raises(RecipeError, match="network.type"):
         plan_network("sd15", _shapes(tiny_model("sd15")), type="ia3")
+    with pytest.raises(UnsupportedError, match="lokr.*SD3"):
+        plan_network("sd3", _shapes(tiny_model("sd3")), type="lokr")
+    with pytest.raises(RecipeError, match="train_text_encoder"):
+        plan_network("sd3", _shapes(tiny_model("sd3")), train_text_encoder=True)
 
 
 @pytest.mark.parametrize("arch, kind", [("sd15", "lora"), ("sd15", "loha"), ("sdxl", "dora"),
-                                        ("flux", "lora"), ("flux", "loha")])
+                                        ("flux", "lora"), ("flux", "loha"), ("sd3", "dora")])
 @pytest.mark.slow
 def test_inject_counts_freezes_and_starts_at_base(pipes, arch, kind):
     path, pipe = pipes(arch)
-    den = "unet" if arch != "flux" else "transformer"
+    den = "unet" if arch in ("sd15", "sdxl") else "transformer"
     ref = copy.deepcopy(getattr(pipe, den))
     plan = plan_network(arch, _shapes(path), type=kind, rank=4, alpha=2,
-                        train_text_encoder=arch != "flux", conv_rank=2 if arch == "sd15" else None)
+                        train_text_encoder=arch in ("sd15", "sdxl"), conv_rank=2 if arch == "sd15" else None)
     net = inject(pipe, plan)
     trainable = net.named_trainable()
     assert sum(p.numel() for p in trainable.values()) == plan.n_params()
@@ -97,6 +121,32 @@ def test_fused_flux_modules_share_the_input_factor(pipes):
     downs = {id(net.layer("transformer", p).lora_A["default"].weight) for p in paths}
     ups = {id(net.layer("transformer", p).lora_B["default"].weight) for p in paths}
     assert len(downs) == 1 and len(ups) == 4
+
+
+@pytest.mark.slow
+def test_sd3_fused_qkv_shares_the_input_factor_and_swapped_adaln_exports_back(pipes):
+    """kohya's fused `attn_qkv` = diffusers to_q/to_k/to_v with one lora_down; the last block's
+    context adaLN lives in diffusers' norm1_context.linear with its row halves swapped, so its
+    exported lora_up is the adapter's lora_B with the halves swapped back (the ΔW of the SAI key)."""
+    from workbench.train.export import kohya_state_dict
+
+    path, pipe = pipes("sd3")
+    net = inject(pipe, plan_network("sd3", _shapes(path), rank=4, alpha=4))
+    paths = net.paths["lora_unet_joint_blocks_0_context_block_attn_qkv"]
+    assert [p.rsplit(".", 1)[-1] for p in paths] == ["add_q_proj", "add_k_proj", "add_v_proj"]
+    downs = {id(net.layer("transformer", p).lora_A["default"].weight) for p in paths}
+    assert len(downs) == 1
+    assert net.paths["lora_unet_joint_blocks_0_x_block_attn2_qkv"][0].endswith("attn2.to_q")
+    last = "lora_unet_joint_blocks_23_context_block_adaLN_modulation_1"
+    assert net.paths[last] == ["transformer_blocks.23.norm1_context.linear"]
+    layer = net.layer("transformer", net.paths[last][0])
+    with torch.no_grad():
+        layer.lora_B["default"].weight.copy_(torch.arange(layer.lora_B["default"].weight.numel(),
+                                                          dtype=torch.float32).view_as(layer.lora_B["default"].weight))
+    up = kohya_state_dict(net, "fp32")[f"{last}.lora_up.weight"]
+    b = layer.lora_B["default"].weight
+    n = b.shape[0] // 2
+    assert torch.equal(up, torch.cat([b[n:], b[:n]]))
 
 
 def test_fp8_base_stores_fp8_and_trains_fp32(pipes):

@@ -60,6 +60,9 @@ class Arch:
     merge_preview: bool            # merge values previewed in memory in grids (grid/merge_preview.py)
     trainable: bool                # LoRA training (train/setup.py)
     text_encoder_trainable: bool   # LoRA training of the text encoder(s) too
+    train_flow_shift: float | None  # σ shift of flow-matching LoRA training (train/loop.py flow_loss)
+    t5_tokens: int | None          # T5 prompt length: the diffusers pipeline's default, which
+                                   # generation uses and training encodes captions with
     tiny_vae: str | None           # the TAESD kind that decodes its latents (pipeline/tiny_vae.py)
     grid_speed: float              # sampling cost per step and megapixel relative to SD1.5
     tiny_builder: str | None       # module in workbench.testing that builds a tiny checkpoint
@@ -102,7 +105,8 @@ SD15 = Arch(
     lora_modelspec_impl="diffusers", kohya_base_model_version="sd_v1",
     kohya_network_module="networks.lora", kohya_unet_names="diffusers", sidecar_sd_version="SD1",
     block_ids=SD1_BLOCKS, merge_preview=True, trainable=True, text_encoder_trainable=True,
-    tiny_vae="taesd", grid_speed=1.0, tiny_builder="workbench.testing.sd15",
+    train_flow_shift=None, t5_tokens=None, tiny_vae="taesd", grid_speed=1.0,
+    tiny_builder="workbench.testing.sd15",
     lbw_lengths=(17, 26))
 
 SD2 = Arch(
@@ -115,7 +119,7 @@ SD2 = Arch(
     lora_modelspec_impl=None, kohya_base_model_version="sd_v2",
     kohya_network_module="networks.lora", kohya_unet_names="diffusers", sidecar_sd_version="SD2",
     block_ids=SD1_BLOCKS, merge_preview=False, trainable=False, text_encoder_trainable=False,
-    tiny_vae=None, grid_speed=1.2, tiny_builder=None,
+    train_flow_shift=None, t5_tokens=None, tiny_vae=None, grid_speed=1.2, tiny_builder=None,
     lbw_lengths=(17, 26))
 
 SDXL = Arch(
@@ -131,7 +135,8 @@ SDXL = Arch(
     lora_modelspec_impl=SAI_IMPL, kohya_base_model_version="sdxl_base_v1-0",
     kohya_network_module="networks.lora", kohya_unet_names="ldm", sidecar_sd_version="SDXL",
     block_ids=SDXL_BLOCKS, merge_preview=True, trainable=True, text_encoder_trainable=True,
-    tiny_vae="taesdxl", grid_speed=3.0, tiny_builder="workbench.testing.sdxl",
+    train_flow_shift=None, t5_tokens=None, tiny_vae="taesdxl", grid_speed=3.0,
+    tiny_builder="workbench.testing.sdxl",
     lbw_lengths=(12, 20, 17, 26))
 
 SD3 = Arch(
@@ -145,10 +150,13 @@ SD3 = Arch(
     latent_channels=16, size_multiple=16, native_side=1024, activation_bytes_per_px=30_000,
     guidance_distilled=False, flow_matching=True, pipeline_class="StableDiffusion3Pipeline",
     generation=True, modelspec_arch="stable-diffusion-v3-medium", modelspec_impl="sgm",
-    lora_modelspec_impl=None, kohya_base_model_version="sd3",
+    lora_modelspec_impl="diffusers", kohya_base_model_version="sd3",
     kohya_network_module="networks.lora_sd3", kohya_unet_names="original", sidecar_sd_version=None,
-    block_ids=SD3_BLOCKS, merge_preview=False, trainable=False, text_encoder_trainable=False,
-    tiny_vae=None, grid_speed=4.0, tiny_builder="workbench.testing.sd3")
+    block_ids=SD3_BLOCKS, merge_preview=False, trainable=True, text_encoder_trainable=False,
+    # the shift of SD3.5's own scheduler (formats/data/sd3/*/scheduler); StableDiffusion3Pipeline's
+    # max_sequence_length default
+    train_flow_shift=3.0, t5_tokens=256, tiny_vae=None, grid_speed=4.0,
+    tiny_builder="workbench.testing.sd3")
 
 FLUX = Arch(
     id="flux", name="FLUX.1", family="dit", denoiser="transformer",
@@ -162,7 +170,9 @@ FLUX = Arch(
     lora_modelspec_impl=BFL_IMPL, kohya_base_model_version="flux1",
     kohya_network_module="networks.lora_flux", kohya_unet_names="original", sidecar_sd_version="Flux",
     block_ids=FLUX_BLOCKS, merge_preview=False, trainable=True, text_encoder_trainable=False,
-    tiny_vae=None, grid_speed=10.0, tiny_builder="workbench.testing.flux",
+    # kohya's recommended `discrete_flow_shift` for FLUX.1 dev; FluxPipeline's max_sequence_length
+    train_flow_shift=3.1582, t5_tokens=512, tiny_vae=None, grid_speed=10.0,
+    tiny_builder="workbench.testing.flux",
     lbw_lengths=(61,))
 
 ARCHS: tuple[Arch, ...] = (SD15, SD2, SDXL, SD3, FLUX)

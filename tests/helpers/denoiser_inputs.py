@@ -17,7 +17,7 @@ def flux_inputs(model, seed: int = 0) -> dict:
 
 
 def denoiser_inputs(arch: str, model) -> dict:
-    """Small inputs for a tiny UNet (sd15/sdxl) or FLUX transformer, drawn from torch's global RNG
+    """Small inputs for a tiny UNet (sd15/sdxl), SD3 or FLUX transformer, drawn from torch's global RNG
     (callers seed it)."""
     c = model.config
     if arch == "flux":
@@ -26,6 +26,11 @@ def denoiser_inputs(arch: str, model) -> dict:
                     pooled_projections=torch.randn(1, c.pooled_projection_dim),
                     timestep=torch.tensor([0.5]), img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3),
                     guidance=torch.tensor([1.0]) if c.guidance_embeds else None)
+    if arch == "sd3":  # SD3Transformer2DModel: unpacked latents, timestep on the 0-1000 scale
+        return dict(hidden_states=torch.randn(1, c.in_channels, 8, 8),
+                    encoder_hidden_states=torch.randn(1, 5, c.joint_attention_dim),
+                    pooled_projections=torch.randn(1, c.pooled_projection_dim),
+                    timestep=torch.tensor([500.0]))
     kw = dict(sample=torch.randn(1, c.in_channels, 8, 8), timestep=torch.tensor([10]),
               encoder_hidden_states=torch.randn(1, 5, c.cross_attention_dim))
     if arch == "sdxl":

@@ -15,3 +15,15 @@ KOHYA_KEYS_FILE = Path(__file__).with_name("lora_kohya_keys.json")
 # {"sd15" | "sdxl" | "flux": {module name: [[down shape], [up shape]]}}
 KOHYA_MODULES: dict[str, dict[str, list[list[int]]]] = json.loads(
     KOHYA_KEYS_FILE.read_text(encoding="utf-8"))["models"]
+
+# SD3.5 medium and large: `lora_kohya_sd3_keys.json`, made the same way (its `_about` says how):
+# kohya's own `networks/lora_sd3.create_network` on the MMDiT that `library/sd3_models` builds from
+# the parameters `sd3_utils.analyze_state_dict_state` reads off an SD3.5 file (qk_norm rms; medium:
+# depth 24, dual attention `x_block.attn2` in blocks 0-12; large: depth 38), on the meta device.
+# Its naming rule: "lora_unet" + "." + the path of every Linear inside a `SingleDiTBlock` (the
+# `joint_blocks.N.context_block` / `.x_block` modules), dots as underscores; the last block's
+# context block is pre-only (no attn.proj, no mlp). kohya's MMDiT width is 64 x depth, so the
+# shapes are those of the real models ({variant: {"hidden_size": w, "modules": {name: [[down],
+# [up]]}}}); the tiny models have the same block structure, hence the same names.
+KOHYA_SD3_KEYS_FILE = Path(__file__).with_name("lora_kohya_sd3_keys.json")
+KOHYA_SD3: dict[str, dict] = json.loads(KOHYA_SD3_KEYS_FILE.read_text(encoding="utf-8"))["models"]

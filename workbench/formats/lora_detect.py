@@ -137,11 +137,12 @@ def _arch(names: Mapping[str, dict], kohya: bool, metadata: Mapping[str, str]):
         hidden = _width(names, r"transformer_blocks_\d+_attn_to_q$")
         if hidden == 3072:
             return "flux", None, notes
-        if hidden in (1536, 2432) or has(r"transformer_blocks_\d+_attn2_"):
+        hint = _metadata_arch(metadata)  # widths of neither model (e.g. tiny test models)
+        if hidden in (1536, 2432) or has(r"transformer_blocks_\d+_attn2_") or hint == "sd3":
             n = _max_index(names, r"transformer_blocks_(\d+)_") + 1
             variant = "sd3.5-large" if hidden == 2432 or n > 24 else None
             return "sd3", variant, notes
-        return None, None, notes
+        return ("flux" if hint == "flux" else None), None, notes
     if has(r"^(lora_te3_|text_encoder_3_)"):  # T5: SD3 has CLIP-G (te2) too, FLUX does not
         return ("sd3" if has(r"^(lora_te2_|text_encoder_2_)") else "flux"), None, notes
     # U-Net LoRAs (SD1.5 / SD2 / SDXL), kohya LDM or diffusers names, any prefix

@@ -149,11 +149,13 @@ def run(plan: RunPlan, *, progress: bool = True, device: str | None = None,
             if out.save_every or not finished:
                 save_state(out_dir, trainer, out.keep_last)
             if finished:
-                written += save_kohya(trainer.net, recipe.lora_path, facts(time.time()),
+                final = facts(time.time())
+                written += save_kohya(trainer.net, recipe.lora_path, final,
                                       dtype=out.save_precision, overwrite=True)
                 if out.peft and trainer.net.plan.type in ("lora", "dora"):
                     written.append(save_peft(trainer.net, out_dir / f"{recipe.name}.peft.safetensors",
-                                             dtype=out.save_precision, overwrite=True))
+                                             dtype=out.save_precision, overwrite=True,
+                                             variant=final.variant))
                 if recipe.samples and state.step % recipe.samples.every != 0:
                     samples(state.step)
             atomic_write_text(out_dir / "loss.json", json.dumps(state.losses) + "\n", overwrite=True)

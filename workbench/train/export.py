@@ -26,7 +26,9 @@ import torch
 from workbench.arch import ARCHS
 from workbench.errors import WorkbenchError
 from workbench.formats.writer import atomic_write_text, save_file_atomic
+from workbench.formats.detect import detect
 from workbench.formats.hashes import a1111_legacy_hash, sha256_file
+from workbench.formats.lora_keys import SWAPPED, swap_halves
 from workbench.merge.extract import BASE_MODEL_VERSION, DTYPES, NETWORK_MODULE
 from workbench.train.captions import tag_frequency, with_trigger
 from workbench.train.check import bucket_info
@@ -37,6 +39,18 @@ from workbench.train.network import ADAPTER, Network
 MODELSPEC_ARCH = {a.id: f"{a.modelspec_arch}/lora" for a in ARCHS if a.trainable}
 MODELSPEC_IMPL = {a.id: a.lora_modelspec_impl for a in ARCHS if a.trainable}
 SIDECAR_SD_VERSION = {a.id: a.sidecar_sd_version for a in ARCHS if a.sidecar_sd_version}
+FLOW_ARCHS = tuple(a.id for a in ARCHS if a.flow_matching)
+# tensors whose rows are the layer's output rows (what a row swap of the weight moves)
+OUTPUT_SIDE = ("lora_up.weight", "dora_scale", "hada_w1_a", "hada_w2_a")
+
+
+def modelspec_architecture(arch: str, variant: str | None) -> str:
+    """`modelspec.architecture` of a trained LoRA. SD3.5 as sd-scripts writes it
+    (library/sai_model_spec.py: "stable-diffusion-3" + "-" + the MMDiT's model type "5-medium" /
+    "5-large", then "/lora"); the others: the base's architecture + "/lora"."""
+    if arch == "sd3" and variant and variant.startswith("sd3.5-"):
+        return f"stable-diffusion-3-5-{variant.removeprefix('sd3.5-')}/lora"
+    return MODELSPEC_ARCH[arch]
 
 
 def _factor(layer, attr: str) -> torch.Tensor | None:
@@ -73,6 +87,7 @@ def kohya_state_dict(net: Network, dtype: str = "fp16") -> dict[str, torch.Tenso
         m = net.plan.modules[name]
         layers = [net.layer(m.component, p) for p in net.paths[name]]
         first = layers[0]
+        swapped = len(m.parts) == 1 and m.parts[0][1] == SWAPPED
         t: dict[str, torch.Tensor] = {}
         if kind in ("lora", "dora"):
             t["lora_down.weight"] = _factor(first, "lora_A")
@@ -88,6 +103,10 @@ def kohya_state_dict(net: Network, dtype: str = "fp16") -> dict[str, torch.Tenso
             t["hada_w2_b"] = _factor(first, "hada_w2_b")
         else:
             t.update(_lokr_tensors(first, m.alpha, m.rank))
+        if swapped:  # the diffusers layer holds the checkpoint weight's row halves swapped
+            for k in OUTPUT_SIDE:
+                if k in t:
+                    t[k] = swap_halves(t[k])
         for k, v in t.items():
             out[f"{name}.{k}"] = v.to(torch_dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch_dtype)
@@ -120,6 +139,7 @@ class TrainFacts:
     output_name: str
     arch: str
     base_path: Path
+    variant: str | None = None                   # detect()'s variant of the base (SD3.5 size)
     base_sha256: str = ""
     base_legacy_hash: str = ""
     steps: int = 0
@@ -171,9 +191,13 @@ def train_facts(recipe, setup, trainer, session_id: str, started: float,
     if setup.arch == "flux":
         opt.update({"guidance_scale": s.guidance, "timestep_sampling": "shift",
                     "discrete_flow_shift": s.flow_shift})
-    pred = "flow" if setup.arch == "flux" else trainer.sched.prediction_type
+    elif setup.arch == "sd3":  # sd-scripts' SD3 names for the same sampling (sd3_train_network.py)
+        opt.update({"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0,
+                    "training_shift": s.flow_shift})
+    pred = "flow" if setup.arch in FLOW_ARCHS else trainer.sched.prediction_type
     return TrainFacts(
-        output_name=recipe.name, arch=setup.arch, base_path=base, base_sha256=sha256_file(base),
+        output_name=recipe.name, arch=setup.arch, base_path=base, variant=detect(base).variant,
+        base_sha256=sha256_file(base),
         base_legacy_hash=a1111_legacy_hash(base), steps=trainer.state.step,
         epoch=trainer.data.sampler.epoch, started_at=started, finished_at=finished,
         session_id=session_id, resolution=resolution_of(recipe), trigger=recipe.trigger,
@@ -227,12 +251,12 @@ def lora_metadata(net: Network, facts: TrainFacts, tensors: dict[str, torch.Tens
     date = _dt.datetime.fromtimestamp(facts.finished_at or facts.started_at or 0).isoformat(timespec="seconds")
     out.update({
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": MODELSPEC_ARCH[arch],
+        "modelspec.architecture": modelspec_architecture(arch, facts.variant),
         "modelspec.implementation": MODELSPEC_IMPL[arch],
         "modelspec.implementation_version": f"workbench/{__version__}",
         "modelspec.title": facts.output_name, "modelspec.resolution": f"{w}x{h}",
         "modelspec.date": date,
-        "modelspec.prediction_type": "flow" if arch == "flux" else
+        "modelspec.prediction_type": "flow" if arch in FLOW_ARCHS else
         ("v" if facts.prediction_type == "v_prediction" else "epsilon"),
     })
     if facts.trigger:
@@ -318,10 +342,18 @@ def peft_state_dict(net: Network, dtype: str = "fp16") -> tuple[dict[str, torch.
     return tensors, config_meta
 
 
+def peft_family_metadata(arch: str, variant: str | None = None) -> dict[str, str]:
+    """What model family the peft copy is for, in the keys loaders and detection read (its
+    diffusers names alone do not tell SD3.5 from FLUX at widths of neither)."""
+    return {"ss_base_model_version": BASE_MODEL_VERSION.get(arch, arch),
+            "modelspec.architecture": modelspec_architecture(arch, variant)}
+
+
 def save_peft(net: Network, path: str | Path, *, dtype: str = "fp16", overwrite: bool = False,
-              extra_metadata: dict[str, str] | None = None) -> Path:
+              extra_metadata: dict[str, str] | None = None, variant: str | None = None) -> Path:
     """Write the diffusers/PEFT file (loads with `pipe.load_lora_weights(path)`)."""
     tensors, cfg = peft_state_dict(net, dtype)
-    meta = {"format": "pt", "lora_adapter_metadata": json.dumps(cfg, indent=2, sort_keys=True, default=str)}
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps(cfg, indent=2, sort_keys=True, default=str),
+            **peft_family_metadata(net.plan.arch, variant)}
     meta.update(extra_metadata or {})
     return save_file_atomic(tensors, Path(path), meta, overwrite=overwrite)

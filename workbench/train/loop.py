@@ -11,7 +11,8 @@ generators seeded by (seed, step, micro-batch), not from a running RNG, and the 
 the sampler's (seed, epoch, position). The global torch RNG (LoRA dropout) is saved with the state.
 
 Prediction targets: ε (SD default), v (v-prediction models: `prediction_type: v_prediction`), and
-FLUX's flow matching (target noise − x0, σ from a shifted logit-normal, kohya's `shift` sampling).
+flow matching for FLUX and SD3.5 (target noise − x0, σ from a shifted logit-normal, kohya's `shift`
+sampling; the shift per architecture is in workbench/arch.py `train_flow_shift`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ class TrainSettings:
     def from_recipe(cls, r) -> "TrainSettings":
         names = set(cls.__dataclass_fields__)
         return cls(**{n: getattr(r, n) for n in names if hasattr(r, n)})
+
+    def for_arch(self, arch: str) -> "TrainSettings":
+        """The architecture's own flow shift and T5 prompt length (workbench/arch.py)."""
+        rec = BY_ID[arch]
+        if rec.train_flow_shift is not None:
+            self.flow_shift = rec.train_flow_shift
+        if rec.t5_tokens is not None:
+            self.t5_max_length = rec.t5_tokens
+        return self
 
 
 # ----------------------------------------------------------------------------- precision, optim
@@ -169,6 +179,11 @@ def encode_text(pipe, arch: str, captions: list[str], settings: TrainSettings,
         with clip_skip_compat(pipe, skip is not None):
             emb, _ = pipe.encode_prompt(captions, device, 1, False, clip_skip=skip)
         return {"prompt_embeds": emb}
+    if arch == "sd3":  # CLIP-L + CLIP-G + T5, each fed the caption, as generation encodes it
+        emb, _, pooled, _ = pipe.encode_prompt(captions, prompt_2=None, prompt_3=None, device=device,
+                                               num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                               clip_skip=skip, max_sequence_length=settings.t5_max_length)
+        return {"prompt_embeds": emb, "pooled": pooled}
     emb, pooled, _ = pipe.encode_prompt(captions, prompt_2=None, device=device,
                                         max_sequence_length=settings.t5_max_length)
     return {"prompt_embeds": emb, "pooled": pooled}
@@ -226,18 +241,37 @@ def sd_loss(unet, sched: NoiseSchedule, latents: torch.Tensor, cond: dict[str, t
     return loss.mean()
 
 
+def flow_noise(latents: torch.Tensor, gen: torch.Generator,
+               settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_σ, target, σ) of flow matching: x_σ = (1−σ)·x0 + σ·ε, target ε − x0, σ = the shifted
+    sigmoid of a standard normal (kohya's `logit_normal` sampling with a `shift`)."""
+    b, device = latents.shape[0], latents.device
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    u = torch.sigmoid(torch.randn((b,), generator=gen))
+    sigma = (settings.flow_shift * u / (1 + (settings.flow_shift - 1) * u)).to(device)
+    s = sigma.view(b, 1, 1, 1)
+    return (1 - s) * latents + s * noise, noise - latents, sigma
+
+
+def sd3_loss(transformer, latents: torch.Tensor, cond: dict[str, torch.Tensor],
+             gen: torch.Generator, settings: TrainSettings) -> torch.Tensor:
+    """Flow matching for SD3/SD3.5: the MMDiT patchifies the latents itself and takes the
+    timestep as σ·1000, the scale of the FlowMatchEulerDiscreteScheduler timesteps the SD3 pipeline
+    passes it at generation."""
+    noisy, target, sigma = flow_noise(latents, gen, settings)
+    pred = transformer(hidden_states=noisy, encoder_hidden_states=cond["prompt_embeds"],
+                       pooled_projections=cond["pooled"], timestep=sigma * 1000).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
 def flux_loss(transformer, latents: torch.Tensor, cond: dict[str, torch.Tensor],
               gen: torch.Generator, settings: TrainSettings) -> torch.Tensor:
     """Flow matching on packed 2×2 latent patches: x_σ = (1−σ)·x0 + σ·ε, target ε − x0."""
     b, c, h, w = latents.shape
     device = latents.device
-    noise = torch.randn(latents.shape, generator=gen).to(device)
-    u = torch.sigmoid(torch.randn((b,), generator=gen))
-    sigma = (settings.flow_shift * u / (1 + (settings.flow_shift - 1) * u)).to(device)
-    s = sigma.view(b, 1, 1, 1)
-    noisy = (1 - s) * latents + s * noise
+    noisy, target, sigma = flow_noise(latents, gen, settings)
     packed = noisy.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-    target = (noise - latents).view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(packed.shape)
+    target = target.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(packed.shape)
     ids = torch.zeros(h // 2, w // 2, 3)
     ids[..., 1] += torch.arange(h // 2)[:, None]
     ids[..., 2] += torch.arange(w // 2)[None, :]
@@ -352,6 +386,8 @@ class Trainer:
         with self.acc.autocast():
             if self.arch == "flux":
                 return flux_loss(self.model, latents, cond, gen, self.s)
+            if self.arch == "sd3":
+                return sd3_loss(self.model, latents, cond, gen, self.s)
             extra = {"time_ids": batch.time_ids.to(self.device) if batch.time_ids is not None else None}
             return sd_loss(self.model, self.sched, latents, cond, extra, gen, self.s)
 

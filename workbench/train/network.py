@@ -9,10 +9,14 @@ from `workbench.formats.lora_keys` (built from the base checkpoint's own keys); 
 is only asked where each listed layer lives, trying the table's spellings in order.
 
 One kohya module may cover several diffusers layers: FLUX `img_attn_qkv` is diffusers `to_q/to_k/to_v`,
-`single_blocks_N_linear1` is `to_q/to_k/to_v/proj_mlp`. kohya trains ONE low-rank pair there (shared
-`lora_down`, `lora_up` = the stacked rows). We reproduce that exactly: peft puts an adapter on each
-diffusers layer and the input-side factor (`lora_A`, LoHa `hada_w*_b`) is tied to one shared
-Parameter, so the exported fused module is the trained one with the trained alpha.
+`single_blocks_N_linear1` is `to_q/to_k/to_v/proj_mlp`; SD3 `joint_blocks_N_x_block_attn_qkv` is
+`transformer_blocks.N.attn.to_q/to_k/to_v` (`context_block_attn_qkv`: `add_q/k/v_proj`). kohya trains
+ONE low-rank pair there (shared `lora_down`, `lora_up` = the stacked rows). We reproduce that exactly:
+peft puts an adapter on each diffusers layer and the input-side factor (`lora_A`, LoHa `hada_w*_b`)
+is tied to one shared Parameter, so the exported fused module is the trained one with the trained
+alpha. The last SD3 block's `context_block_adaLN_modulation_1` is diffusers' `norm1_context.linear`
+with its two row halves swapped (`SWAPPED` in workbench/formats/lora_keys.py): the export swaps its
+output-side factor back.
 
 Adapter types: lora, dora (LoRA + magnitude vector), loha, lokr (peft's LoHa/LoKr, tensors named like
 LyCORIS). Trainable tensors stay fp32 whatever the base dtype.
@@ -38,6 +42,8 @@ TE_ATTRS = {"te1": "text_encoder", "te2": "text_encoder_2"}
 TE_TRAINABLE = tuple(a.id for a in ARCHS if a.text_encoder_trainable)
 TRAINABLE = tuple(a.id for a in ARCHS if a.trainable)
 TYPES = ("lora", "dora", "loha", "lokr")
+# architectures whose kohya modules fuse several diffusers layers (qkv): no LoKr there
+FUSED_ARCHS = {a.id: a.name for a in ARCHS if a.kohya_unet_names == "original"}
 # the input-side factors that fused (row-split) kohya modules share, per adapter type
 SHARED_FACTORS = {"lora": ("lora_A",), "dora": ("lora_A",), "loha": ("hada_w1_b", "hada_w2_b")}
 
@@ -118,9 +124,9 @@ def plan_network(arch: str, shapes: dict[str, tuple[int, ...]], *, type: str = "
     if train_text_encoder and arch not in TE_TRAINABLE:
         raise RecipeError(f"network.train_text_encoder: text-encoder training is only offered for "
                           f"{' and '.join(TE_TRAINABLE)} (base is {arch})")
-    if arch == "flux" and type == "lokr":
-        raise UnsupportedError("network.type lokr: a Kronecker factor cannot be split over FLUX's "
-                                "fused qkv/linear1 layers; use lora, dora or loha for FLUX")
+    if arch in FUSED_ARCHS and type == "lokr":
+        raise UnsupportedError(f"network.type lokr: a Kronecker factor cannot be split over {FUSED_ARCHS[arch]}'s "
+                                f"fused qkv layers; use lora, dora or loha for {FUSED_ARCHS[arch]}")
     table = module_table(arch, shapes)
     comps = {"unet"} | ({"text_encoder"} if train_text_encoder else set())
     wanted = kohya_modules(table, comps, conv=conv_rank is not None)
@@ -137,6 +143,10 @@ def plan_network(arch: str, shapes: dict[str, tuple[int, ...]], *, type: str = "
                 parts = flux.get(bare)
                 if not parts:
                     raise WorkbenchError(f"no diffusers layer known for FLUX module {name} ({t.key})")
+            elif arch == "sd3":  # the table's diffusers placement (fused qkv: row thirds)
+                parts = [(p.removeprefix("transformer."), rows) for p, rows in table.diffusers.get(t.key, [])]
+                if not parts:
+                    raise WorkbenchError(f"no diffusers layer known for SD3 module {name} ({t.key})")
             else:
                 parts = [(n[len("unet."):], None) for n in inv[id(t)] if n.startswith("unet.")][:1]
         else:

@@ -77,7 +77,7 @@ def build_trainer(recipe: TrainRecipe, setup: TrainSetup, *, out_dir: Path,
     """Everything up to the first step, from the dry run's setup (nothing is checked twice)."""
     base = Path(recipe.base)
     arch, report, caching, plan = setup.arch, setup.dataset, setup.caching, setup.network
-    settings = TrainSettings.from_recipe(recipe)
+    settings = TrainSettings.from_recipe(recipe).for_arch(arch)
     acc = make_accelerator(settings, device)
     dev = acc.device  # under `accelerate launch`, this process's own GPU
     weight_dtype = WEIGHT_DTYPE[settings.mixed_precision]
