@@ -357,8 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("cancelled", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training adds which state is kept and how to resume
+        print("cancelled" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     return 2
 
