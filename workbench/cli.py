@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "that every input is the same file (sha256) as when it was made")
     p.add_argument("--output", metavar="PATH", default=None,
                    help="with --from-metadata: write the result here instead of the recorded path")
+    p.add_argument("--models", metavar="DIR", action="append", default=[],
+                   help="with --from-metadata: a folder to look for the inputs in (by file name "
+                        "and sha256; next to the model is always searched); may be repeated")
+    p.add_argument("--tool", metavar="ROOT", action="append", default=[],
+                   help="with --from-metadata: an A1111, Forge or ComfyUI install whose model "
+                        "folders are searched for the inputs; may be repeated")
 
     for kind, (short, long) in KIND_HELP.items():
         p = sub.add_parser(kind, help=short, description=long + f" Same as `workbench run`, but "
@@ -196,8 +202,12 @@ def _cmd_recipe(args: argparse.Namespace, kind: str | None) -> int:
         if args.recipe:
             raise WorkbenchError("give either RECIPE.yaml or --from-metadata MODEL, not both")
         from workbench.merge.metadata import rerun_recipe
+        from workbench.formats.model_folders import find_install
 
-        recipe = rerun_recipe(args.from_metadata, args.output)
+        search = [Path(d) for d in args.models]
+        for root in args.tool:
+            search += find_install(root).paths()
+        recipe = rerun_recipe(args.from_metadata, args.output, search)
     elif not args.recipe:
         raise WorkbenchError(f"workbench {kind or 'run'}: give a RECIPE.yaml"
                              + ("" if kind else " (or --from-metadata MODEL.safetensors)"))
