@@ -72,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="try the whole workbench on tiny built-in models (CPU, minutes)",
                        description="Build tiny real-layout models of every architecture, scan "
                        "them, run every example recipe in recipes/ and render a preview image per "
-                       "architecture. Results go to outputs/demo/.", formatter_class=fmt)
+                       "architecture. Results go to the demo folder in your user data folder "
+                       "(%LOCALAPPDATA%\\workbench, ~/Library/Application Support/workbench or "
+                       "~/.local/share/workbench; $WORKBENCH_DATA overrides) or to --out.",
+                       formatter_class=fmt)
     p.add_argument("--fresh", action="store_true", help="rebuild the tiny models even if present")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="write the demo's models and results here instead of the user data folder")
 
     p = sub.add_parser("run", help="run any recipe (merge, train, grid, generate)",
                        description="Run a recipe file of any kind. With --dry-run, print the "
