@@ -198,3 +198,36 @@ def test_a_failed_state_write_is_said_plainly(tmp_path, tiny_model, style_set, m
             f"{out / 'state'} failed ([enforce fail at inline_container.cc:672]") in err
     assert "training stopped at step 2 of 6; no state was saved yet" in err
     assert tmp_files(out) == [] and list((out / "state").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_cancelled_training_job_keeps_its_state_and_says_how_to_resume(tmp_path, tiny_model,
+                                                                         style_set, monkeypatch):
+    """A dashboard cancel at step 3: the job ends cancelled, its step-2 state and step file stay
+    (a cancelled job removes the new outputs of other kinds), and its error says how to resume."""
+    from workbench import progress
+    from workbench.jobs.store import JobStore
+    from workbench.jobs.worker import run_job
+
+    recipe = _recipe_file(tmp_path, tiny_model("sd15"), style_set, "job")
+    out = tmp_path / "job"
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = store.submit("train", recipe.read_text(), name="tiny", source=recipe)
+    real_step = Trainer.train_step
+
+    def cancel_at_step_3(self, step):
+        if step == 3:
+            store.request_cancel(job_id)
+            progress.request_cancel()  # what the worker's watchdog does on the cancel flag
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", cancel_at_step_3)
+    job = store.claim()
+    assert job is not None and job.id == job_id
+    assert run_job(store, job) == "cancelled"
+    done = store.get(job_id)
+    assert done.error.startswith("cancelled by request: training stopped at step "), \
+        "\n".join(store.log_tail(job_id))
+    assert f"add `resume: {out}` to {recipe}" in done.error
+    assert (out / "state" / "step-00000002" / STATE_FILE).exists()
+    assert (out / "tiny-step00000002.safetensors").exists() and tmp_files(out) == []

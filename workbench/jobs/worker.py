@@ -204,8 +204,7 @@ def run_job(store: JobStore, job: Job, echo: bool = False) -> str:
     except (wb_progress.Cancelled, KeyboardInterrupt) as e:
         if watchdog.cancelled or isinstance(e, wb_progress.Cancelled):
             # the engine's own message when it has one (a training says how to resume)
-            status, error = "cancelled", str(e) if str(e).startswith("cancelled by request") \
-                else "cancelled by request"
+            status, error = "cancelled", _cancel_message(e)
         else:
             status, error = "failed", "worker interrupted"
     except WorkbenchError as e:
@@ -237,6 +236,15 @@ def run_job(store: JobStore, job: Job, echo: bool = False) -> str:
         store.log(job.id, f"{status}: {error}")
     store.finish(job.id, status, results, error)
     return status
+
+
+def _cancel_message(e: BaseException) -> str:
+    """'cancelled by request', plus what the engine said on stopping (a training: its resume
+    hint, on a Cancelled or on the watchdog's KeyboardInterrupt alike)."""
+    said = str(e)
+    if said.startswith("cancelled by request"):
+        return said
+    return f"cancelled by request: {said}" if said else "cancelled by request"
 
 
 def _cancel_requested(store: JobStore, job_id: int) -> bool:
