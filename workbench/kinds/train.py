@@ -9,7 +9,9 @@ Output folder (`output.dir`):
   provenance.json                                   recipe, input hashes, versions, seeds, timings
 
 `describe` checks the base, the adapter plan, the dataset (the one scan of the run: every image
-opened and hashed) and the caching; its `TrainSetup` is what `run` trains with.
+opened and hashed) and the caching; its `TrainSetup` is what `run` trains with. It refuses a
+folder holding an earlier run unless `resume:` or --overwrite says what to do with it; `run`
+checks the room before every save and, when stopped, says how to resume (workbench/train/saves.py).
 """
 
 from __future__ import annotations
@@ -122,14 +124,14 @@ def run(plan: RunPlan, *, progress: bool = True, device: str | None = None,
     require_clean(setup.dataset)
     out_dir = Path(recipe.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.resume is None:  # the dry run refused an earlier run here unless told to replace it
-        clear_earlier_run(out_dir, recipe.name)
     prov = Provenance(kind="train", name=recipe.name,
                       recipe_path=str(recipe.source_path) if recipe.source_path else None,
                       recipe_text=recipe.source_text)
     t0 = time.time()
     with prov.timed("setup"):
         trainer = build_trainer(recipe, setup, out_dir=out_dir, cache_root=cache_root, device=device)
+    if recipe.resume is None and trainer.acc.is_main_process:
+        clear_earlier_run(out_dir, recipe.name)  # the dry run refused it unless told to replace it
     session = uuid.uuid4().hex[:16]
     resumed_from = None
     if recipe.resume is not None:
@@ -177,25 +179,25 @@ def run(plan: RunPlan, *, progress: bool = True, device: str | None = None,
     try:
         with prov.timed("train"):
             state = trainer.train(Hooks(on_step=on_step), progress=progress, stop_at=stop_at)
+        finished = state.step >= s.max_steps
+        with prov.timed("export"):
+            if trainer.acc.is_main_process:
+                if out.save_every or not finished:
+                    save_resumable()
+                if finished:
+                    written += save_lora(recipe.lora_path, time.time(), True)
+                    if out.peft and trainer.net.plan.type in ("lora", "dora"):
+                        written.append(guard.save(
+                            "diffusers LoRA file", out_dir, lora_bytes(trainer, out.save_precision),
+                            lambda: save_peft(trainer.net, out_dir / f"{recipe.name}.peft.safetensors",
+                                              dtype=out.save_precision, overwrite=True)))
+                    if recipe.samples and state.step % recipe.samples.every != 0:
+                        samples(state.step)
+                atomic_write_text(out_dir / "loss.json", json.dumps(state.losses) + "\n", overwrite=True)
     except KeyboardInterrupt as e:  # Ctrl-C (or a job's hard stop): say what is kept, how to go on
         raise KeyboardInterrupt(guard.hint()) from e
     except Cancelled as e:  # a cancelled dashboard job
         raise Cancelled(f"cancelled by request: {guard.hint()}") from e
-    finished = state.step >= s.max_steps
-    with prov.timed("export"):
-        if trainer.acc.is_main_process:
-            if out.save_every or not finished:
-                save_resumable()
-            if finished:
-                written += save_lora(recipe.lora_path, time.time(), True)
-                if out.peft and trainer.net.plan.type in ("lora", "dora"):
-                    written.append(guard.save(
-                        "diffusers LoRA file", out_dir, lora_bytes(trainer, out.save_precision),
-                        lambda: save_peft(trainer.net, out_dir / f"{recipe.name}.peft.safetensors",
-                                          dtype=out.save_precision, overwrite=True)))
-                if recipe.samples and state.step % recipe.samples.every != 0:
-                    samples(state.step)
-            atomic_write_text(out_dir / "loss.json", json.dumps(state.losses) + "\n", overwrite=True)
     prov.add_input("base", recipe.base)
     prov.inputs["dataset"] = {"path": str(recipe.dataset), "kind": "folder",
                               "images": {str(e.image_path): e.sha256 for e in setup.dataset.examples}}
