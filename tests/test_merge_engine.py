@@ -212,9 +212,17 @@ def test_metadata_is_a1111_compatible_and_carries_the_recipe(tmp_path, tiny_sd15
     assert recipe["save_as_half"] is True
     models = json.loads(meta["sd_merge_models"])
     assert set(models) == {sha256_file(tiny_sd15[n]) for n in "ABC"}
-    assert meta["workbench_recipe"] == body and meta["format"] == "pt"
+    # the model carries file names and hashes only; the full paths stay in the local provenance
+    assert meta["workbench_recipe"] == recipe_text({n: p.name for n, p in tiny_sd15.items()},
+                                                   "  - {id: m, method: weighted_sum, inputs: [A, B], alpha: 0.25}",
+                                                   extra="  dtype: fp16\n")
+    assert json.loads(meta["workbench_inputs"])["B"] == {"file": "B.safetensors",
+                                                         "sha256": sha256_file(tiny_sd15["B"])}
+    assert "workbench_recipe_path" not in meta and meta["format"] == "pt"
+    assert str(tiny_sd15["A"].parent) not in json.dumps(meta) and str(tmp_path) not in json.dumps(meta)
     prov = json.loads((tmp_path / "out.provenance.json").read_text())
     assert prov["inputs"]["A"]["sha256"] == recipe["primary_model_hash"]
+    assert prov["inputs"]["A"]["path"] == str(tiny_sd15["A"])
     assert prov["recipe"]["text"] == body
 
 
@@ -249,6 +257,39 @@ def test_rerun_from_metadata_reproduces_and_checks_hashes(tmp_path, tiny_sd15, c
     err = capsys.readouterr().err
     assert "input B" in err and "different file" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_moved_merge_finds_its_inputs_by_name_and_hash(tmp_path, tiny_sd15, capsys):
+    """Issue #14: a merged model shared or moved elsewhere (without its provenance file) finds
+    its inputs by file name + sha256 in the model folders given (--models), and refuses a file of
+    that name with another hash."""
+    import shutil
+
+    from workbench.cli import main
+
+    made, shared, folder = tmp_path / "made", tmp_path / "elsewhere", tmp_path / "my-models" / "sd"
+    for d in (made, shared, folder):
+        d.mkdir(parents=True)
+    models = {n: shutil.copy(tiny_sd15[n], made / f"{n}.safetensors") for n in "AB"}
+    body = recipe_text(models, "  - {id: m, method: weighted_sum, inputs: [A, B], alpha: 0.4}")
+    first, out = merge(made, body)
+    moved = Path(shutil.move(out, shared / "m.safetensors"))
+    for n in "AB":
+        shutil.move(models[n], folder / f"{n}.safetensors")
+    again = tmp_path / "again.safetensors"
+    assert main(["run", "--from-metadata", str(moved), "--output", str(again), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"input A: no file A.safetensors with sha256 {sha256_file(tiny_sd15['A'])} found " \
+           f"(looked in {shared})" in err
+    assert main(["run", "--from-metadata", str(moved), "--output", str(again), "--no-progress",
+                 "--models", str(tmp_path / "my-models")]) == 0
+    rerun = load_file(again)
+    assert all(torch.equal(rerun[k], v) for k, v in first.items())
+    shutil.copy(tiny_sd15["C"], shared / "B.safetensors")  # same name, another file: skipped
+    assert main(["run", "--from-metadata", str(moved), "--output", str(tmp_path / "y.safetensors"),
+                 "--no-progress", "--models", str(tmp_path / "my-models")]) == 0
+    assert all(torch.equal(load_file(tmp_path / "y.safetensors")[k], v) for k, v in first.items())
 
 
 METHOD_CASES = {

@@ -72,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="try the whole workbench on tiny built-in models (CPU, minutes)",
                        description="Build tiny real-layout models of every architecture, scan "
                        "them, run every example recipe in recipes/ and render a preview image per "
-                       "architecture. Results go to outputs/demo/.", formatter_class=fmt)
+                       "architecture. Results go to the demo folder in your user data folder "
+                       "(%LOCALAPPDATA%\\workbench, ~/Library/Application Support/workbench or "
+                       "~/.local/share/workbench; $WORKBENCH_DATA overrides) or to --out.",
+                       formatter_class=fmt)
     p.add_argument("--fresh", action="store_true", help="rebuild the tiny models even if present")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="write the demo's models and results here instead of the user data folder")
 
     p = sub.add_parser("run", help="run any recipe (merge, train, grid, generate)",
                        description="Run a recipe file of any kind. With --dry-run, print the "
@@ -87,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "that every input is the same file (sha256) as when it was made")
     p.add_argument("--output", metavar="PATH", default=None,
                    help="with --from-metadata: write the result here instead of the recorded path")
+    p.add_argument("--models", metavar="DIR", action="append", default=[],
+                   help="with --from-metadata: a folder to look for the inputs in (by file name "
+                        "and sha256; next to the model is always searched); may be repeated")
+    p.add_argument("--tool", metavar="ROOT", action="append", default=[],
+                   help="with --from-metadata: an A1111, Forge or ComfyUI install whose model "
+                        "folders are searched for the inputs; may be repeated")
 
     for kind, (short, long) in KIND_HELP.items():
         p = sub.add_parser(kind, help=short, description=long + f" Same as `workbench run`, but "
@@ -196,8 +207,12 @@ def _cmd_recipe(args: argparse.Namespace, kind: str | None) -> int:
         if args.recipe:
             raise WorkbenchError("give either RECIPE.yaml or --from-metadata MODEL, not both")
         from workbench.merge.metadata import rerun_recipe
+        from workbench.formats.model_folders import find_install
 
-        recipe = rerun_recipe(args.from_metadata, args.output)
+        search = [Path(d) for d in args.models]
+        for root in args.tool:
+            search += find_install(root).paths()
+        recipe = rerun_recipe(args.from_metadata, args.output, search)
     elif not args.recipe:
         raise WorkbenchError(f"workbench {kind or 'run'}: give a RECIPE.yaml"
                              + ("" if kind else " (or --from-metadata MODEL.safetensors)"))
@@ -357,8 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("cancelled", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training adds which state is kept and how to resume
+        print("cancelled" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     return 2
 

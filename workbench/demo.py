@@ -4,6 +4,10 @@ It builds tiny real-layout checkpoints of every architecture, scans them like a 
 every example recipe in `recipes/` (capabilities not built yet say so and show their dry-run plan),
 renders a preview image with each architecture through the offline loaders, and prints where each
 result is. Re-running reuses the tiny models already built (`--fresh` rebuilds them).
+
+Everything goes under the user's data folder (`<data>/demo`, workbench/userdirs.py) or the folder
+given with `--out`, never into the checkout: the example recipes are copied there with their
+`../outputs/demo/` paths pointing at that folder (`prepare_recipes`).
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import time
 from pathlib import Path
 
 from workbench.errors import UnsupportedError, WorkbenchError
+from workbench.userdirs import data_root
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_ROOT = REPO_ROOT / "outputs" / "demo"
+# how the example recipes in recipes/ name the demo's folder and the bundled datasets
+RECIPE_DEMO_PREFIX = "../outputs/demo/"
+RECIPE_DATASETS_PREFIX = "../datasets/"
 # file name -> (architecture, seed): three SD1.5 "personal" models to merge, one of each other arch.
 DEMO_MODELS = {
     "sd15_a.safetensors": ("sd15", 1),
@@ -52,6 +59,24 @@ def build_models(models_dir: Path, fresh: bool = False) -> dict[str, Path]:
 # the trained LoRA can feed the grid.
 _ORDER = {"extract-demo": 0, "merge-demo": 1, "merge-lora-demo": 2, "train-demo": 3,
           "generate-demo": 4, "grid-demo": 5}
+
+
+def demo_root(out: str | Path | None = None) -> Path:
+    """`--out` when given, else `<user data folder>/demo`; absolute, so the printed paths are."""
+    return Path(out).expanduser().absolute() if out else data_root() / "demo"
+
+
+def prepare_recipes(root: Path, source: Path = REPO_ROOT / "recipes") -> Path:
+    """Copies of the example recipes in `root/recipes`, reading and writing under `root` (the
+    bundled datasets are read where they are). Returns that folder."""
+    target = root / "recipes"
+    target.mkdir(parents=True, exist_ok=True)
+    datasets = (REPO_ROOT / "datasets").as_posix() + "/"  # forward slashes work on every OS
+    for path in sorted(source.glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        text = text.replace(RECIPE_DEMO_PREFIX, "../").replace(RECIPE_DATASETS_PREFIX, datasets)
+        (target / path.name).write_text(text, encoding="utf-8")
+    return target
 
 
 def run_recipes(recipes_dir: Path) -> list[tuple[str, str]]:
@@ -99,7 +124,8 @@ def render_previews(models: dict[str, Path], out_dir: Path) -> list[tuple[str, P
 def main(args: argparse.Namespace | None = None) -> int:
     fresh = bool(getattr(args, "fresh", False))
     start = time.perf_counter()
-    root = DEMO_ROOT
+    root = demo_root(getattr(args, "out", None))
+    print(f"The demo writes everything under {root}")
     print("1/4 tiny real-layout models")
     models = build_models(root / "models", fresh=fresh)
 
@@ -108,13 +134,14 @@ def main(args: argparse.Namespace | None = None) -> int:
 
     print(format_table(scan(root / "models")))
 
-    print("\n3/4 example recipes in recipes/")
-    outcomes = run_recipes(REPO_ROOT / "recipes")
+    recipes = prepare_recipes(root)
+    print(f"\n3/4 example recipes (copies in {recipes})")
+    outcomes = run_recipes(recipes)
 
     print("\n4/4 previews through the generation core")
     previews = render_previews(models, root / "previews")
 
-    print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Results:")
+    print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Results, all under {root}:")
     print(f"  tiny models:   {root / 'models'}")
     for arch, path in previews:
         print(f"  preview {arch:5s} {path}  (A1111 parameters + provenance in the PNG)")

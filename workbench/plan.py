@@ -57,6 +57,7 @@ class RunPlan:
     problems: list[str] = field(default_factory=list)
     existing_outputs: list[Path] = field(default_factory=list)
     estimated_seconds: float | None = None  # the time estimate the dry run printed, if any
+    keep_on_cancel: list[Path] = field(default_factory=list)  # outputs a stopped run keeps (resumable state)
     recipe: Any = None
     overwrite: bool = False
     detail: Any = None

@@ -191,7 +191,8 @@ def run_job(store: JobStore, job: Job, echo: bool = False) -> str:
     try:
         recipe = parse_recipe(job.recipe, job.source)
         plan = build_plan(recipe)  # the one plan of this job: its outputs, then its run
-        outputs = [Path(p) for p in plan.outputs]
+        keep = {Path(p) for p in plan.keep_on_cancel}  # a training's state: resumable later
+        outputs = [Path(p) for p in plan.outputs if Path(p) not in keep]
         existed = snapshot(outputs)
         watchdog.start()
         root.addHandler(handler)
@@ -202,7 +203,8 @@ def run_job(store: JobStore, job: Job, echo: bool = False) -> str:
         log.write(f"{result}\n")
     except (wb_progress.Cancelled, KeyboardInterrupt) as e:
         if watchdog.cancelled or isinstance(e, wb_progress.Cancelled):
-            status, error = "cancelled", "cancelled by request"
+            # the engine's own message when it has one (a training says how to resume)
+            status, error = "cancelled", _cancel_message(e)
         else:
             status, error = "failed", "worker interrupted"
     except WorkbenchError as e:
@@ -224,7 +226,8 @@ def run_job(store: JobStore, job: Job, echo: bool = False) -> str:
         log.flush()
         wb_progress.reset_cancel()
     if watchdog.cancelled and status != "done":
-        status, error = "cancelled", "cancelled by request"
+        status, error = "cancelled", error if (error or "").startswith("cancelled by request") \
+            else "cancelled by request"
     if status == "cancelled":
         removed = remove_new_outputs(outputs, existed)
         if removed:
@@ -233,6 +236,15 @@ def run_job(store: JobStore, job: Job, echo: bool = False) -> str:
         store.log(job.id, f"{status}: {error}")
     store.finish(job.id, status, results, error)
     return status
+
+
+def _cancel_message(e: BaseException) -> str:
+    """'cancelled by request', plus what the engine said on stopping (a training: its resume
+    hint, on a Cancelled or on the watchdog's KeyboardInterrupt alike)."""
+    said = str(e)
+    if said.startswith("cancelled by request"):
+        return said
+    return f"cancelled by request: {said}" if said else "cancelled by request"
 
 
 def _cancel_requested(store: JobStore, job_id: int) -> bool:

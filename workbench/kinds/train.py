@@ -9,7 +9,9 @@ Output folder (`output.dir`):
   provenance.json                                   recipe, input hashes, versions, seeds, timings
 
 `describe` checks the base, the adapter plan, the dataset (the one scan of the run: every image
-opened and hashed) and the caching; its `TrainSetup` is what `run` trains with.
+opened and hashed) and the caching; its `TrainSetup` is what `run` trains with. It refuses a
+folder holding an earlier run unless `resume:` or --overwrite says what to do with it; `run`
+checks the room before every save and, when stopped, says how to resume (workbench/train/saves.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.progress import Cancelled
 from workbench.formats.writer import atomic_write_text
 from workbench.plan import RunPlan, RunResult, check_input, check_output_file
 from workbench.provenance import Provenance
@@ -29,6 +32,8 @@ from workbench.train.check import require_clean
 from workbench.train.export import resolution_of, save_kohya, save_peft, train_facts
 from workbench.train.loop import Hooks
 from workbench.train.network import plan_for_base
+from workbench.train.saves import (SaveGuard, clear_earlier_run, describe_earlier_run, earlier_run,
+                                   lora_bytes, resume_hint, samples_bytes, state_bytes)
 from workbench.train.samples import make_samples
 from workbench.train.setup import TrainSetup, base_arch, build_trainer, check_recipe_dataset
 from workbench.train.state import find_state, load_state, read_state_info, save_state
@@ -59,7 +64,21 @@ def describe(recipe: TrainRecipe, overwrite: bool = False) -> RunPlan:
     check_output_file(plan, recipe.lora_path, overwrite or recipe.output.overwrite
                       or recipe.resume is not None,
                       "pass --overwrite, set `output.overwrite: true` or `resume:` to continue it")
+    fresh = overwrite or recipe.output.overwrite
+    left = earlier_run(recipe.output.dir, recipe.name) if recipe.resume is None else []
+    if left and not fresh:
+        plan.existing_outputs += left
+        plan.problems.append(
+            f"output.dir {recipe.output.dir} holds an earlier run of '{recipe.name}' "
+            f"({describe_earlier_run(left)}); add `resume: {recipe.output.dir}` to the recipe to "
+            "continue it, or pass --overwrite (or set `output.overwrite: true`) to start again "
+            "and replace it")
+    elif left:
+        plan.lines.append(f"  starting again: the earlier run's {describe_earlier_run(left)} in "
+                          f"{recipe.output.dir} will be removed (--overwrite)")
     plan.outputs.append(recipe.output.dir)
+    # a stopped run keeps its resumable state (and the step files), even as a cancelled job
+    plan.keep_on_cancel.append(recipe.output.dir)
     if plan.problems:
         return plan
     arch = network = dataset = caching = None
@@ -111,6 +130,8 @@ def run(plan: RunPlan, *, progress: bool = True, device: str | None = None,
     t0 = time.time()
     with prov.timed("setup"):
         trainer = build_trainer(recipe, setup, out_dir=out_dir, cache_root=cache_root, device=device)
+    if recipe.resume is None and trainer.acc.is_main_process:
+        clear_earlier_run(out_dir, recipe.name)  # the dry run refused it unless told to replace it
     session = uuid.uuid4().hex[:16]
     resumed_from = None
     if recipe.resume is not None:
@@ -121,44 +142,63 @@ def run(plan: RunPlan, *, progress: bool = True, device: str | None = None,
     w, h = resolution_of(recipe)
     base_name = Path(recipe.base).stem
 
+    guard = SaveGuard(lambda: resume_hint(out_dir, recipe.source_path, trainer.state.step,
+                                          s.max_steps))
+
+    def save_lora(path: Path, finished_at: float | None, sidecar: bool) -> list[Path]:
+        return guard.save("LoRA file", path.parent, lora_bytes(trainer, out.save_precision),
+                          lambda: save_kohya(trainer.net, path, facts(finished_at),
+                                             dtype=out.save_precision, overwrite=True,
+                                             write_sidecar=sidecar))
+
+    def save_resumable() -> Path:
+        return guard.save("training state", out_dir / "state", state_bytes(trainer),
+                          lambda: save_state(out_dir, trainer, out.keep_last))
+
     def facts(finished_at: float | None):
         return train_facts(recipe, setup, trainer, session, t0, finished_at)
 
     def samples(step: int) -> None:
         if recipe.samples and trainer.acc.is_main_process:
-            written.extend(make_samples(trainer.pipe, setup.arch, recipe.samples, step, out_dir,
-                                        width=w, height=h, models=trainer.net.models,
-                                        model_name=base_name, clip_skip=s.clip_skip))
+            written.extend(guard.save(
+                "sample images", out_dir / "samples", samples_bytes(w, h, len(recipe.samples.prompts)),
+                lambda: make_samples(trainer.pipe, setup.arch, recipe.samples, step, out_dir,
+                                     width=w, height=h, models=trainer.net.models,
+                                     model_name=base_name, clip_skip=s.clip_skip)))
 
     def on_step(step: int) -> None:
         if not trainer.acc.is_main_process:
             return
         if out.save_every and step % out.save_every == 0 and step < s.max_steps:
             ckpt = out_dir / f"{recipe.name}-step{step:08d}.safetensors"
-            written.extend(save_kohya(trainer.net, ckpt, facts(None), dtype=out.save_precision,
-                                      overwrite=True, write_sidecar=False))
-            save_state(out_dir, trainer, out.keep_last)
+            written.extend(save_lora(ckpt, None, False))
+            save_resumable()
         if recipe.samples and step % recipe.samples.every == 0:
             samples(step)
 
-    with prov.timed("train"):
-        state = trainer.train(Hooks(on_step=on_step), progress=progress, stop_at=stop_at)
-    finished = state.step >= s.max_steps
-    with prov.timed("export"):
-        if trainer.acc.is_main_process:
-            if out.save_every or not finished:
-                save_state(out_dir, trainer, out.keep_last)
-            if finished:
-                final = facts(time.time())
-                written += save_kohya(trainer.net, recipe.lora_path, final,
-                                      dtype=out.save_precision, overwrite=True)
-                if out.peft and trainer.net.plan.type in ("lora", "dora"):
-                    written.append(save_peft(trainer.net, out_dir / f"{recipe.name}.peft.safetensors",
-                                             dtype=out.save_precision, overwrite=True,
-                                             variant=final.variant))
-                if recipe.samples and state.step % recipe.samples.every != 0:
-                    samples(state.step)
-            atomic_write_text(out_dir / "loss.json", json.dumps(state.losses) + "\n", overwrite=True)
+    try:
+        with prov.timed("train"):
+            state = trainer.train(Hooks(on_step=on_step), progress=progress, stop_at=stop_at)
+        finished = state.step >= s.max_steps
+        with prov.timed("export"):
+            if trainer.acc.is_main_process:
+                if out.save_every or not finished:
+                    save_resumable()
+                if finished:
+                    written += save_lora(recipe.lora_path, time.time(), True)
+                    if out.peft and trainer.net.plan.type in ("lora", "dora"):
+                        written.append(guard.save(
+                            "diffusers LoRA file", out_dir, lora_bytes(trainer, out.save_precision),
+                            lambda: save_peft(trainer.net, out_dir / f"{recipe.name}.peft.safetensors",
+                                              dtype=out.save_precision, overwrite=True,
+                                              variant=facts(time.time()).variant)))
+                    if recipe.samples and state.step % recipe.samples.every != 0:
+                        samples(state.step)
+                atomic_write_text(out_dir / "loss.json", json.dumps(state.losses) + "\n", overwrite=True)
+    except KeyboardInterrupt as e:  # Ctrl-C (or a job's hard stop): say what is kept, how to go on
+        raise KeyboardInterrupt(guard.hint()) from e
+    except Cancelled as e:  # a cancelled dashboard job
+        raise Cancelled(f"cancelled by request: {guard.hint()}") from e
     prov.add_input("base", recipe.base)
     prov.inputs["dataset"] = {"path": str(recipe.dataset), "kind": "folder",
                               "images": {str(e.image_path): e.sha256 for e in setup.dataset.examples}}

@@ -5,7 +5,9 @@ input's sha256, merged with the inputs' own `sd_merge_models` so the family tree
 generations of merging); tools of the civitai era read these. We add the recipe text, each input's
 sha256 by name and the tool version, so `workbench run --from-metadata MODEL.safetensors` can re-run
 the merge and check that the inputs are the same files. `modelspec.*` names the architecture for
-ComfyUI and SAI tools.
+ComfyUI and SAI tools. No local path goes into the file (recipes/shareable.py): inputs are found
+again by file name and sha256 next to the model, at the paths of its local provenance file, or in
+the model folders the user names.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from pathlib import Path
 
 from workbench import __version__
 from workbench.arch import ARCHS
+from workbench.errors import WorkbenchError
 from workbench.formats.hashes import a1111_legacy_hash, sha256_file
+from workbench.formats.safetensors_io import read_header
+from workbench.recipes.loader import parse_recipe
+from workbench.recipes.shareable import find_by_name_and_hash, shareable_text
 
 MODELSPEC_ARCH = {a.id: a.modelspec_arch for a in ARCHS}  # from workbench/arch.py
 MODELSPEC_IMPL = {a.id: a.modelspec_impl for a in ARCHS}
@@ -71,9 +77,10 @@ def merge_metadata(recipe, plan, hashes: dict[str, str]) -> dict[str, str]:
         "sd_merge_recipe": json.dumps(a1111_recipe),
         "sd_merge_models": json.dumps(models),
         "workbench_version": __version__,
-        "workbench_recipe": recipe.source_text or "",
-        "workbench_recipe_path": str(recipe.source_path or ""),
-        "workbench_inputs": json.dumps({n: {"file": str(plan.inputs[n].path), "sha256": hashes[n]}
+        # file names only (a shared file must not carry the user's folders); the full paths are
+        # in the local `<stem>.provenance.json` beside the model (workbench/kinds/merge.py)
+        "workbench_recipe": shareable_text(recipe) if recipe.source_text else "",
+        "workbench_inputs": json.dumps({n: {"file": plan.inputs[n].path.name, "sha256": hashes[n]}
                                         for n in names}),
         "workbench_policies": json.dumps(policy_counts),
         "modelspec.sai_model_spec": "1.0.0",
@@ -101,37 +108,58 @@ def input_hashes(plan) -> dict[str, str]:
     return {name: sha256_file(inp.path) for name, inp in plan.inputs.items()}
 
 
-def rerun_recipe(model: str | Path, output: str | Path | None = None):
-    """The merge recipe stored in `model`'s metadata, with every input checked against the sha256
-    recorded when the model was made. `output` replaces the recipe's output path (by default the
-    recipe would write over `model` itself, which needs --overwrite)."""
-    from workbench.errors import WorkbenchError
-    from workbench.recipes import parse_recipe
-
+def rerun_recipe(model: str | Path, output: str | Path | None = None,
+                 search: list[Path] | tuple[Path, ...] = ()):
+    """The merge recipe stored in `model`'s metadata, each input found by its file name and the
+    sha256 recorded when the model was made: next to the model, at the path its local
+    `<stem>.provenance.json` recorded, or in the `search` folders (model folders). `output`
+    replaces the recipe's output path (by default the recipe would write over `model` itself,
+    which needs --overwrite)."""
+    model = Path(model)
     text, recipe_path, inputs = recipe_from_metadata(model)
-    origin = Path(recipe_path) if recipe_path else Path(model).with_name("recipe.yaml")
+    # names resolve next to the model; an older file's absolute recipe path is kept as it was
+    origin = Path(recipe_path) if recipe_path else model.with_name("recipe.yaml")
     recipe = parse_recipe(text, origin)
-    problems = []
+    recorded = _provenance_paths(model)
+    problems, found = [], {}
     for name, path in recipe.models.items():
         want = inputs.get(name, {}).get("sha256")
-        if not Path(path).is_file():
-            problems.append(f"input {name}: {path} not found (expected sha256 {want})")
-        elif want and (found := sha256_file(path)) != want:
-            problems.append(f"input {name}: {path} has sha256 {found}, but the merge "
+        places = [Path(path), model.parent, *recorded.get(name, []),
+                  *[Path(p) for p in [inputs.get(name, {}).get("file")] if p], *search]
+        hit = find_by_name_and_hash(Path(path).name, want, places)
+        if hit is not None:
+            found[name] = hit
+            continue
+        where = ", ".join(dict.fromkeys(str(p) for p in [model.parent, *search]))
+        if Path(path).is_file() and want:
+            problems.append(f"input {name}: {path} has sha256 {sha256_file(path)}, but the merge "
                             f"was made from {want}: a different file")
+        else:
+            problems.append(f"input {name}: no file {Path(path).name} with sha256 {want} found "
+                            f"(looked in {where}); put it next to the model or name its model "
+                            "folder (--models DIR or --tool ROOT)")
     if problems:
         raise WorkbenchError(f"{model}: cannot re-run its merge:\n" + "\n".join(f"  - {p}" for p in problems))
+    recipe = recipe.model_copy(update={"models": {**recipe.models, **found}})
     if output is not None:
         out = recipe.output.model_copy(update={"path": Path(output).absolute()})
         recipe = recipe.model_copy(update={"output": out})
     return recipe
 
 
-def recipe_from_metadata(path: str | Path) -> tuple[str, str, dict[str, dict]]:
-    """(recipe text, original recipe path, inputs by name) stored in a merged model's header."""
-    from workbench.errors import WorkbenchError
-    from workbench.formats.safetensors_io import read_header
+def _provenance_paths(model: Path) -> dict[str, list[Path]]:
+    """Input name -> the full path the local provenance file beside `model` recorded."""
+    try:
+        prov = json.loads(model.with_name(f"{model.stem}.provenance.json").read_text(encoding="utf-8"))
+        return {n: [Path(rec["path"])] for n, rec in prov.get("inputs", {}).items()
+                if isinstance(rec, dict) and rec.get("path")}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
+
+def recipe_from_metadata(path: str | Path) -> tuple[str, str, dict[str, dict]]:
+    """(recipe text, original recipe path (files made before #14 only), inputs by name) stored
+    in a merged model's header."""
     meta = read_header(path).metadata
     if not meta.get("workbench_recipe"):
         raise WorkbenchError(f"{path}: no workbench recipe in its metadata (field "

@@ -9,7 +9,8 @@ their input-side factor is shared in training (network.py), so this is exact.
 
 Metadata: the `ss_*` and `modelspec.*` keys A1111/Forge read (Forge picks the model tab a LoRA shows
 in from `ss_base_model_version` and `modelspec.architecture`), `sshs_model_hash` (sha256 of the
-tensor bytes, what A1111 computes for the file), and the recipe (`workbench_recipe`).
+tensor bytes, what A1111 computes for the file), and the recipe (`workbench_recipe`, its paths
+reduced to file names by recipes/shareable.py: a shared LoRA names no local folder).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from workbench.formats.detect import detect
 from workbench.formats.hashes import a1111_legacy_hash, sha256_file
 from workbench.formats.lora_keys import SWAPPED, swap_halves
 from workbench.merge.extract import BASE_MODEL_VERSION, DTYPES, NETWORK_MODULE
+from workbench.recipes.shareable import shareable_text
 from workbench.train.captions import tag_frequency, with_trigger
 from workbench.train.check import bucket_info
 from workbench.train.loop import optimizer_label
@@ -203,7 +205,7 @@ def train_facts(recipe, setup, trainer, session_id: str, started: float,
         session_id=session_id, resolution=resolution_of(recipe), trigger=recipe.trigger,
         prediction_type=pred, num_train_images=len(report.examples),
         tag_frequency=tag_frequency(by_folder), dataset_dirs=dirs, bucket_info=bucket_info(report),
-        training=opt, recipe_text=recipe.source_text or recipe.model_dump_json(exclude_none=True))
+        training=opt, recipe_text=shareable_text(recipe))  # file names only, no local folders
 
 
 def _network_module_and_args(net: Network) -> tuple[str, dict[str, str]]:

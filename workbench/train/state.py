@@ -79,6 +79,14 @@ def save_state(out_dir: str | Path, trainer, keep_last: int | None = None) -> Pa
         if final.exists():
             shutil.rmtree(final)
         system.replace_file(tmp, final)  # retried while another program holds it (Windows)
+    except (OSError, RuntimeError) as e:
+        # RuntimeError: torch.save reports a failed write as `[enforce fail at
+        # inline_container.cc:...] ... file write failed`; said plainly, with the folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        said = e.strerror if isinstance(e, OSError) and e.strerror else \
+            (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WorkbenchError(f"{final}: writing the training state in {root} failed ({said}); "
+                             "the half-written folder was removed, earlier states are kept") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
