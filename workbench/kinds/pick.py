@@ -163,6 +163,10 @@ def describe(recipe: PickRecipe, overwrite: bool = False) -> RunPlan:
     out_dir = out_dir_of(recipe)
     lora_dir = Path(recipe.output.lora_dir) if recipe.output.lora_dir else out_dir
     lora_path = lora_dir / f"{run.name}.safetensors"
+    if lora_dir.resolve() == run.folder.resolve():
+        plan.problems.append(f"output.lora_dir: {lora_dir} is the training folder; the chosen step "
+                             f"would replace its final {lora_path.name}, one of the candidates; "
+                             "choose another folder (e.g. Forge's models/Lora)")
     try:
         sidecar.read_sidecar(sidecar.sidecar_path(lora_path))
     except WorkbenchError as e:
