@@ -68,7 +68,7 @@ def scatter_svg(points: list[Candidate], front: list[int], *, baseline: int, cho
         return lo - pad, hi + pad
 
     (x0, x1), (y0, y1) = span(xs), span(ys)
-    left, right, top, bottom = 70, 20, 30, 50
+    left, right, top, bottom = 70, 90, 30, 50  # room on the right for the last point's label
     px = lambda v: left + (v - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
     py = lambda v: top + (y1 - v) / (y1 - y0) * (height - top - bottom)  # noqa: E731
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
