@@ -14,7 +14,6 @@ import streamlit as st
 
 from workbench.app import forms
 from workbench.app.config import AppConfig
-from workbench.dispatch import build_plan
 from workbench.errors import WorkbenchError
 from workbench.recipes.pick import PickRecipe
 
@@ -66,6 +65,9 @@ def render(cfg: AppConfig | None = None) -> None:
     c3.text_input("CLIP weights (file or open_clip folder; empty: the HF cache)", key=k("clip_weights"))
     st.checkbox("overwrite an existing chosen LoRA", key=k("overwrite"))
     if st.button("Pick step and strength", key=k("submit"), type="primary"):
+        # the kinds (diffusers, peft) load on the click, not with the page (as forms.py does)
+        from workbench.dispatch import build_plan
+
         try:
             recipe = recipe_of_panel(cfg)
             plan = build_plan(recipe)
