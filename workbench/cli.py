@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from workbench import __version__
+from workbench import __version__, cli_pick
 from workbench.errors import RecipeError, WorkbenchError
 
 DESCRIPTION = """\
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="print the memory plan (what stays on the GPU, what is stored in "
                                 "fp8/nf4, what is streamed or offloaded) from the file header "
                                 "without loading anything; exit status 1 when it cannot fit")
+
+    cli_pick.add_parser(sub)
 
     p = sub.add_parser("models", help="inspect model files (architecture, precision, hashes)",
                        description="Inspect model files.", formatter_class=fmt)
@@ -360,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_merge(args)
         if args.command in KIND_HELP:
             return _cmd_recipe(args, args.command)
+        if args.command == "pick":
+            return cli_pick.command(args)
         if args.command == "models":
             return _cmd_models(args, parser)
         if args.command == "convert":

@@ -58,7 +58,8 @@ def build_models(models_dir: Path, fresh: bool = False) -> dict[str, Path]:
 # Recipes that make what later ones read: the extracted LoRA feeds merge-lora-demo, the merges and
 # the trained LoRA can feed the grid.
 _ORDER = {"extract-demo": 0, "merge-demo": 1, "merge-lora-demo": 2, "train-demo": 3,
-          "generate-demo": 4, "grid-demo": 5}
+          "generate-demo": 4, "grid-demo": 5,
+          "pick-demo": 6}
 
 
 def demo_root(out: str | Path | None = None) -> Path:

@@ -10,6 +10,7 @@ from typing import Any
 import streamlit as st
 
 from workbench.app import forms
+from workbench.app.views import pick_panel
 from workbench.app.config import AppConfig
 from workbench.errors import WorkbenchError
 from workbench.recipes.train import LR_SCHEDULERS, NETWORK_TYPES, OPTIMIZERS
@@ -206,6 +207,7 @@ def render() -> None:
     st.divider()
     st.subheader("Progress")
     live_view()
+    pick_panel.render()
 
 
 if __name__ == "__main__":
