@@ -342,6 +342,9 @@ def test_grid_results_helpers_on_their_own(tmp_path):
     assert grid_results.axes_of(res.rows) == [("x", "model"), ("y", "prompt")]
     means = grid_results.means_by_value(res.rows, "x", res.metrics)
     assert means["CLIP score"]["A"] == pytest.approx(21.1667, abs=1e-3)
+    table = grid_results.short_rows(res.rows, res.metrics)
+    assert list(table[0])[:4] == ["x_value", "y_value", "clip", "key"]  # scores up front
+    assert table[0]["model_hash"] == "ab" * 5
     assert res.verdict() and res.verdict() == json.loads((tmp_path / "g/scores.json")
                                                          .read_text())["verdict"]
 

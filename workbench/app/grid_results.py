@@ -74,11 +74,16 @@ def read_results(paths: list[str | Path]) -> GridResults:
     return out
 
 
-def short_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The score table with every 64-digit hash cut to 10 digits (report.short_hashes), so the
-    scores are not pushed off screen."""
-    return [{k: report.short_hashes(v) if isinstance(v, str) else v for k, v in r.items()}
-            for r in rows]
+def short_rows(rows: list[dict[str, str]], metrics: list[str] = ()) -> list[dict[str, str]]:
+    """The score table as people read it: axis values, seed and the scores first, every 64-digit
+    hash cut to 10 digits (report.short_hashes), so the scores are not pushed off screen."""
+    first = [f"{letter}_value" for letter in LETTERS] + ["seed", *metrics]
+    out = []
+    for r in rows:
+        order = [k for k in first if k in r] + [k for k in r if k not in first]
+        out.append({k: report.short_hashes(r[k]) if isinstance(r[k], str) else r[k]
+                    for k in order})
+    return out
 
 
 def _number(text: Any) -> float | None:

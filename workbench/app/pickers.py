@@ -102,8 +102,7 @@ def picker(target: str, choices: list[Choice], cfg: AppConfig, what: str = "a mo
         st.session_state[source] = ""
     where.selectbox(f"pick {what}", [""] + list(by_path), key=source,
                     format_func=lambda p: by_path.get(p, "") if p else
-                    (f"pick {what} from the folders…" if by_path else f"no {what} found in the "
-                     "configured folders"),
+                    (f"pick {what}…" if by_path else f"no {what} in the folders"),
                     on_change=_fill, args=(target, source, append, cfg),
                     label_visibility="hidden" if beside_label else "collapsed",
                     disabled=not by_path)

@@ -249,7 +249,7 @@ def results() -> None:
                 st.markdown(f"Mean score per {name} value ({letter.upper()} axis)")
                 st.bar_chart(pd.DataFrame(means), stack=False, height=220)
         if res.rows:
-            st.dataframe(grid_results.short_rows(res.rows), hide_index=True, width="stretch")
+            st.dataframe(grid_results.short_rows(res.rows, metrics), hide_index=True, width="stretch")
         else:
             st.caption("no scores yet")
     with tab_ab:
