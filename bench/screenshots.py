@@ -210,6 +210,7 @@ def shrink(png: Path) -> None:
 
 
 MAX_HEIGHT = 12_000  # pixels: a runaway page does not make a giant picture
+PAD = 40  # pixels below the content (a window as tall as the content measures that tall + PAD)
 
 
 def content_height(page) -> int:
@@ -218,7 +219,7 @@ def content_height(page) -> int:
         document.querySelectorAll('[data-testid="stMain"], [data-testid="stAppViewContainer"], '
                                   + '[data-testid="stMainBlockContainer"], section.main'),
         el => el.scrollHeight))""")
-    return int(min(max(height + 40, 800), MAX_HEIGHT))
+    return int(min(max(height + PAD, 800), MAX_HEIGHT))
 
 
 def take(url: str, shots: list[Shot], out: Path, timeout_s: float, width: int) -> list[Path]:
@@ -239,9 +240,12 @@ def take(url: str, shots: list[Shot], out: Path, timeout_s: float, width: int) -
                 settle(page, timeout_ms)
                 # Streamlit scrolls an inner element, not the page: a "full page" shot of the
                 # window would stop at the first screen, so the window is made as tall as the
-                # content first
-                page.set_viewport_size({"width": width, "height": content_height(page)})
-                wait_drawn(page, timeout_ms)
+                # content, as long as the content grows
+                height = 0
+                while (grown := content_height(page)) > height + PAD:  # images load: it grows
+                    height = grown
+                    page.set_viewport_size({"width": width, "height": height})
+                    wait_drawn(page, timeout_ms)
                 path = out / shot.name
                 page.screenshot(path=str(path), full_page=True)
                 page.set_viewport_size({"width": width, "height": 1000})

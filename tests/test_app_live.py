@@ -87,11 +87,22 @@ def running_job(home: Path, kind: str, text: str = "", pid: int | None = None) -
 
 
 @pytest.mark.slow  # several AppTest runs: over 3 s on the shared 2-core machine
-def test_train_progress_moves_without_a_click_and_the_timer_stops_when_done(home):
+def test_train_progress_moves_without_a_click_and_the_timer_stops_when_done(home, monkeypatch):
+    import streamlit
+
+    asked = []  # run_every of every st.fragment the pages declare
+    real_fragment = streamlit.fragment
+
+    def fragment(func=None, *, run_every=None, **kw):
+        asked.append(run_every)
+        return real_fragment(func, run_every=run_every, **kw)
+
+    monkeypatch.setattr(streamlit, "fragment", fragment)
     job = running_job(home, "train")
     store = store_of(home)
     store.report(job, progress=0.25, stage="training", overall=0.25)
     at = open_page("train")
+    assert live.REFRESH_S in asked  # Streamlit itself was asked for the 2 s timer
     value, text = bar(at)
     assert value == 25 and text.startswith(f"#{job}: 25% of the job · training 25% · ETA")
     assert declared(at, "train") == live.REFRESH_S  # the live section has a 2 s timer
@@ -99,9 +110,10 @@ def test_train_progress_moves_without_a_click_and_the_timer_stops_when_done(home
     at.run()  # what the fragment's timer does
     assert bar(at)[0] == 75 and "75% of the job" in bar(at)[1]
     store.finish(job, "done")
+    asked.clear()
     at.run()
     assert bar(at)[0] == 100 and "done" in bar(at)[1]
-    assert declared(at, "train") is None  # nothing runs: no timer
+    assert declared(at, "train") is None and asked == [None]  # nothing runs: no timer
 
 
 def test_a_failed_grid_shows_failed_and_its_error_at_the_next_refresh(home):
