@@ -5,6 +5,12 @@ asked to, and forwards every update to the *sink* installed for the current run 
 installs one that writes progress rows to the job store). Cancellation is cooperative: a worker
 sets the cancel flag, and the engine's next `advance()` (or `check_cancelled()`) raises
 `Cancelled`, so the engine unwinds through its own `finally` blocks and leaves no partial output.
+
+Tasks nest: a task opened while another is open in the same thread (sampling previews inside the
+training loop, one picture's sampling inside a grid) counts as part of the parent's current unit.
+Every event carries `overall`, the fraction of the outermost task with the open children folded in
+("sampling 90 %" at training step 4 of 12 is (3 + 0.9) / 12 of the job, not 90 %), so the
+dashboard can show one bar for the whole job and the phase beside it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class ProgressEvent:
     eta_s: float | None
     message: str | None = None
     metrics: Mapping[str, float] | None = None  # numbers for curves (loss, lr, s/it), as numbers
+    overall: float | None = None  # 0..1 of the outermost open task, nested tasks folded in
 
 
 Sink = Callable[[ProgressEvent], None]
@@ -50,6 +57,13 @@ def _sinks() -> list[Sink]:
 
 
 _cancel = threading.Event()
+_open = threading.local()  # per thread: the stack of tasks opened with task() and not yet closed
+
+
+def _open_tasks() -> list["Task"]:
+    if not hasattr(_open, "stack"):
+        _open.stack = []
+    return _open.stack
 
 
 def cancel_event() -> threading.Event:
@@ -91,8 +105,10 @@ def check_cancelled() -> None:
 class Task:
     """A unit counter with ETA that feeds a tqdm bar and the installed sinks."""
 
-    def __init__(self, desc: str, total: float | None, unit: str, bar: bool, **tqdm_kwargs) -> None:
+    def __init__(self, desc: str, total: float | None, unit: str, bar: bool,
+                 parent: "Task | None" = None, **tqdm_kwargs) -> None:
         self.desc, self.total, self.unit = desc, total, unit
+        self.parent = parent  # the task this one is a part of (one unit of it), if any
         self.done = 0.0
         self.start = time.monotonic()
         self._bar = None
@@ -101,6 +117,26 @@ class Task:
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, **tqdm_kwargs)
 
+    def fraction(self) -> float | None:
+        """0..1 of this task alone (None while its total is unknown)."""
+        if not self.total:
+            return None
+        return max(0.0, min(1.0, self.done / self.total))
+
+    def overall(self) -> float | None:
+        """0..1 of the outermost task: each open child fills the parent's current unit, so a
+        phase nested in a step never moves the job's bar past that step. None when the
+        outermost task's total is unknown."""
+        frac, node = self.fraction(), self
+        while node.parent is not None:
+            parent = node.parent
+            if not parent.total:
+                return None
+            done = max(0.0, min(parent.done, parent.total))
+            frac = min(1.0, (done + (frac or 0.0)) / parent.total)
+            node = parent
+        return frac
+
     def event(self, message: str | None = None,
               metrics: Mapping[str, float] | None = None) -> ProgressEvent:
         elapsed = time.monotonic() - self.start
@@ -108,7 +144,7 @@ class Task:
         if self.total and self.done > 0:
             eta = elapsed * (self.total - self.done) / self.done
         return ProgressEvent(self.desc, self.done, self.total, self.unit, elapsed, eta, message,
-                             dict(metrics) if metrics else None)
+                             dict(metrics) if metrics else None, self.overall())
 
     def advance(self, n: float = 1, message: str | None = None, check: bool = True,
                 metrics: Mapping[str, float] | None = None) -> None:
@@ -146,9 +182,13 @@ class Task:
 def task(desc: str, total: float | None, unit: str = "it", bar: bool = True,
          **tqdm_kwargs) -> Iterator[Task]:
     """`with task("sampling", steps, "step", bar=progress) as t: ... t.advance()`."""
-    t = Task(desc, total, unit, bar, **tqdm_kwargs)
-    t._emit(None)
+    stack = _open_tasks()
+    t = Task(desc, total, unit, bar, parent=stack[-1] if stack else None, **tqdm_kwargs)
+    stack.append(t)
     try:
+        t._emit(None)
         yield t
     finally:
         t.close()
+        if t in stack:
+            stack.remove(t)

@@ -20,8 +20,9 @@ from typing import Any, Callable
 import streamlit as st
 import yaml
 
+from workbench.app import drafts
 from workbench.app.config import AppConfig, load_config
-from workbench.app.jobs_ui import progress_text
+from workbench.app.jobs_ui import job_fraction, progress_text
 from workbench.errors import RecipeError, WorkbenchError
 from workbench.jobs.store import JobStore
 
@@ -195,30 +196,71 @@ class FormSpec:
         return f"{self.prefix}.{name}"
 
 
+DRAFT = "_draft"  # state key: the draft text last read or written (drafts.py)
+
+
 def init_state(spec: FormSpec, cfg: AppConfig) -> None:
-    """Defaults for widgets that have no value yet (widgets then take their value from state)."""
+    """A fresh session: the page's draft (the form as it was left, app/drafts.py) if there is
+    one, else defaults for widgets that have no value yet."""
     if spec.key("_init") in st.session_state:
         return
+    draft = drafts.read_draft(cfg, spec.prefix, spec.kind)
+    if draft is not None:
+        try:
+            load_data_into_form(spec, copy.deepcopy(draft), cfg)
+            st.session_state[spec.key(DRAFT)] = drafts.as_text(draft)
+            return
+        except Exception:  # noqa: BLE001 - an unreadable draft must not break the page
+            pass
     for name, value in spec.defaults(cfg).items():
         st.session_state.setdefault(spec.key(name), value)
     st.session_state.setdefault(spec.key("extra"), "")
+    st.session_state[spec.key(DRAFT)] = None  # defaults: nothing to keep until an edit
     st.session_state[spec.key("_init")] = True
 
 
-def load_into_form(spec: FormSpec, recipe, cfg: AppConfig) -> None:
-    """Replace the form's state with a recipe; fields no widget shows go to the YAML box."""
-    data = recipe_data(recipe)
+def keep_draft(spec: FormSpec, data: dict, cfg: AppConfig) -> None:
+    """Write the form's data as the page's draft when it changed since the last read/write."""
+    text = drafts.as_text(data)
+    last = st.session_state.get(spec.key(DRAFT))
+    if last is None:  # the defaults a fresh session started from are not an edit
+        st.session_state[spec.key(DRAFT)] = text
+        return
+    if text != last:
+        try:
+            drafts.write_draft(cfg, spec.prefix, text)
+        except OSError:
+            return  # a read-only data folder: the form still works, it is just not kept
+        st.session_state[spec.key(DRAFT)] = text
+
+
+def reset_form(spec: FormSpec) -> None:
+    """Back to the defaults: the form's state and its draft go."""
+    drafts.remove_draft(config(), spec.prefix)
+    for k in [k for k in st.session_state if str(k).startswith(spec.prefix + ".")]:
+        del st.session_state[k]
+
+
+def load_data_into_form(spec: FormSpec, data: dict, cfg: AppConfig) -> None:
+    """Replace the form's state with recipe data; fields no widget shows go to the YAML box."""
     data.pop("kind", None)
+    state = spec.defaults(cfg)
+    state.update(spec.from_data(data, cfg))
     for k in [k for k in st.session_state if str(k).startswith(spec.prefix + ".")]:
         if not str(k).endswith((".file", ".file_overwrite")):
             del st.session_state[k]
-    state = spec.defaults(cfg)
-    state.update(spec.from_data(data, cfg))
     for name, value in state.items():
         st.session_state[spec.key(name)] = value
     st.session_state[spec.key("extra")] = (
         yaml.safe_dump(data, sort_keys=False, allow_unicode=True) if data else "")
     st.session_state[spec.key("_init")] = True
+
+
+def load_into_form(spec: FormSpec, recipe, cfg: AppConfig) -> None:
+    """Replace the form's state with a recipe; fields no widget shows go to the YAML box."""
+    draft = st.session_state.get(spec.key(DRAFT))
+    load_data_into_form(spec, recipe_data(recipe), cfg)
+    st.session_state[spec.key(DRAFT)] = draft or ""  # a loaded recipe is an edit to keep
     st.session_state[spec.key("touched")] = True
 
 
@@ -430,6 +472,12 @@ def render_form(spec: FormSpec,
     cfg = config()
     init_state(spec, cfg)
     recipe, data, problems = form_recipe(spec, cfg)
+    keep_draft(spec, data, cfg)
+    c1, c2 = st.columns([5, 1])
+    c1.caption(f"Your edits are kept in `{drafts.draft_path(cfg, spec.prefix)}` and come back "
+               "after a reload.")
+    c2.button("Reset form", key=spec.key("reset"), on_click=reset_form, args=(spec,),
+              help="back to the defaults; the kept edits are removed")
     recipe_file_bar(spec, recipe, cfg)
     draw(problems, cfg)
     extra_fields(spec, problems)
@@ -462,9 +510,9 @@ def job_picker(kind: str, label: str = "Results of job") -> Any:
 
 
 def job_progress(job) -> None:
-    """A one-line progress bar for a job (the Jobs page has the full view)."""
-    value = min(max(job.progress or 0.0, 0.0), 1.0)
-    st.progress(value, text=f"#{job.id}: " + progress_text(job, job_store().gpu_holder()))
+    """One progress bar for the whole job, the phase beside it (the Jobs page has the full
+    view); a failed job shows its error under it."""
+    st.progress(job_fraction(job), text=f"#{job.id}: " + progress_text(job, job_store().gpu_holder()))
     if job.error:
         (st.warning if job.status == "cancelled" else st.error)(job.error)
 

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     gpu INTEGER NOT NULL DEFAULT 0,
     status TEXT NOT NULL DEFAULT 'queued',
     progress REAL,                   -- 0..1 of the current task, NULL before the first report
+    overall REAL,                    -- 0..1 of the whole job (nested tasks folded in)
     eta_s REAL,
     stage TEXT,                      -- the current task's description
     message TEXT,
@@ -101,6 +102,7 @@ class Job:
     created: float = 0.0
     started: float | None = None
     finished: float | None = None
+    overall: float | None = None  # 0..1 of the whole job (progress: of the current phase)
 
     @property
     def finished_ok(self) -> bool:
@@ -134,6 +136,9 @@ class JobStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            if "overall" not in columns:  # a store written before the column existed
+                db.execute("ALTER TABLE jobs ADD COLUMN overall REAL")
 
     # ---------------------------------------------------------------------------------- plumbing
 
@@ -286,11 +291,13 @@ class JobStore:
         return bool(row and row["cancel_requested"])
 
     def report(self, job_id: int, progress: float | None = None, eta_s: float | None = None,
-               stage: str | None = None, message: str | None = None) -> None:
-        """Progress of a running job (the fields given replace the stored ones)."""
+               stage: str | None = None, message: str | None = None,
+               overall: float | None = None) -> None:
+        """Progress of a running job (the fields given replace the stored ones): `progress` of
+        the current phase (`stage`), `overall` of the whole job."""
         sets, args = ["heartbeat=?"], [time.time()]
         for col, value in (("progress", progress), ("eta_s", eta_s), ("stage", stage),
-                           ("message", message)):
+                           ("message", message), ("overall", overall)):
             if value is not None:
                 sets.append(f"{col}=?")
                 args.append(value)
@@ -321,10 +328,11 @@ class JobStore:
             raise ValueError(f"finish: status must be one of {FINISHED}, got {status!r}")
         with self._write() as db:
             db.execute("UPDATE jobs SET status=?, results=?, error=?, finished=?, "
-                       "progress=CASE WHEN ?='done' THEN 1.0 ELSE progress END, eta_s=NULL "
+                       "progress=CASE WHEN ?='done' THEN 1.0 ELSE progress END, "
+                       "overall=CASE WHEN ?='done' THEN 1.0 ELSE overall END, eta_s=NULL "
                        "WHERE id=? AND status='running'",
                        (status, json.dumps([str(p) for p in results or []]), error, time.time(),
-                        status, job_id))
+                        status, status, job_id))
 
     # --------------------------------------------------------------------------------- controls
 

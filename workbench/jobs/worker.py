@@ -80,18 +80,24 @@ class _LogHandler(logging.Handler):
 
 
 class ProgressWriter:
-    """The progress sink of a job: events -> progress/ETA rows, log lines and metrics."""
+    """The progress sink of a job: events -> progress/ETA rows, log lines and metrics.
+
+    The job's overall fraction (ProgressEvent.overall) never goes back: a phase that runs after
+    the job's main task has ended (the last samples after training) counts as its end."""
 
     def __init__(self, store: JobStore, job_id: int) -> None:
         self.store, self.job_id = store, job_id
         self._last_write = 0.0
         self._last_log = (None, 0.0)
+        self.overall: float | None = None
 
     def __call__(self, event: wb_progress.ProgressEvent) -> None:
         now = time.monotonic()
         frac = None
         if event.total:
             frac = max(0.0, min(1.0, event.done / event.total))
+        if event.overall is not None:
+            self.overall = max(self.overall or 0.0, event.overall)
         metrics = event.metrics
         if metrics:
             self.store.add_metrics(self.job_id, event.done, metrics)
@@ -99,7 +105,7 @@ class ProgressWriter:
         if now - self._last_write >= REPORT_EVERY_S or final or self._last_log[0] != event.desc:
             self._last_write = now
             self.store.report(self.job_id, progress=frac, eta_s=event.eta_s, stage=event.desc,
-                              message=event.message)
+                              message=event.message, overall=self.overall)
         if event.message and (now - self._last_log[1] >= 1.0 or final):
             total = f"/{event.total:g}" if event.total else ""
             self.store.log(self.job_id, f"[{event.desc}] {event.done:g}{total} {event.message}")

@@ -3,14 +3,13 @@ scores and the A/B statistics the grid engine wrote (scores.csv, scores.json, re
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import streamlit as st
 
-from workbench.app import forms
+from workbench.app import forms, grid_results, live, pickers
 from workbench.app.config import AppConfig
 from workbench.recipes.common import SAMPLERS, split_lora
 from workbench.recipes.grid import AXIS_NAMES
@@ -184,7 +183,10 @@ def draw(problems: forms.Problems, cfg: AppConfig) -> None:
     st.text_input("Name", key=k("name"))
     problems.show("name")
     st.subheader("Settings every cell shares")
-    st.text_input("Model (unless an axis varies it)", key=k("model"))
+    c1, c2 = st.columns([3, 2])
+    c1.text_input("Model (unless an axis varies it)", key=k("model"))
+    pickers.picker(k("model"), pickers.model_choices(cfg, pickers.MODEL_KINDS), cfg, "a model",
+                   container=c2)
     st.text_area("Prompt", key=k("prompt"), height=68)
     st.text_input("Negative prompt", key=k("negative"))
     c1, c2, c3, c4, c5 = st.columns(5)
@@ -214,38 +216,53 @@ def draw(problems: forms.Problems, cfg: AppConfig) -> None:
 
 
 def results() -> None:
-    """The finished grid: pages with labels and scores, per-cell scores, A/B statistics."""
+    """The chosen grid job: its bar (or its error), then the grid image and the verdict at the
+    top, the scores as tables and charts, the A/B statistics as a table (app/grid_results.py)."""
     job = forms.job_picker("grid", "Grid of job")
     if job is None:
         return
     forms.job_progress(job)
-    files = [Path(p) for p in job.results]
-    grids = [p for p in files if p.suffix.lower() in (".png", ".jpg", ".webp") and p.exists()]
-    tab_grid, tab_scores, tab_stats = st.tabs(["Grid", "Scores", "A/B statistics"])
-    with tab_grid:
-        for p in grids:
+    res = grid_results.read_results(job.results)
+    if not (res.images or res.rows):
+        if job.status == "done":
+            st.caption("this job wrote no grid image or scores")
+        return
+    left, right = st.columns([3, 2])
+    with left:
+        for p in res.images[:1]:
             st.image(str(p), caption=p.name)
-        if not grids:
-            st.caption("no grid image yet")
+    with right:
+        st.markdown("**Verdict**")
+        sentences = res.verdict()
+        for sentence in sentences:
+            st.info(sentence)
+        if not sentences:
+            st.caption("no verdict: it needs an axis with two or more values and a score")
+        if res.report is not None:
+            st.caption(f"full report: `{res.report}`")
+    tab_scores, tab_ab, tab_pages = st.tabs(["Scores", "A/B statistics", "All grid pages"])
     with tab_scores:
-        csv = next((p for p in files if p.name == "scores.csv" and p.exists()), None)
-        if csv is not None:
-            import csv as csvmod
-
-            with open(csv, newline="", encoding="utf-8") as f:
-                st.dataframe(list(csvmod.DictReader(f)), hide_index=True, width="stretch")
+        metrics = res.metrics
+        for letter, name in grid_results.axes_of(res.rows):
+            means = grid_results.means_by_value(res.rows, letter, metrics)
+            if means:
+                st.markdown(f"Mean score per {name} value ({letter.upper()} axis)")
+                st.bar_chart(pd.DataFrame(means), stack=False, height=220)
+        if res.rows:
+            st.dataframe(grid_results.short_rows(res.rows, metrics), hide_index=True, width="stretch")
         else:
             st.caption("no scores yet")
-    with tab_stats:
-        js = next((p for p in files if p.name == "scores.json" and p.exists()), None)
-        stats = json.loads(js.read_text(encoding="utf-8")).get("statistics") if js else None
-        if stats:
-            st.json(stats)
+    with tab_ab:
+        table = grid_results.ab_table(res.statistics)
+        if table:
+            st.dataframe(table, hide_index=True, width="stretch")
+            st.caption("B − A: mean paired difference (B scored higher when positive); interval: "
+                       "bootstrap over prompts (over seeds when the grid has one prompt).")
         else:
             st.caption("no statistics (they need two values on an axis and scores)")
-        html = next((p for p in files if p.suffix == ".html"), None)
-        if html is not None:
-            st.caption(f"full report: `{html}`")
+    with tab_pages:
+        for p in res.images:
+            st.image(str(p), caption=p.name)
 
 
 def render() -> None:
@@ -254,7 +271,7 @@ def render() -> None:
                "settings are compared on equal terms and scored.")
     forms.render_form(SPEC, draw)
     st.divider()
-    results()
+    live.section("compare", results, lambda: live.jobs_active("grid"))
 
 
 if __name__ == "__main__":

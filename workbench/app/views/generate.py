@@ -7,7 +7,7 @@ from typing import Any
 
 import streamlit as st
 
-from workbench.app import forms
+from workbench.app import forms, live, pickers
 from workbench.app.config import AppConfig
 from workbench.recipes.common import SAMPLERS, split_lora
 from workbench.recipes.generate import WEIGHT_MODES
@@ -92,9 +92,11 @@ SPEC = forms.FormSpec("generate", P, defaults, to_data, from_data)
 
 
 def draw(problems: forms.Problems, cfg: AppConfig) -> None:
-    c1, c2 = st.columns([1, 3])
+    c1, c2, c3 = st.columns([1, 2, 2])
     c1.text_input("Name (optional)", key=k("name"))
     c2.text_input("Model", key=k("model"), placeholder="models/mine_v1.safetensors")
+    pickers.picker(k("model"), pickers.model_choices(cfg, pickers.MODEL_KINDS), cfg, "a model",
+                   container=c3)
     problems.show("name", "model")
     st.text_area("Prompt", key=k("prompt"), height=80)
     problems.show("prompt")
@@ -112,6 +114,8 @@ def draw(problems: forms.Problems, cfg: AppConfig) -> None:
     c3.number_input("Images", min_value=1, step=1, key=k("count"))
     problems.show("width", "height", "count")
     st.text_area("LoRAs (one 'path:weight' per line)", key=k("loras"), height=68)
+    pickers.picker(k("loras"), pickers.model_choices(cfg, pickers.LORA_KINDS), cfg, "a LoRA",
+                   append=True, beside_label=False)
     problems.show("loras")
     c1, c2 = st.columns(2)
     c1.selectbox("Weights", WEIGHT_MODES, key=k("weights"),
@@ -139,7 +143,7 @@ def render() -> None:
     st.title("Generate")
     forms.render_form(SPEC, draw)
     st.divider()
-    results()
+    live.section("generate", results, lambda: live.jobs_active("generate"))
 
 
 if __name__ == "__main__":

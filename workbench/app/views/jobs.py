@@ -1,8 +1,10 @@
 """Jobs page: every job in the store, its progress with ETA, log tail, cancel, delete, results.
 
 The page only reads the store (and asks it to cancel, or to forget a finished job); workers do the
-work. The detail panel is a fragment that re-runs every second, so progress moves without reloading
-the page.
+work. The list and the detail panel are a fragment that re-runs every few seconds while a job is
+queued or running (app/live.py), so progress moves without reloading the page. A worker that does
+not react to a cancel (stuck in a long native call) can be stopped by force, after a confirmation
+(workbench/jobs/worker.py force_stop: its process tree is terminated, then killed).
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ from pathlib import Path
 
 import streamlit as st
 
-from workbench.app import forms
-from workbench.app.jobs_ui import STATE, job_label, progress_text
+from workbench.app import forms, live
+from workbench.app.jobs_ui import STATE, job_fraction, job_label, progress_text
+from workbench.errors import WorkbenchError
 from workbench.jobs.store import Job
 
 S = st.session_state
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CONFIRM = "jobs.force_confirm"  # session_state: the job id whose force stop awaits confirmation
+
+
 def show_results(job: Job) -> None:
     """Written files: images shown, models pointed to the Models page, folders listed."""
     if not job.results:
@@ -48,6 +54,42 @@ def cancel(job_id: int) -> None:
                         f"job #{job_id}: cancel requested; the worker stops at its next step")
 
 
+def ask_force_stop(job_id: int) -> None:
+    S[CONFIRM] = job_id
+
+
+def force_stop(job_id: int) -> None:
+    """Stop the job's worker process tree (terminate, then kill) and record the job cancelled."""
+    from workbench.jobs.worker import force_stop as stop_worker
+
+    S.pop(CONFIRM, None)
+    job = forms.job_store().get(job_id)
+    pid = job.worker_pid if job else None
+    try:
+        stopped = stop_worker(forms.job_store(), job_id)
+    except WorkbenchError as e:
+        S["jobs.notice"] = str(e)
+        return
+    S["jobs.notice"] = (f"job #{job_id}: worker {pid} stopped by force; the job is cancelled"
+                        if stopped else f"job #{job_id} was not running any more")
+
+
+def force_controls(job: Job) -> None:
+    """For a running job whose cancel was requested: stop its worker by force, once confirmed."""
+    if S.get(CONFIRM) == job.id:
+        st.warning(f"Stop worker process {job.worker_pid} now? Its job ends at once, as cancelled; "
+                   "a temp file it was writing may stay next to the output.")
+        c1, c2 = st.columns(2)
+        c1.button("Yes, stop it now", key=f"jobs.force_yes.{job.id}", type="primary",
+                  on_click=force_stop, args=(job.id,))
+        c2.button("Keep waiting", key=f"jobs.force_no.{job.id}",
+                  on_click=lambda: S.pop(CONFIRM, None))
+    else:
+        st.button("Force stop…", key=f"jobs.force.{job.id}", on_click=ask_force_stop,
+                  args=(job.id,), help="for a worker that does not react to the cancel: stops "
+                  "its process (asks for confirmation first)")
+
+
 def delete(job_id: int) -> None:
     """Forget a finished job: its row, log and metrics go, its output files stay."""
     removed = forms.job_store().delete(job_id)
@@ -63,8 +105,7 @@ def detail(job_id: int) -> None:
         return
     holder = store.gpu_holder()
     with st.status(job_label(job), state=STATE[job.status], expanded=True):
-        value = job.progress if job.progress is not None else 0.0
-        st.progress(min(max(value, 0.0), 1.0), text=progress_text(job, holder))
+        st.progress(job_fraction(job), text=progress_text(job, holder))
         if job.message and job.active:
             st.caption(job.message)
         if job.error:
@@ -72,6 +113,9 @@ def detail(job_id: int) -> None:
         if job.active:
             st.button("Cancel job", key=f"jobs.cancel.{job.id}", on_click=cancel, args=(job.id,),
                       disabled=job.cancel_requested and job.status == "running")
+            if job.status == "running" and job.cancel_requested:
+                st.caption("cancel requested: the worker stops at its next step")
+                force_controls(job)
         else:
             st.button("Delete job", key=f"jobs.delete.{job.id}", on_click=delete, args=(job.id,),
                       help="removes the job and its log from this list; output files stay")
@@ -85,9 +129,8 @@ def detail(job_id: int) -> None:
         st.line_chart({"loss": [v for _, v in metrics["loss"]]})
 
 
-@st.fragment(run_every=1.0)
 def jobs_panel() -> None:
-    """The list and the selected job; re-runs every second on its own (progress, ETA, log)."""
+    """The list and the selected job (progress, ETA, log); a live section (app/live.py)."""
     store = forms.job_store()
     store.reap()
     jobs = store.list(limit=200)
@@ -100,7 +143,7 @@ def jobs_panel() -> None:
                                                             "cancelled")}
     st.caption(" · ".join(f"{n} {s}" for s, n in counts.items() if n))
     st.dataframe([{"id": j.id, "kind": j.kind, "name": j.name, "status": j.status,
-                   "progress": f"{(j.progress or 0) * 100:.0f}%",
+                   "progress": f"{job_fraction(j) * 100:.0f}%",
                    "created": time.strftime("%H:%M:%S", time.localtime(j.created))}
                   for j in jobs], hide_index=True, width="stretch")
     ids = [j.id for j in jobs]
@@ -124,7 +167,7 @@ def render() -> None:
     if wanted and wanted.isdigit():
         S["jobs.selected"] = int(wanted)
         del st.query_params["job"]
-    jobs_panel()
+    live.section("jobs", jobs_panel, live.jobs_active)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,17 @@ order (SD1.5 26 values, SDXL 20) or a mapping for SD3/FLUX block ids; presets fi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
-from workbench.app import forms
+from workbench.app import forms, live, pickers
 from workbench.app.config import AppConfig
 from workbench.arch import BLOCK_TABLES
 from workbench.formats.blocks import BLOCK_IDS, parse_block_values, preset_name, presets
 from workbench.recipes.merge import KNOWN_MERGE_METHODS, MERGE_METHOD_RULES
+from workbench.units import human_size
 
 P = "merge"
 NUM_PARAMS = ("beta", "k", "p", "sim_min", "sim_max")
@@ -22,6 +24,8 @@ DTYPES = ("first input", "fp16", "bf16", "fp32", "fp8_e4m3fn")
 BLOCK_MODES = ("none", "preset", "per block")
 ARCHS = BLOCK_TABLES  # one per block table (workbench/arch.py)
 S = st.session_state
+ALPHA_WITH_BLOCKS = ("α does not apply while block weights are set: each block's weight is its "
+                     "alpha, and BASE is the alpha of the text encoder and VAE.")
 
 
 def k(name: str) -> str:
@@ -255,19 +259,23 @@ def step_widgets(i: int, problems: forms.Problems) -> None:
     st.caption(KNOWN_MERGE_METHODS.get(method, ""))
     rule = MERGE_METHOD_RULES.get(method)
     uses = (rule.required + rule.optional) if rule else ()
+    # block weights give alpha per block (BASE: text encoder and VAE), so the alpha box would
+    # change nothing in the file: it is greyed out with a line that says so
+    blocks_set = "blocks" in uses and S.get(k(f"step{i}.blocks_mode"), "none") != "none"
     if "alpha" in uses:
         st.radio("Alpha", ("one value", "per component"), key=k(f"step{i}.alpha_mode"),
-                 horizontal=True)
+                 horizontal=True, disabled=blocks_set)
         if S[k(f"step{i}.alpha_mode")] == "per component":
             cols = st.columns(3)
             for col, (w, label) in zip(cols, (("unet", "UNet"), ("te", "text encoder"),
                                               ("vae", "VAE"))):
                 col.number_input(f"alpha {label}", value=None, step=0.05,
-                                 key=k(f"step{i}.alpha_{w}"))
+                                 key=k(f"step{i}.alpha_{w}"), disabled=blocks_set)
         else:
             st.number_input("alpha (share of the second input)", value=None, step=0.05,
-                            format="%.3f",
-                            key=k(f"step{i}.alpha"))
+                            format="%.3f", key=k(f"step{i}.alpha"), disabled=blocks_set)
+        if blocks_set:
+            st.caption(ALPHA_WITH_BLOCKS)
         problems.show(f"steps[{i}].alpha")
     shown = [n for n in NUM_PARAMS + ("seed",) if n in uses]
     if shown:
@@ -292,12 +300,15 @@ def draw(problems: forms.Problems, cfg: AppConfig) -> None:
     problems.show("name", "description")
 
     st.subheader("Input models")
+    choices = pickers.model_choices(cfg, pickers.MODEL_KINDS + pickers.LORA_KINDS)
     for i in range(S[k("n_models")]):
-        c1, c2 = st.columns([1, 4])
+        c1, c2, c3 = st.columns([1, 3, 2])
         c1.text_input("Name", key=k(f"model{i}.name"), label_visibility="collapsed")
         c2.text_input(f"Model {i + 1} path", key=k(f"model{i}.path"),
                       placeholder=".safetensors file under the models or outputs folder",
                       label_visibility="collapsed")
+        pickers.picker(k(f"model{i}.path"), choices, cfg, "a model or LoRA", container=c3,
+                       beside_label=False)
         problems.show(f"models.{S.get(k(f'model{i}.name'), '')}", f"models[{i}]")
     problems.show("models")
     c1, c2 = st.columns(2)
@@ -325,11 +336,28 @@ def draw(problems: forms.Problems, cfg: AppConfig) -> None:
     problems.show("output")
 
 
+def job_status() -> None:
+    """The chosen merge job: one bar for the job, its error if it failed, the file it wrote."""
+    job = forms.job_picker("merge", "Merge job")
+    if job is None:
+        st.caption("no merge jobs yet")
+        return
+    forms.job_progress(job)
+    for raw in job.results:
+        path = Path(raw)
+        if path.suffix == ".safetensors":
+            size = human_size(path.stat().st_size) if path.exists() else "missing"
+            st.markdown(f"wrote `{path}` ({size})")
+
+
 def render() -> None:
     st.title("Merge")
     st.caption("Merge checkpoints as a merge recipe describes; the dry run shows the plan before "
                "anything is written.")
     forms.render_form(SPEC, draw)
+    st.divider()
+    st.subheader("Progress")
+    live.section("merge", job_status, lambda: live.jobs_active("merge"))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 
 import streamlit as st
 
-from workbench.app import forms
+from workbench.app import forms, live, pickers
 from workbench.app.views import pick_panel
 from workbench.app.config import AppConfig
 from workbench.errors import WorkbenchError
@@ -29,7 +29,8 @@ def defaults(cfg: AppConfig) -> dict[str, Any]:
             "resolution": "512", "net.type": "lora", "net.rank": 16, "net.alpha": 8.0,
             "net.te": False, "max_steps": 1000, "batch_size": 1, "lr": 1e-4,
             "optimizer": "AdamW", "scheduler": "constant", "precision": "auto", "seed": 42,
-            "samples.on": False, "samples.every": 250, "samples.prompts": "", "samples.seed": 1,
+            "samples.on": False, "samples.every": 250, "samples.steps": 20, "samples.prompts": "",
+            "samples.seed": 1,
             "out.dir": cfg.show(cfg.roots["outputs"][0] / "loras" / "my-style"),
             "out.save_every": None, "out.overwrite": False}
 
@@ -61,7 +62,7 @@ def to_data(get, cfg: AppConfig, problems: list) -> dict:
     if get("samples.on"):
         prompts = [p.strip() for p in (get("samples.prompts") or "").splitlines() if p.strip()]
         data["samples"] = {"every": get("samples.every"), "prompts": prompts,
-                           "seed": get("samples.seed")}
+                           "seed": get("samples.seed"), "steps": get("samples.steps")}
     out: dict[str, Any] = {"dir": forms.path_field(cfg, problems, "output.dir", get("out.dir"),
                                                    ("outputs",))}
     if get("out.save_every"):
@@ -96,6 +97,7 @@ def from_data(data: dict, cfg: AppConfig) -> dict[str, Any]:
     if isinstance(samples, dict):
         state["samples.on"] = True
         state["samples.every"] = pop(data, "samples", "every") or 250
+        state["samples.steps"] = pop(data, "samples", "steps") or 20
         state["samples.prompts"] = "\n".join(pop(data, "samples", "prompts") or [])
         seed = pop(data, "samples", "seed")
         state["samples.seed"] = 1 if seed is None else seed
@@ -127,10 +129,15 @@ def draw(problems: forms.Problems, cfg: AppConfig) -> None:
     c1.text_input("Name", key=k("name"), help="the LoRA file is <output dir>/<name>.safetensors")
     c2.text_input("Description", key=k("description"))
     problems.show("name", "description")
-    st.text_input("Base model", key=k("base"), placeholder="models/sd15_base.safetensors")
+    c1, c2 = st.columns([3, 2])
+    c1.text_input("Base model", key=k("base"), placeholder="models/sd15_base.safetensors")
+    pickers.picker(k("base"), pickers.model_choices(cfg, pickers.MODEL_KINDS), cfg, "a model",
+                   container=c2)
     problems.show("base")
-    st.text_input("Dataset folder", key=k("dataset"),
+    c1, c2 = st.columns([3, 2])
+    c1.text_input("Dataset folder", key=k("dataset"),
                   help="kohya layout (10_mystyle/ repeats folders) or images with .txt captions")
+    pickers.picker(k("dataset"), pickers.dataset_choices(cfg), cfg, "a dataset", container=c2)
     problems.show("dataset")
     c1, c2 = st.columns(2)
     c1.text_input("Trigger word", key=k("trigger"), help="prepended to every caption")
@@ -166,9 +173,20 @@ def draw(problems: forms.Problems, cfg: AppConfig) -> None:
     st.subheader("Samples while training")
     st.checkbox("make sample images", key=k("samples.on"))
     if S[k("samples.on")]:
-        c1, c2 = st.columns(2)
-        c1.number_input("every N steps", min_value=1, step=50, key=k("samples.every"))
-        c2.number_input("sample seed", step=1, key=k("samples.seed"))
+        c1, c2, c3 = st.columns(3)
+        c1.number_input("every N steps", min_value=1, step=50, key=k("samples.every"),
+                        help="a sample image per prompt after every N training steps (and at "
+                             "the end)")
+        c2.number_input("sampling steps", min_value=1, max_value=1000, step=1,
+                        key=k("samples.steps"), help="denoising steps per sample image: fewer "
+                        "is faster; on a CPU sampling can take longer than the training itself")
+        c3.number_input("sample seed", step=1, key=k("samples.seed"))
+        every, steps = S.get(k("samples.every")) or 1, S.get(k("samples.steps")) or 0
+        n_prompts = len([p for p in (S.get(k("samples.prompts")) or "").splitlines() if p.strip()])
+        runs = -(-int(S.get(k("max_steps")) or 0) // int(every))
+        if n_prompts:
+            st.caption(f"{runs} sample rounds × {n_prompts} prompt(s) × {steps} sampling steps = "
+                       f"{runs * n_prompts * steps} denoising steps besides the training")
         st.text_area("Prompts (one per line)", key=k("samples.prompts"))
     problems.show("samples")
 
@@ -206,7 +224,7 @@ def render() -> None:
     forms.render_form(SPEC, draw)
     st.divider()
     st.subheader("Progress")
-    live_view()
+    live.section("train", live_view, lambda: live.jobs_active("train"))
     pick_panel.render()
 
 
