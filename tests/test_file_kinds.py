@@ -315,10 +315,10 @@ def test_q4_k_gguf_base_in_a_grid_with_a_lora(files, tmp_path):
     lora_gap = _diff(cells[(q, "1")], cells[(s, "1")])
     effect = _diff(cells[(s, "1")], cells[(s, "0")])
     effect_q = _diff(cells[(q, "1")], cells[(q, "0")])
-    print("q4_k grid", plain_gap, lora_gap, effect, effect_q)
-    # 4-bit weights of a UNet 8-32 channels wide; bounds over the measured values (printed above)
-    assert plain_gap <= 35 and lora_gap <= 35
-    assert effect > 3 and effect_q > 3
+    # measured (mean |diff| of 255): Q4_K vs source 5.3 without the LoRA, 5.7 with it; the LoRA
+    # changes the source's picture by 5.4 and the Q4_K base's by 4.9
+    assert plain_gap <= 10 and lora_gap <= 10, (plain_gap, lora_gap)
+    assert effect > 3 and effect_q > 3, (effect, effect_q)
 
 
 @pytest.mark.slow
@@ -333,8 +333,7 @@ def test_forge_nf4_in_a_grid(files, tmp_path):
     cells = _grid_cells(tmp_path / "out")
     assert len(cells) == 2
     gap = _diff(cells[(nf4.stem, "")], cells[(source.stem, "")])
-    print("nf4 grid", gap)
-    assert 0 < gap <= 12  # NF4 (4-bit) against bf16 on the tiny FLUX; bound over the printed value
+    assert 0 < gap <= 16  # NF4 (4-bit) against bf16 on the tiny FLUX: measured 11.0 (test_nf4_file: 11.9)
 
 
 @pytest.mark.slow

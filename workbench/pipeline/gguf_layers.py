@@ -12,7 +12,9 @@ fp16 size. Here those layers get their packed bytes back after diffusers has bui
   shape (diffusers' converters rename and may split tensors; equal values make the swap exact
   whatever the name);
 - the layer's class becomes `PackedConv2d` / `PackedLinear` (subclasses of the torch layer, so
-  peft and diffusers' LoRA loaders still wrap them), whose forward dequantizes with diffusers'
+  peft and diffusers' LoRA loaders still wrap them; peft builds a LoRA conv's own small layers as
+  `type(base)(...)`, so a layer without packed bytes computes as the plain torch layer), whose
+  forward dequantizes with diffusers'
   torch dequantizer, the one `GGUFLinear` uses, reshapes to the logical shape and computes in the
   dtype the layer was loaded in.
 """
@@ -37,6 +39,8 @@ class PackedConv2d(nn.Conv2d):
     compute_dtype: torch.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self.weight, "quant_type"):  # a plain layer made as type(base) (peft's LoRA convs)
+            return super().forward(x)
         weight = _dequantize(self.weight, self.logical_shape, self.compute_dtype)
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
         return self._conv_forward(x, weight, bias)
@@ -49,6 +53,8 @@ class PackedLinear(nn.Linear):
     compute_dtype: torch.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self.weight, "quant_type"):  # a plain layer made as type(base) (peft's LoRA convs)
+            return super().forward(x)
         weight = _dequantize(self.weight, self.logical_shape, self.compute_dtype)
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
@@ -61,6 +67,14 @@ def _fingerprint(t: torch.Tensor) -> tuple:
     """Shape, dtype and the first and last values: a cheap key before the exact comparison."""
     flat = t.reshape(-1)
     return (tuple(t.shape), t.dtype, tuple(flat[:16].tolist()), tuple(flat[-16:].tolist()))
+
+
+def _as_param(packed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The packed rows as a parameter with as many dimensions as `weight`: (rows, 1, 1, bytes) for
+    a convolution, since peft's LoRA layers read the kernel's rank from `weight.dim()`
+    (diffusers' dequantizer keeps the leading dimensions, and forward reshapes to the logical shape)."""
+    data = packed.reshape(packed.shape[0], *([1] * (weight.dim() - 2)), packed.shape[-1])
+    return packed.__class__(data.to(weight.device), requires_grad=False, quant_type=packed.quant_type)
 
 
 def pack_layers(model: nn.Module, packed: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
@@ -83,8 +97,7 @@ def pack_layers(model: nn.Module, packed: dict[str, torch.Tensor], shapes: dict[
                 module.__class__ = cls
                 module.logical_shape = tuple(weight.shape)
                 module.compute_dtype = dtype
-                module.weight = packed[key].__class__(packed[key].to(weight.device), requires_grad=False,
-                                                      quant_type=packed[key].quant_type)
+                module.weight = _as_param(packed[key], weight)
                 count += 1
                 break
     return count
