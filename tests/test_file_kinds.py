@@ -66,25 +66,30 @@ EXPECTED.update({("lbw", "generate"): "yes (`path:weight:INS`)", ("lbw", "grid")
 
 # The test that runs each supported cell end to end (images, training, merge written).
 FULL = {
-    ("checkpoint", "generate"): "test_generate.py", ("checkpoint", "grid"): "test_grid.py",
-    ("checkpoint", "train base"): "test_train.py", ("checkpoint", "merge input"): "test_merge.py",
+    ("checkpoint", "generate"): "test_generate.py::test_lora_at_generation_time_equals_the_baked_merge",
+    ("checkpoint", "grid"): "test_grid_grid.py::test_grid_runs_each_model_once_and_writes_everything",
+    ("checkpoint", "train base"): "test_train_loop.py::test_resume_equals_uninterrupted_and_outputs",
+    ("checkpoint", "merge input"): "test_merge_engine.py::test_weighted_sum_equals_formula_in_fp32_cast_once",
     ("gguf_q8_0", "generate"): "test_gguf.py::test_flux_gguf_folder_generates_close_to_bf16_and_takes_a_lora",
     ("gguf_q8_0", "grid"): "test_gguf.py::test_grid_runs_a_gguf_folder_beside_its_source",
     ("gguf_q8_0", "train base"): "test_gguf.py::test_a_lora_trains_on_a_gguf_flux_base",
     ("gguf_q8_0", "merge input"): "test_gguf.py::test_merges_refuse_gguf_unless_allowed_then_merge_its_dequantized_values",
     ("gguf_q4_k", "generate"): "test_gguf.py::test_sdxl_gguf_checkpoint_q4_k_weights_equal_gguf_and_image_is_close",
-    ("gguf_q4_k", "grid"): "test_q4_k_gguf_base_in_a_grid_with_a_lora (below)",
-    ("gguf_q4_k", "train base"): "test_a_lora_trains_on_a_gguf_q4_k_base (below)",
+    ("gguf_q4_k", "grid"): "test_file_kinds.py::test_q4_k_gguf_base_in_a_grid_with_a_lora",
+    ("gguf_q4_k", "train base"): "test_file_kinds.py::test_a_lora_trains_on_a_gguf_q4_k_base",
     ("nf4", "generate"): "test_nf4_file.py::test_weights_equal_bitsandbytes_dequantization_and_the_image_is_close",
-    ("nf4", "grid"): "test_forge_nf4_in_a_grid (below)",
+    ("nf4", "grid"): "test_file_kinds.py::test_forge_nf4_in_a_grid",
     ("nf4", "train base"): "test_nf4_file.py::test_a_lora_trains_on_a_forge_nf4_base",
     ("nf4", "merge input"): "test_nf4_file.py::test_merges_refuse_nf4_unless_allowed_then_merge_the_dequantized_weights",
     ("scaled_fp8", "generate"): "test_scaled_fp8.py::test_auto_plan_keeps_a_scaled_unet_in_fp8_with_its_own_values",
     ("scaled_fp8", "merge input"): "test_scaled_fp8.py::test_merge_and_extraction_read_a_scaled_file_as_its_multiplied_out_weights",
     **{(k, r): "test_lora_variants.py::test_trained_variant_bakes_and_previews_like_peft"
        for k in ("loha", "lokr", "dora") for r in ("generate", "merge input")},
-    ("lora", "generate"): "test_loras.py", ("lora", "merge input"): "test_merge_lora.py",
-    ("lbw", "generate"): "test_lbw.py", ("lbw", "merge input"): "test_lbw.py",
+    ("lora", "generate"): "test_generate.py::test_lora_at_generation_time_equals_the_baked_merge",
+    ("lora", "grid"): "test_grid_cells.py::test_prompt_sr_lora_size_and_merge_axes",
+    ("lora", "merge input"): "test_lora_merge.py::test_alpha_zero_or_missing_preview_equals_bake",
+    ("lbw", "generate"): "test_lbw.py::test_block_weighted_preview_equals_block_weighted_bake",
+    ("lbw", "merge input"): "test_lbw.py::test_block_weighted_preview_equals_block_weighted_bake",
 }
 
 OUTCOMES: dict[tuple[str, str], str] = {}
@@ -272,11 +277,18 @@ def test_cell(kind, reader, files, tmp_path, style_set):
     OUTCOMES[(kind, reader)] = "passed"
 
 
-def test_every_cell_has_a_status_and_every_supported_model_cell_a_full_test():
+def test_every_cell_has_a_status_and_the_full_tests_named_exist():
+    """Every cell is listed; every model file kind's generate, grid and merge cells (where the
+    file is read for real) name a full test, and every named test exists."""
     assert set(EXPECTED) == {(k, r) for k in KINDS for r in READERS}
     untested = [c for c, s in EXPECTED.items() if s.startswith("yes") and c[0] in MODELS and c[1] != "models scan"
                 and c not in FULL and c[0] != "scaled_fp8"]
     assert not untested, untested
+    here = Path(__file__).parent
+    for cell, target in FULL.items():
+        module, _, name = target.partition("::")
+        assert (here / module).is_file(), (cell, target)
+        assert f"def {name}(" in (here / module).read_text(), (cell, target)
 
 
 # ------------------------------------------------------------------------ full runs not tested elsewhere
