@@ -51,7 +51,7 @@ def test_dry_run_names_the_field_when_components_are_missing_or_wrong(sdxl_unet,
     assert any(p.startswith("components: sd15_0.safetensors is an SD1.5 model but model") for p in plan.problems), \
         plan.problems
     plan = build_plan(_generate_recipe(tmp_path, sdxl_unet, sdxl_unet))
-    assert any(p.startswith("components: sdxl-unet-Q8_0.gguf is an sdxl unet, not a checkpoint") for p in plan.problems)
+    assert any(p.startswith("components: sdxl-unet-Q8_0.gguf is an SDXL unet, not a checkpoint") for p in plan.problems)
     plan = build_plan(_generate_recipe(tmp_path, sdxl_unet, tmp_path / "nowhere.safetensors"))
     assert any(p.startswith("components: not found") for p in plan.problems)
 
@@ -110,3 +110,28 @@ def test_a_diffusers_folder_of_another_architecture_is_refused(sdxl_unet, tmp_pa
     with pytest.raises(WorkbenchError, match=r"^components: flux-folder is a FLUX\.1 model but model "
                                              r"\(sdxl-unet-Q8_0\.gguf\) is an SDXL unet"):
         sources(sdxl_unet, folder)
+
+
+@pytest.mark.slow
+def test_grid_takes_defaults_components_for_the_unet_only_model(sdxl_unet, tiny_model, tmp_path):
+    """defaults.components completes the UNet-only GGUF; the full checkpoint beside it keeps its own."""
+    from workbench.grid.cells import Source, source_identity
+
+    source = tiny_model("sdxl")
+    text = (f"kind: grid\nname: c\ndefaults: {{components: {source}, steps: 2, width: 64, height: 64}}\n"
+            f"x: {{axis: model, values: [{sdxl_unet}, {source}]}}\nseeds: [3]\nmemory: {{device: cpu}}\n"
+            f"output: {{dir: {tmp_path / 'out'}}}\n")
+    plan = build_plan(parse_recipe(text, tmp_path / "c.yaml"))
+    assert not plan.problems, plan.problems
+    assert "  unet: sdxl-unet-Q8_0.gguf (GGUF Q8_0)" in plan.lines
+    assert any("defaults.components: not used for sdxl_0.safetensors" in ln for ln in plan.lines)
+    # the cells' cache key covers the components only where they are used
+    assert "components" in source_identity(Source(sdxl_unet, components=source))
+    assert "components" not in source_identity(Source(source, components=tiny_model("sdxl", 1)))
+    run_plan(plan, progress=False)
+    cells = [np.asarray(Image.open(p), dtype=np.int16) for p in sorted((tmp_path / "out" / "cells").glob("*.png"))]
+    assert len(cells) == 2
+    assert 0 < _diff(cells[0], cells[1]) <= 8  # Q8_0 UNet vs its source (generate: measured 3.9)
+    missing = build_plan(parse_recipe(text.replace(f"components: {source}, ", ""), tmp_path / "c.yaml"))
+    assert any(p.startswith("x.values[0]: sdxl-unet-Q8_0.gguf holds only the SDXL unet")
+               and "`defaults.components:`" in p for p in missing.problems), missing.problems

@@ -78,8 +78,13 @@ def denoiser_only(path: str | os.PathLike) -> tuple[str, str | None, str] | None
     return None
 
 
-def _an(word: str) -> str:
-    return "an" if word[:1].lower() in "aefhilmnorsx" else "a"
+def _an(name: str) -> str:
+    """The article before an architecture's display name: "an SDXL", "a FLUX.1"."""
+    return "an" if name.startswith("SD") else "a"
+
+
+def _name(arch: str | None) -> str:
+    return BY_ID[arch].name if arch in BY_ID else str(arch)
 
 
 def _folder_arch(folder: Path) -> str:
@@ -120,12 +125,12 @@ def sources(model: str | os.PathLike, components: str | os.PathLike | None, *,
         except WorkbenchError as e:
             raise WorkbenchError(f"{field}: {e}") from None
         if info.kind != "checkpoint":
-            raise WorkbenchError(f"{field}: {components.name} is {_an(info.arch or 'x')} {info.arch} {info.kind}, "
+            raise WorkbenchError(f"{field}: {components.name} is {_an(_name(info.arch))} {_name(info.arch)} {info.kind}, "
                                  f"not a checkpoint with text encoders and a VAE; expected {_an(name)} {name} "
                                  "checkpoint or a diffusers folder")
         have = info.arch
     if have != arch:
-        raise WorkbenchError(f"{field}: {components.name} is {_an(have)} {BY_ID[have].name if have in BY_ID else have} "
+        raise WorkbenchError(f"{field}: {components.name} is {_an(_name(have))} {_name(have)} "
                              f"model but {model_field} ({model.name}) is {_an(name)} {name} {kind}; "
                              f"expected {_an(name)} {name} checkpoint or diffusers folder")
     header = read_model_header(model)
