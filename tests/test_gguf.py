@@ -95,6 +95,12 @@ def test_q4_k_blocks_read_back_by_gguf_and_by_diffusers():
         _assert_fp16_close(theirs, torch.from_numpy(ours))
 
 
+def _dequantized(packed: torch.Tensor) -> torch.Tensor:
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    return dequantize_gguf_tensor(packed)
+
+
 def _assert_fp16_close(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
     """diffusers dequantizes in float16: Q8_0's one product is rounded once; K-quants round
     d*scale, then *q, then the min's product (measured worst 1.3e-3 of the tensor's range)."""
@@ -210,8 +216,9 @@ def test_sdxl_gguf_checkpoint_q4_k_weights_equal_gguf_and_image_is_close(sdxl_fi
     for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
         got, want = getattr(pipe, comp).state_dict(), getattr(expected, comp).state_dict()
         assert got.keys() == want.keys()
-        for k in want:
-            _assert_fp16_close(got[k], want[k], k)
+        for k in want:  # packed UNet weights (convolutions, reshaped Linear) compared dequantized
+            value = _dequantized(got[k]).reshape(want[k].shape) if hasattr(got[k], "quant_type") else got[k]
+            _assert_fp16_close(value, want[k], k)
     model = load_model(path, device="cpu")
     full = load_model(sdxl_files["source"], device="cpu", weights="fp32")
     a, b = generate(model, SDXL_SETTINGS, [3])[0], generate(full, SDXL_SETTINGS, [3])[0]
@@ -219,6 +226,65 @@ def test_sdxl_gguf_checkpoint_q4_k_weights_equal_gguf_and_image_is_close(sdxl_fi
     # measured: the 4-bit tiny UNet (widths 8-32) mean |diff| 24.5 of 255 (Q8_0: 3.9); another seed 48
     diff, seeds = _mean_diff(a, b), _mean_diff(b, other)
     assert diff <= 35 and diff < 0.75 * seeds, (diff, seeds)
+
+
+def _resident_bytes(module: torch.nn.Module) -> int:
+    """Parameter and buffer bytes as they sit in memory (packed uint8 for GGUF weights)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _unpack(module: torch.nn.Module) -> int:
+    """Turn every packed layer back into a plain one holding its dequantized weight (what loading
+    did before `pipeline.gguf_layers` existed); returns how many layers changed."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear, dequantize_gguf_tensor
+
+    from workbench.pipeline.gguf_layers import PackedConv2d, PackedLinear
+
+    count = 0
+    for m in module.modules():
+        if isinstance(m, (PackedConv2d, PackedLinear)):
+            weight = dequantize_gguf_tensor(m.weight).reshape(m.logical_shape).to(m.compute_dtype)
+            m.__class__ = torch.nn.Conv2d if isinstance(m, PackedConv2d) else torch.nn.Linear
+            m.weight = torch.nn.Parameter(weight, requires_grad=False)
+            count += 1
+        elif isinstance(m, GGUFLinear):
+            m.weight = torch.nn.Parameter(dequantize_gguf_tensor(m.weight).to(m.compute_dtype), requires_grad=False)
+            m.__class__ = torch.nn.Linear
+            count += 1
+    return count
+
+
+@pytest.mark.slow
+def test_gguf_unets_stay_packed_in_memory_as_the_planner_sizes_them_and_draw_the_same_image(sdxl_files, tiny_model,
+                                                                                            tmp_path):
+    """Convolutions and reshaped Linear weights stay packed too (`pipeline.gguf_layers`): the UNet's
+    resident bytes are the planner's `gguf` bytes from the header, well under the fp16 model's, and
+    the image equals the one of the same model with every weight dequantized at load."""
+    from workbench.pipeline.load import load_pipeline
+    from workbench.pipeline.sizes import component_sizes_from_header
+
+    sd15 = build_gguf(tiny_model("sd15"), tmp_path / "sd15-Q8_0.gguf", "sd15", "Q8_0", layout="checkpoint")
+    for path, source, arch, bound in ((sd15, tiny_model("sd15"), "sd15", 0.6),
+                                      (sdxl_files["checkpoint"], sdxl_files["source"], "sdxl", 0.5)):
+        unet = load_pipeline(path, arch, torch_dtype=torch.float16).unet
+        plain = load_pipeline(source, arch, torch_dtype=torch.float16).unet
+        planned = next(s for s in component_sizes_from_header(path, arch) if s.name == "unet")
+        # measured: SD1.5 Q8_0 0.554 of fp16, SDXL Q4_K 0.476 (the tiny models' many <= 1024-value
+        # tensors stay F32 in the file, as the conversions keep them, and fp16 in memory)
+        assert _resident_bytes(unet) == planned.bytes_at("gguf") < bound * _resident_bytes(plain), arch
+        header = read_gguf_header(path).tensors  # every quantized convolution of the file stays packed
+        quantized = [k for k, t in header.items() if k.startswith("model.diffusion_model.") and t.is_packed
+                     and len(t.shape) == 4]
+        convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and hasattr(m.weight, "quant_type")]
+        assert len(convs) == len(quantized) > 10, arch
+
+    model = load_model(sdxl_files["checkpoint"], device="cpu")
+    assert model.memory_plan.decision("unet").storage == "gguf"
+    packed = generate(model, SDXL_SETTINGS, [3])[0]
+    assert _unpack(model.pipe.unet) > 100 and not list(iter_packed(model.pipe.unet))
+    unpacked = generate(model, SDXL_SETTINGS, [3])[0]
+    assert np.array_equal(_pixels(packed), _pixels(unpacked))  # the same values, dequantized later
 
 
 @pytest.mark.slow

@@ -19,8 +19,9 @@ and the `gguf` package):
 the logical torch shape, so detection, config inference and the memory planner read GGUF files as
 they read safetensors. Loading keeps the denoiser's Linear weights packed as diffusers'
 `GGUFParameter` (dequantized per layer at compute time by diffusers' `GGUFLinear`, as
-`GGUFQuantizationConfig` does); everything else (convolutions, norms, reshaped tensors, text
-encoders, VAE) is dequantized while loading with diffusers' torch dequantizers, which are also
+`GGUFQuantizationConfig` does), and its convolutions and reshaped Linear weights packed too
+(`pipeline.gguf_layers`); everything else (norms, biases, text encoders, VAE) is dequantized
+while loading with diffusers' torch dequantizers, which are also
 what dequantize the packed layers later, so a weight has one value whichever way it is read.
 """
 
@@ -149,10 +150,17 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def keeps_packed(info: PackedTensorInfo) -> bool:
-    """Whether a denoiser tensor stays packed in memory (a Linear weight for diffusers' GGUFLinear):
-    quantized, two-dimensional and stored in its own shape (reshaped tensors are dequantized)."""
+def linear_packed(info: PackedTensorInfo) -> bool:
+    """Whether diffusers' GGUF quantizer takes a denoiser tensor packed (a Linear weight for its
+    GGUFLinear): quantized, two-dimensional and stored in its own shape."""
     return info.is_packed and len(info.shape) == 2 and info.stored_shape == info.shape
+
+
+def keeps_packed(info: PackedTensorInfo) -> bool:
+    """Whether a denoiser tensor stays packed in memory: the Linear weights diffusers packs
+    (`linear_packed`) and the convolutions and reshaped Linear weights that
+    `pipeline.gguf_layers.pack_layers` packs after loading (quantized, 2-D or 4-D)."""
+    return info.is_packed and len(info.shape) in (2, 4)
 
 
 def unsupported_types(header: GGUFHeader) -> dict[str, str]:
@@ -259,8 +267,22 @@ def load_tensors(path: str | os.PathLike, dtype: torch.dtype, *, prefix: str = "
 
 
 def denoiser_tensors(path: str | os.PathLike, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The denoiser's tensors under `prefix`: Linear weights packed (`keeps_packed`), the rest in `dtype`."""
-    return load_tensors(path, dtype, prefix=prefix, packed=lambda _name, info: keeps_packed(info))
+    """The denoiser's tensors under `prefix`: Linear weights packed (`linear_packed`), the rest in `dtype`."""
+    return load_tensors(path, dtype, prefix=prefix, packed=lambda _name, info: linear_packed(info))
+
+
+def packed_rest(path: str | os.PathLike, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    """({name: GGUFParameter}, {name: logical shape}) of the tensors under `prefix` that stay packed
+    but that diffusers' quantizer dequantizes (`keeps_packed` and not `linear_packed`): convolutions
+    and reshaped Linear weights, for `pipeline.gguf_layers.pack_layers`."""
+    packed: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    with GGUFTensors(path) as f:
+        for key, info in f.table.tensors.items():
+            if key.startswith(prefix) and keeps_packed(info) and not linear_packed(info):
+                packed[key[len(prefix):]] = f.packed(key)
+                shapes[key[len(prefix):]] = info.shape
+    return packed, shapes
 
 
 def iter_packed(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -21,6 +21,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from workbench.pipeline.components import denoiser_only
 from workbench.pipeline.generate import ImageSettings, LoraUse
 from workbench.recipes.common import parse_size
 from workbench.recipes.grid import GridRecipe
@@ -37,6 +38,7 @@ class Source:
     merge_param: str | None = None   # "alpha" / "beta" for a merge preview
     merge_step: str | None = None    # the step whose parameter varies (None: every step that has it)
     merge_value: float | None = None
+    components: Path | None = None   # defaults.components (used when `path` is UNet/transformer-only)
 
     @property
     def is_merge(self) -> bool:
@@ -154,6 +156,8 @@ def expand(recipe: GridRecipe) -> list[Cell]:
                 value = values[letter][index[letter]]
                 _apply(state, axis, value)
                 labels.append((letter, lay.axes[letter][2][index[letter]]))
+            if d.components is not None and state["source"] is not None and not state["source"].is_merge:
+                state["source"] = replace(state["source"], components=Path(d.components))
             settings = ImageSettings(state["prompt"], state["negative_prompt"], state["sampler"],
                                      int(state["steps"]), float(state["cfg"]), int(state["width"]),
                                      int(state["height"]), state["clip_skip"])
@@ -182,7 +186,10 @@ def source_identity(source: Source, merge_identity=None) -> dict:
     if path.is_dir():  # split FLUX files (e.g. a GGUF transformer beside ae, clip_l, t5xxl) or diffusers
         return {"files": {p.relative_to(path).as_posix(): _sha256(p) for p in sorted(path.rglob("*"))
                           if p.is_file() and p.suffix.lower() in (".safetensors", ".gguf", ".json", ".bin")}}
-    return {"sha256": _sha256(path)}
+    identity = {"sha256": _sha256(path)}
+    if source.components is not None and denoiser_only(path):  # its text encoders and VAE
+        identity["components"] = source_identity(Source(source.components))
+    return identity
 
 
 def cell_key(cell: Cell, source_id: dict, lora_ids: dict[Path, str]) -> str:

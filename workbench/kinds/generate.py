@@ -27,7 +27,7 @@ from workbench.pipeline.generate import (
     plan_for_file,
     save_image,
 )
-from workbench.kinds.checks import check_lora_blocks
+from workbench.kinds.checks import check_lora_blocks, component_lines
 from workbench.plan import RunPlan, RunResult, check_input, lora_problem, t5_tokenizer_problem
 from workbench.provenance import Provenance
 from workbench.recipes.generate import GenerateRecipe
@@ -81,6 +81,7 @@ def describe(recipe: GenerateRecipe, overwrite: bool = False) -> RunPlan:
     problem = t5_tokenizer_problem("model", recipe.model, model.arch)
     if problem:
         plan.problems.append(problem)
+    plan.lines += component_lines(plan, recipe.model, recipe.components)
     seed = "random" if recipe.seed == -1 else str(recipe.seed)
     plan.lines += [
         "generation:",
@@ -99,7 +100,8 @@ def describe(recipe: GenerateRecipe, overwrite: bool = False) -> RunPlan:
     try:
         memory = plan_for_file(recipe.model, vram_budget_mb=recipe.memory.vram_budget_mb,
                                weights=recipe.memory.weights, device=recipe.memory.device,
-                               width=recipe.width, height=recipe.height, batch=recipe.batch_size)
+                               width=recipe.width, height=recipe.height, batch=recipe.batch_size,
+                               components=recipe.components)
     except WorkbenchError as e:  # a plan that cannot fit is a problem of the dry run, not a crash
         plan.problems.append(str(e))
         return plan
@@ -118,7 +120,7 @@ def run(plan: RunPlan, *, progress: bool = True) -> RunResult:
     model = load_model(recipe.model, device=recipe.memory.device, weights=recipe.memory.weights,
                        vram_budget_mb=recipe.memory.vram_budget_mb, tiny_vae=recipe.tiny_vae,
                        width=recipe.width, height=recipe.height, batch=recipe.batch_size,
-                       plan=plan.detail)
+                       plan=plan.detail, components=recipe.components)
     loras = [LoraUse(Path(lr.path), lr.weight, lr.blocks) for lr in recipe.loras]
     out_dir = Path(recipe.output.dir)
     fmt = recipe.output.format
@@ -138,6 +140,8 @@ def run(plan: RunPlan, *, progress: bool = True) -> RunResult:
         generate(model, settings, seeds, loras=loras, bar=progress, batch_size=recipe.batch_size,
                  on_image=save)
     prov.add_input("model", recipe.model)
+    if recipe.components is not None:
+        prov.add_input("components", recipe.components)
     for i, lora in enumerate(recipe.loras):
         prov.add_input(f"loras[{i}]", lora.path)
     prov.seeds = {"images": seeds}

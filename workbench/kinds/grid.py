@@ -35,7 +35,7 @@ from workbench.grid.cells import LETTERS, Cell, GridLayout, expand, layout, run_
 from workbench.pipeline.generate import generate, load_model, plan_for_file
 from workbench.pipeline.image_meta import format_parameters
 from workbench.progress import task
-from workbench.kinds.checks import check_lora_blocks
+from workbench.kinds.checks import check_lora_blocks, component_lines
 from workbench.plan import RunPlan, RunResult, check_input, lora_problem, t5_tokenizer_problem
 from workbench.provenance import Provenance
 from workbench.recipes.grid import GridRecipe, LoraAxis, MergeAxis, ModelAxis
@@ -205,6 +205,12 @@ def _check_inputs(recipe: GridRecipe, plan: RunPlan) -> None:
         problem = t5_tokenizer_problem(label, path, arch)
         if problem:
             plan.problems.append(problem)
+    if d.components is not None:
+        check_input(plan, "defaults.components", d.components)
+    for label, path, _ in models:
+        if Path(path).suffix.lower() in (".safetensors", ".sft", ".gguf"):  # not a merge recipe
+            plan.lines += component_lines(plan, path, d.components, model_field=label,
+                                          field="defaults.components", check=False)
     seeds = recipe.seeds or [1]
     plan.lines.append(f"seeds: {', '.join(map(str, seeds))}; {recipe.cell_count()} images")
     if recipe.scores:
@@ -278,7 +284,8 @@ def _memory_plans(recipe: GridRecipe, todo: list[Cell], plan: RunPlan) -> dict[A
             continue
         try:
             plans[source] = plan_for_file(source.path, vram_budget_mb=mem.vram_budget_mb,
-                                          weights=mem.weights, device=mem.device, width=w, height=h)
+                                          weights=mem.weights, device=mem.device, width=w, height=h,
+                                          components=source.components)
         except WorkbenchError as e:
             plan.problems.append(f"{source.label}: {e}")
             continue
@@ -384,7 +391,8 @@ def _load_source(source, previewer, memory, planned):
     if source.is_merge:
         return previewer.model_for(source)
     return load_model(source.path, device=memory.device, weights=memory.weights,
-                      vram_budget_mb=memory.vram_budget_mb, plan=planned.get(source))
+                      vram_budget_mb=memory.vram_budget_mb, plan=planned.get(source),
+                      components=source.components)
 
 
 def _generate_missing(todo: list[Cell], cache: CellCache, scorer, progress: bool, memory,

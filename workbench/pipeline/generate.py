@@ -31,6 +31,7 @@ from workbench.formats.detect import detect
 from workbench.formats.hashes import addnet_hash, autov2, sha256_file
 from workbench.formats.model_file import read_model_header
 from workbench.pipeline import memory_plan, sizes, streaming
+from workbench.pipeline.components import component_sizes, load_pipeline_with, sources
 from workbench.pipeline.image_meta import format_parameters, lora_hashes_field, save_png
 from workbench.pipeline.load import LOAD_LOCK, load_pipeline, quiet_diffusers
 from workbench.pipeline.loras import attached_loras
@@ -104,7 +105,8 @@ def model_arch(path: Path) -> tuple[str, str | None]:
 def load_model(path: str | os.PathLike, *, device: str | None = None, weights: str = "auto",
                vram_budget_mb: int | None = None, arch: str | None = None,
                tiny_vae: str | os.PathLike | None = None, width: int | None = None,
-               height: int | None = None, batch: int = 1, plan=None) -> Model:
+               height: int | None = None, batch: int = 1, plan=None,
+               components: str | os.PathLike | None = None) -> Model:
     """Load a checkpoint for generation on `device` within the memory plan for `vram_budget_mb`.
 
     The plan comes first (from the file header: nothing is read that will not fit); the pipeline
@@ -114,25 +116,33 @@ def load_model(path: str | os.PathLike, *, device: str | None = None, weights: s
     `tiny_vae` swaps in a TAESD decoder (workbench.pipeline.tiny_vae) for fast CPU previews.
     `width`/`height`/`batch` size the activation estimate (default: the architecture's native
     size, one image). `plan` is a memory plan already made from this file's header (the dry run's,
-    `plan_for_file`): it is applied as it is, not made again.
+    `plan_for_file`): it is applied as it is, not made again. `components`: the checkpoint or
+    diffusers folder that gives the text encoders and VAE when `path` holds only the
+    UNet/transformer (`pipeline/components.py`); not used otherwise.
     """
     path = Path(path)
     if not path.exists():
         raise WorkbenchError(f"{path}: model not found")
     dev = pick_device(device)
     variant = None
-    if arch is None:
+    src = sources(path, components)
+    if src is not None:
+        arch, variant = src.arch, src.variant
+    elif arch is None:
         arch, variant = model_arch(path)
     info = memory_plan.probe_device(str(dev))
     folder = path.is_dir() and (path / "model_index.json").is_file()
     if plan is None and not folder:
-        plan = plan_memory_for(sizes.component_sizes_from_header(path, arch), arch, info, weights,
-                               vram_budget_mb, width, height, batch)
+        found = component_sizes(src) if src is not None else sizes.component_sizes_from_header(path, arch)
+        plan = plan_memory_for(found, arch, info, weights, vram_budget_mb, width, height, batch)
     compute = plan.compute_dtype if plan is not None else memory_plan.compute_dtype_for(arch, weights, info)
     dtype = storage_dtype(compute)
 
     quiet_diffusers()
-    pipe = _load_diffusers_folder(path, dtype) if folder else load_pipeline(path, arch, torch_dtype=dtype)
+    if src is not None:
+        pipe = load_pipeline_with(src, dtype)
+    else:
+        pipe = _load_diffusers_folder(path, dtype) if folder else load_pipeline(path, arch, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     if tiny_vae is not None:
         use_tiny_vae(pipe, load_tiny_vae(tiny_vae, arch, dtype))
@@ -175,15 +185,18 @@ def _model_hash(path: Path) -> str:
 
 def plan_for_file(path: str | os.PathLike, *, vram_budget_mb: int | None = None,
                   weights: str = "auto", device: str | None = None, width: int | None = None,
-                  height: int | None = None, batch: int = 1):
-    """The memory plan for a checkpoint, from its header alone (what `--plan` prints)."""
+                  height: int | None = None, batch: int = 1,
+                  components: str | os.PathLike | None = None):
+    """The memory plan for a checkpoint, from its header alone (what `--plan` prints); a
+    UNet/transformer-only file with the text encoders and VAE of `components`."""
     path = Path(path)
     if not path.exists():
         raise WorkbenchError(f"{path}: model not found")
-    arch, _ = model_arch(path)
+    src = sources(path, components)
+    arch = src.arch if src is not None else model_arch(path)[0]
+    found = component_sizes(src) if src is not None else sizes.component_sizes_from_header(path, arch)
     info = memory_plan.probe_device(str(pick_device(device)))
-    return plan_memory_for(sizes.component_sizes_from_header(path, arch), arch, info, weights,
-                           vram_budget_mb, width, height, batch)
+    return plan_memory_for(found, arch, info, weights, vram_budget_mb, width, height, batch)
 
 
 def _place(model: Model, plan) -> None:

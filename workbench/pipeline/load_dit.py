@@ -61,6 +61,9 @@ def _read(path: str | os.PathLike, prefix: str, dtype: torch.dtype) -> dict[str,
     return scaled_fp8.dequantize(tensors, dtype, path=path, metadata=metadata)
 
 
+read_tensors = _read  # the public name (pipeline/components.py reads denoiser-only files with it)
+
+
 def _kind(keys: set[str]) -> str | None:
     """Which FLUX component a stand-alone file holds, from its keys."""
     if any(k.endswith("double_blocks.0.img_attn.qkv.weight") for k in keys):

@@ -2,9 +2,11 @@
 
 Linear weights stay packed (`GGUFParameter`); diffusers' `GGUFLinear` dequantizes each one when its
 layer runs and computes in the model's dtype, so a Q8_0 FLUX transformer takes ~12.7 GB instead of
-~24 GB. Everything else (convolutions, norms, embeddings, tensors stored reshaped) is dequantized
-while loading (`formats.gguf_file.keeps_packed` decides). Used by `core.load` for UNet checkpoints
-and by `core.load_dit` for FLUX and SD3 transformers.
+~24 GB. Convolutions and Linear weights stored reshaped, which diffusers' quantizer dequantizes
+while loading, get their packed bytes back afterwards (`pipeline.gguf_layers.pack_layers`); norms,
+biases and the small F32 tensors stay dequantized (`formats.gguf_file.keeps_packed` decides what
+stays packed, and the memory planner counts the same). Used by `pipeline.load` for UNet
+checkpoints and by `pipeline.load_dit` for FLUX and SD3 transformers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from workbench.formats import gguf_file
 from workbench.formats.model_file import read_model_header
+from workbench.pipeline.gguf_layers import pack_layers
 
 DENOISER_PREFIX = "model.diffusion_model."
 
@@ -30,9 +33,14 @@ def gguf_denoiser(model_class, path: str | os.PathLike, folder: Path, subfolder:
 
     header = read_model_header(path)
     gguf_file.check_supported(header)
+    prefix = DENOISER_PREFIX if any(k.startswith(DENOISER_PREFIX) for k in header.tensors) else ""
     if tensors is None:
-        prefix = DENOISER_PREFIX if any(k.startswith(DENOISER_PREFIX) for k in header.tensors) else ""
         tensors = {DENOISER_PREFIX + k: v for k, v in gguf_file.denoiser_tensors(path, prefix, dtype).items()}
-    return model_class.from_single_file(tensors, config=str(folder), subfolder=subfolder, local_files_only=True,
-                                        torch_dtype=dtype,
-                                        quantization_config=GGUFQuantizationConfig(compute_dtype=dtype))
+    model = model_class.from_single_file(tensors, config=str(folder), subfolder=subfolder, local_files_only=True,
+                                         torch_dtype=dtype,
+                                         quantization_config=GGUFQuantizationConfig(compute_dtype=dtype))
+    del tensors
+    packed, shapes = gguf_file.packed_rest(path, prefix)
+    if packed:
+        pack_layers(model, packed, shapes, dtype)
+    return model

@@ -27,8 +27,9 @@ Policy, applied one rung at a time until every stage fits the budget (what a 12 
 NF4 is only used when asked for (`weights="nf4"`), for the denoiser: it changes images more than
 fp8 and needs bitsandbytes (a CUDA GPU, or its CPU backend); NF4 weights are resident or
 offloaded, never streamed. Two file formats bring their own storage:
-- a GGUF denoiser is stored as the file has it (`gguf`: Linear weights packed, dequantized per
-  layer by diffusers' GGUFLinear; sized from the header's bytes per quant type), whatever `weights`
+- a GGUF denoiser is stored as the file has it (`gguf`: Linear and conv weights packed, dequantized
+  per layer by diffusers' GGUFLinear and `pipeline/gguf_layers.py`; sized from the header's bytes
+  per quant type), whatever `weights`
   says; it is resident or offloaded, never streamed, like NF4;
 - a bitsandbytes NF4 file (Forge's) is dequantized while loading; under `auto` its denoiser is
   packed to NF4 again where bitsandbytes runs on the device, else it takes the rungs above.
@@ -241,7 +242,7 @@ def _file_storage(c: ComponentSize, weights: str, device: DeviceInfo) -> tuple[s
     """The storage a GGUF or NF4 file brings for this component, or None."""
     if c.packed_params:
         ignored = "" if weights == "auto" else f" (weights: {weights} does not apply to GGUF)"
-        return "gguf", f"GGUF {c.file_dtype} in the file: Linear weights stay packed, dequantized per layer{ignored}"
+        return "gguf", f"GGUF {c.file_dtype} in the file: Linear and conv weights stay packed, dequantized per layer{ignored}"
     if c.file_dtype in NF4_FILE_DTYPES and c.name in DENOISERS and weights == "auto":
         from workbench.pipeline.precision import nf4_available  # tries bitsandbytes once per device kind
 

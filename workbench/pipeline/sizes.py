@@ -191,6 +191,21 @@ def component_sizes_from_header(source, arch: str | None = None, *,
     return sizes
 
 
+def component_sizes_from_folder(folder: str | os.PathLike, names: Sequence[str]) -> list[ComponentSize]:
+    """Sizes of the components `names` of a diffusers folder, from the headers of the safetensors
+    files in each component's subfolder (shards added up); a component without such files is left out."""
+    from workbench.formats.model_file import read_model_header
+
+    sizes = []
+    for name in names:
+        infos: dict = {}
+        for f in sorted((Path(folder) / name).glob("*.safetensors")):
+            infos.update(read_model_header(f).tensors)
+        if infos:
+            sizes.append(_size_from_keys(name, infos))
+    return sizes
+
+
 def component_sizes_from_pipeline(pipe) -> list[ComponentSize]:
     """Sizes of a loaded diffusers pipeline; blocks are exactly the units `streaming` streams."""
 

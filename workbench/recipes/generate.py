@@ -44,6 +44,9 @@ class GenerateRecipe(RecipeBase):
     name: RecipeName | None = None  # default: the recipe file's name
     description: str | None = None
     model: RecipePath
+    # the text encoders and VAE for a `model` that holds only the UNet/transformer (a GGUF
+    # conversion): a checkpoint of the same architecture or a diffusers folder (pipeline/components.py)
+    components: RecipePath | None = None
     prompt: str
     negative_prompt: str = ""
     sampler: SamplerName = "Euler a"

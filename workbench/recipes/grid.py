@@ -185,6 +185,10 @@ class GridDefaults(StrictModel):
     """Settings every cell shares unless an axis changes them."""
 
     model: RecipePath | None = None
+    # text encoders and VAE for every model that holds only the UNet/transformer (a GGUF
+    # conversion): a checkpoint of the same architecture or a diffusers folder; full checkpoints
+    # keep their own (pipeline/components.py)
+    components: RecipePath | None = None
     prompt: str = ""
     negative_prompt: str = ""
     sampler: SamplerName = "Euler a"
