@@ -162,10 +162,17 @@ class MergePreviewer:
 
     def model_for(self, source):
         """A generation Model holding the merge at `source.merge_value`."""
-        from workbench.pipeline.generate import Model, load_model
-
         recipe = with_value(load_merge_recipe(source.path), source.merge_param, source.merge_step,
                             source.merge_value)
+        digest = identity_hash(merge_identity(source))
+        return self.model_for_recipe(recipe, name=f"{source.path.stem}-{source.merge_param}"
+                                     f"{source.merge_value:g}", model_hash=digest[:10])
+
+    def model_for_recipe(self, recipe, *, name: str, model_hash: str = ""):
+        """A generation Model holding the merge a MergeRecipe (built in code or read) describes;
+        the merge search (workbench/kinds/merge_search.py) calls this once per trial."""
+        from workbench.pipeline.generate import Model, load_model
+
         state, arch, leaf_path = merged_state_dict(recipe)
         base = self._models.get(leaf_path)
         if base is None:
@@ -173,6 +180,5 @@ class MergePreviewer:
             self._models = {leaf_path: base}  # one base pipeline at a time
         _swap_weights(base, state, arch, leaf_path)
         del state
-        digest = identity_hash(merge_identity(source))
-        return Model.from_pipeline(base.pipe, base.arch, name=f"{source.path.stem}-{source.merge_param}"
-                                   f"{source.merge_value:g}", model_hash=digest[:10], device=base.device)
+        return Model.from_pipeline(base.pipe, base.arch, name=name, model_hash=model_hash,
+                                   device=base.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Protocol
 
-from workbench.kinds import extract_lora, generate, grid, merge, train
+from workbench.kinds import extract_lora, generate, grid, merge, merge_search, train
 from workbench.plan import RunPlan, RunResult
 
 
@@ -29,4 +29,5 @@ KINDS: dict[str, ModuleType] = {
     "generate": generate,
     "train": train,
     "grid": grid,
+    "merge_search": merge_search,
 }

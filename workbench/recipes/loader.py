@@ -22,6 +22,7 @@ from workbench.recipes.generate import GenerateRecipe
 from workbench.recipes.grid import AXIS_NAMES, GridRecipe
 from workbench.recipes.extract import ExtractLoraRecipe
 from workbench.recipes.merge import MergeRecipe
+from workbench.recipes.merge_search import MergeSearchRecipe
 from workbench.recipes.train import TrainRecipe
 
 RECIPE_KINDS: dict[str, type[RecipeBase]] = {
@@ -30,8 +31,10 @@ RECIPE_KINDS: dict[str, type[RecipeBase]] = {
     "grid": GridRecipe,
     "generate": GenerateRecipe,
     "extract_lora": ExtractLoraRecipe,
+    "merge_search": MergeSearchRecipe,
 }
-Recipe = Union[MergeRecipe, TrainRecipe, GridRecipe, GenerateRecipe, ExtractLoraRecipe]
+Recipe = Union[MergeRecipe, TrainRecipe, GridRecipe, GenerateRecipe, ExtractLoraRecipe,
+              MergeSearchRecipe]
 Loc = tuple[Union[str, int], ...]
 
 
