@@ -272,3 +272,34 @@ def test_single_seed_search_looks_better_than_the_held_out_check(base):
     assert held_gain < selection_gain  # the held-out check shows less of it
     assert info["within_noise"]  # and the report warns
     assert "within noise" in (base / "out_single" / "report.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_dit_preview_equals_the_merged_file(tiny_model, tmp_path, arch):
+    """The in-memory preview of a merge makes the same picture as the merged file written by
+    `workbench run` and loaded from disk (same seed)."""
+    import numpy as np
+
+    from workbench.grid.merge_preview import MergePreviewer
+    from workbench.pipeline.generate import generate, load_model
+
+    a, b = tiny_model(arch, 1), tiny_model(arch, 2)
+    (tmp_path / "mix.yaml").write_text(f"""kind: merge
+name: mix
+models: {{A: {a}, B: {b}}}
+steps:
+  - {{id: mix, method: weighted_sum, inputs: [A, B], alpha: 0.35}}
+output: {{path: {tmp_path / 'mix.safetensors'}, dtype: fp32}}
+""")
+    recipe = load_recipe(tmp_path / "mix.yaml")
+    run_recipe(recipe, progress=False)
+    settings = ImageSettings("a lighthouse", sampler="Euler", steps=2, cfg=3.0, width=64, height=64)
+    from_file = generate(load_model(tmp_path / "mix.safetensors", device="cpu", weights="fp32"),
+                         settings, [5], batch_size=1)[0].image
+    previewer = MergePreviewer(load=lambda p, device=None: load_model(p, device="cpu", weights="fp32"))
+    preview = generate(previewer.model_for_recipe(recipe, name="mix"), settings, [5], batch_size=1)[0].image
+    unmerged = generate(load_model(a, device="cpu", weights="fp32"), settings, [5], batch_size=1)[0].image
+    got, want, other = (np.asarray(im).astype(int) for im in (preview, from_file, unmerged))
+    assert np.abs(got - want).max() <= 2, f"{arch}: preview differs from the merged file"
+    assert np.abs(got - other).mean() > 1, f"{arch}: the preview did not change the weights"

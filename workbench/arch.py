@@ -140,7 +140,7 @@ SD3 = Arch(
     generation=True, modelspec_arch="stable-diffusion-v3-medium", modelspec_impl="sgm",
     lora_modelspec_impl=None, kohya_base_model_version="sd3",
     kohya_network_module="networks.lora_sd3", kohya_unet_names="original", sidecar_sd_version=None,
-    block_ids=SD3_BLOCKS, merge_preview=False, trainable=False, text_encoder_trainable=False,
+    block_ids=SD3_BLOCKS, merge_preview=True, trainable=False, text_encoder_trainable=False,
     tiny_vae=None, grid_speed=4.0, tiny_builder="workbench.testing.sd3")
 
 FLUX = Arch(
@@ -154,7 +154,7 @@ FLUX = Arch(
     generation=True, modelspec_arch="flux-1-dev", modelspec_impl=BFL_IMPL,
     lora_modelspec_impl=BFL_IMPL, kohya_base_model_version="flux1",
     kohya_network_module="networks.lora_flux", kohya_unet_names="original", sidecar_sd_version="Flux",
-    block_ids=FLUX_BLOCKS, merge_preview=False, trainable=True, text_encoder_trainable=False,
+    block_ids=FLUX_BLOCKS, merge_preview=True, trainable=True, text_encoder_trainable=False,
     tiny_vae=None, grid_speed=10.0, tiny_builder="workbench.testing.flux")
 
 ARCHS: tuple[Arch, ...] = (SD15, SD2, SDXL, SD3, FLUX)
