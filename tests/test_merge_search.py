@@ -2,11 +2,15 @@
 
 The planted optimum: the reference pictures are made by the merge at a known α* (or a known block
 pattern) through the same in-memory preview path, on seeds the search never uses; the search must
-find α* back. The tiny models and the tiny CLIP are random, so two independently drawn models give
-pictures whose style a random CLIP cannot tell apart (measured: the style score is flat in α). B is
-therefore A with a planted, visible difference: a colour grade (the VAE decoder's output bias, block
-BASE) and, for the block search, offsets in one layer of the IN, MID and OUT blocks. The
-constructed single-seed case uses the independent pair, where only noise separates the trials.
+find α* back. The tiny models and the tiny CLIP are random: two independently drawn models give
+pictures whose style a random CLIP cannot tell apart (measured: the style score is flat in α), and
+a difference planted in one direction only is biased toward extrapolation by the cosine to the
+references' mean embedding (measured: the search then ends near α = 1). So the style is planted
+*centred*: A and B are one base model with opposite offsets, A = base − α*·δ and B = base +
+(1 − α*)·δ, in a layer the tiny CLIP sees (the VAE decoder's output bias: a colour grade, block
+BASE; for the block search also one layer of IN, MID and OUT), so that the merge at α* is the
+base itself and every other α adds a visible grade. The constructed single-seed case uses the
+independent pair, where only noise separates the trials.
 """
 
 from __future__ import annotations
@@ -36,31 +40,41 @@ STEPS, SAMPLER = 3, "Euler"
 REF_SEEDS = [201, 202, 203, 204, 205, 206, 207, 208]
 
 
-# key -> per-channel offset B adds to A; each is in one block group (formats/blocks.py)
-GRADE = {"first_stage_model.decoder.conv_out.bias": [0.8, 0.0, -0.8]}  # BASE: a warm colour grade
+# key -> per-channel offset δ between A and B; each key is in one block group (formats/blocks.py)
+GRADE = {"first_stage_model.decoder.conv_out.bias": [1.0, 0.0, -1.0]}  # BASE: a colour grade
 GROUP_OFFSETS = {
-    "model.diffusion_model.input_blocks.0.0.bias": 0.6,          # IN (IN00)
+    "model.diffusion_model.input_blocks.0.0.bias": 0.6,             # IN (IN00)
     "model.diffusion_model.middle_block.2.out_layers.3.bias": 0.6,  # MID (M00)
-    "model.diffusion_model.out.2.bias": 0.4,                      # OUT (OUT11)
+    "model.diffusion_model.out.2.bias": 0.4,                        # OUT (OUT11)
 }
+GROUP_OF = {"first_stage_model.decoder.conv_out.bias": "BASE",
+            "model.diffusion_model.input_blocks.0.0.bias": "IN",
+            "model.diffusion_model.middle_block.2.out_layers.3.bias": "MID",
+            "model.diffusion_model.out.2.bias": "OUT"}
 
 
-def _planted_b(src: Path, dst: Path, offsets: dict) -> Path:
+def _planted_pair(base: Path, a: Path, b: Path, offsets: dict, planted) -> None:
+    """A = base − α*·δ, B = base + (1 − α*)·δ per key (α* per block group, or one number), so
+    that the weighted sum at the planted weights is the base model at those keys."""
     from safetensors.torch import load_file, save_file
 
-    state = load_file(str(src))
+    state = load_file(str(base))
+    sides = {a: dict(state), b: dict(state)}
     for key, shift in offsets.items():
+        star = planted if isinstance(planted, float) else planted[GROUP_OF[key]]
+        delta = torch.as_tensor(shift, dtype=torch.float32)
         t = state[key].float()
-        state[key] = (t + torch.as_tensor(shift, dtype=torch.float32)).to(state[key].dtype)
-    save_file(state, str(dst))
-    return dst
+        sides[a][key] = (t - star * delta).to(state[key].dtype)
+        sides[b][key] = (t + (1 - star) * delta).to(state[key].dtype)
+    for path, sd in sides.items():
+        save_file(sd, str(path))
 
 
-def _recipe_text(root: Path, *, space="alpha", b="b.safetensors", trials=20, selection=(1, 2, 3), evaluation=(101, 102),
+def _recipe_text(root: Path, *, space="alpha", a="a.safetensors", b="b.safetensors", trials=20, selection=(1, 2, 3), evaluation=(101, 102),
                  refs="refs", prompts=PROMPTS, out="out", extra="") -> str:
     return f"""kind: merge_search
 name: planted
-inputs: {{A: a.safetensors, B: {b}}}
+inputs: {{A: {a}, B: {b}}}
 method: weighted_sum
 references: {{dir: {refs}, held_out_fraction: 0.25}}
 prompts: {list(prompts)!r}
@@ -81,10 +95,10 @@ def _write(root: Path, text: str, name: str = "search.yaml") -> Path:
 
 
 def _plant(root: Path, folder: str, blocks: dict[str, float] | None, alpha: float | None,
-           seeds=REF_SEEDS, prompts=PROMPTS, b="b.safetensors") -> Path:
+           seeds=REF_SEEDS, prompts=PROMPTS, a="a.safetensors", b="b.safetensors") -> Path:
     """Reference pictures made by the merge at the planted weights, through the preview path."""
     recipe = MergeRecipe.model_validate({
-        "name": "plant", "models": {"A": str(root / "a.safetensors"), "B": str(root / b)},
+        "name": "plant", "models": {"A": str(root / a), "B": str(root / b)},
         "steps": [{"id": "mix", "method": "weighted_sum", "inputs": ["A", "B"],
                    **({"alpha": alpha} if blocks is None else {"blocks": blocks})}],
         "output": {"path": str(root / "unused.safetensors")}})
@@ -105,9 +119,8 @@ def base(tmp_path_factory, tiny_model):
     import shutil
 
     root = tmp_path_factory.mktemp("msearch")
-    shutil.copy(tiny_model("sd15", 1), root / "a.safetensors")
-    _planted_b(root / "a.safetensors", root / "b.safetensors", GRADE)
-    _planted_b(root / "a.safetensors", root / "b_blocks.safetensors", {**GRADE, **GROUP_OFFSETS})
+    _planted_pair(tiny_model("sd15", 1), root / "a.safetensors", root / "b.safetensors", GRADE, ALPHA_STAR)
+    shutil.copy(tiny_model("sd15", 1), root / "a_random.safetensors")
     shutil.copy(tiny_model("sd15", 2), root / "b_random.safetensors")
     tiny_clip.build(root / "clip", seed=4)
     with pytest.MonkeyPatch.context() as mp:
@@ -232,11 +245,13 @@ def test_block_groups_search_recovers_planted_pattern(base):
     """References made with a different α per block group; the search over the four groups must
     find the pattern back (tolerance per group: see the assertion; BASE carries the colour grade,
     which the tiny CLIP sees best)."""
-    planted = {"BASE": 0.8, "IN": 0.2, "MID": 0.5, "OUT": 0.5}
+    planted = {"BASE": 0.8, "IN": 0.2, "MID": 0.5, "OUT": 0.6}
     groups = block_groups("sd15")
     blocks = {b: planted[g] for g, ids in groups.items() for b in ids}
-    _plant(base, "refs_blocks", blocks, None, b="b_blocks.safetensors")
-    text = _recipe_text(base, space="block_groups", b="b_blocks.safetensors", trials=24, refs="refs_blocks",
+    _planted_pair(base / "a_random.safetensors", base / "a_blocks.safetensors", base / "b_blocks.safetensors",
+                  {**GRADE, **GROUP_OFFSETS}, planted)
+    _plant(base, "refs_blocks", blocks, None, a="a_blocks.safetensors", b="b_blocks.safetensors")
+    text = _recipe_text(base, space="block_groups", a="a_blocks.safetensors", b="b_blocks.safetensors", trials=24, refs="refs_blocks",
                         out="out_blocks")
     started = time.perf_counter()
     result = run_recipe(load_recipe(_write(base, text, "blocks.yaml")), progress=False)
@@ -255,8 +270,8 @@ def test_single_seed_search_looks_better_than_the_held_out_check(base):
     """Constructed case: two independent random models, so nothing but noise separates the trials.
     A search on one prompt and one seed still finds a 'best' that beats both inputs on its own
     seed; the held-out check (other seeds, held-out pictures) shows the gain is not there."""
-    _plant(base, "refs_random", None, ALPHA_STAR, b="b_random.safetensors")
-    text = _recipe_text(base, b="b_random.safetensors", trials=8, selection=(1,), evaluation=(101, 102, 103),
+    _plant(base, "refs_random", None, ALPHA_STAR, a="a_random.safetensors", b="b_random.safetensors")
+    text = _recipe_text(base, a="a_random.safetensors", b="b_random.safetensors", trials=8, selection=(1,), evaluation=(101, 102, 103),
                         prompts=PROMPTS, refs="refs_random", out="out_single")
     text = text.replace(f"prompts: {list(PROMPTS)!r}", f"prompts: {PROMPTS[:1]!r}")
     result = run_recipe(load_recipe(_write(base, text, "single.yaml")), progress=False)
@@ -303,3 +318,46 @@ output: {{path: {tmp_path / 'mix.safetensors'}, dtype: fp32}}
     got, want, other = (np.asarray(im).astype(int) for im in (preview, from_file, unmerged))
     assert np.abs(got - want).max() <= 2, f"{arch}: preview differs from the merged file"
     assert np.abs(got - other).mean() > 1, f"{arch}: the preview did not change the weights"
+
+
+@pytest.mark.slow
+def test_merge_page_submits_a_search_job(tmp_path, tiny_sd15, monkeypatch):
+    """The Merge page's search mode validates, dry-runs and queues a merge_search job."""
+    pytest.importorskip("streamlit")
+    from PIL import Image
+    from streamlit.testing.v1 import AppTest
+
+    from workbench.app.config import ENV, AppConfig
+    from workbench.jobs.store import JobStore
+    from workbench.recipes.loader import parse_recipe
+    from workbench.testing import clip as tiny_clip
+
+    for d in ("models", "outputs", "datasets/pictures"):
+        (tmp_path / d).mkdir(parents=True)
+    for name in ("A", "B"):
+        (tmp_path / "models" / f"{name}.safetensors").symlink_to(tiny_sd15[name])
+    tiny_clip.build(tmp_path / "models" / "clip", seed=4)
+    for i in range(4):
+        Image.new("RGB", (64, 64), (60 * i, 80, 120)).save(tmp_path / "datasets" / "pictures" / f"{i}.png")
+    cfg = AppConfig(home=tmp_path, spawn_workers=False)
+    monkeypatch.setenv(ENV, cfg.to_json())
+    main = Path(__file__).resolve().parents[1] / "workbench" / "app" / "main.py"
+    at = AppTest.from_file(str(main), default_timeout=180).run()
+    at.switch_page("views/merge.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    values = {"A": "models/A.safetensors", "B": "models/B.safetensors", "refs": "datasets/pictures",
+              "clip": "models/clip", "clip_model": "tiny", "out": "outputs/searches/s1",
+              "selection": "1, 2", "evaluation": "7"}
+    for name, value in values.items():
+        at.text_input(key=f"msearch.{name}").set_value(value)
+    at.number_input(key="msearch.trials").set_value(5).run()
+    assert not at.error, [e.value for e in at.error]
+    at.button(key="msearch.dry").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    plan_text = "\n".join(c.value for c in at.code if "plan: merge_search" in c.value)
+    assert "trials: 5 (0 finished" in plan_text, plan_text
+    at.button(key="msearch.submit").click().run()
+    (job,) = JobStore(str(cfg.db)).list(kind="merge_search")
+    recipe = parse_recipe(job.recipe)
+    assert recipe.trials == 5 and recipe.inputs.A == tmp_path / "models" / "A.safetensors"
+    assert recipe.seeds.evaluation == [7]

@@ -12,6 +12,7 @@ import streamlit as st
 
 from workbench.app import forms
 from workbench.app.config import AppConfig
+from workbench.app.views.merge_search_panel import render_panel
 from workbench.arch import BLOCK_TABLES
 from workbench.formats.blocks import BLOCK_IDS, parse_block_values, presets
 from workbench.recipes.merge import KNOWN_MERGE_METHODS, MERGE_METHOD_RULES, PRESET_RE
@@ -330,6 +331,7 @@ def render() -> None:
     st.caption("Merge checkpoints as a merge recipe describes; the dry run shows the plan before "
                "anything is written.")
     forms.render_form(SPEC, draw)
+    render_panel()
 
 
 if __name__ == "__main__":
