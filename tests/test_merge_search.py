@@ -99,8 +99,8 @@ def _plant(root: Path, folder: str, blocks: dict[str, float] | None, alpha: floa
     """Reference pictures made by the merge at the planted weights, through the preview path."""
     recipe = MergeRecipe.model_validate({
         "name": "plant", "models": {"A": str(root / a), "B": str(root / b)},
-        "steps": [{"id": "mix", "method": "weighted_sum", "inputs": ["A", "B"],
-                   **({"alpha": alpha} if blocks is None else {"blocks": blocks})}],
+        "steps": [{"id": "mix", "method": "weighted_sum" if blocks is None else "block_weighted",
+                   "inputs": ["A", "B"], **({"alpha": alpha} if blocks is None else {"blocks": blocks})}],
         "output": {"path": str(root / "unused.safetensors")}})
     backbone = load_backbone(weights=root / "clip", device="cpu")
     scorer = TrialScorer(backbone, {}, ImageSettings("", sampler=SAMPLER, steps=STEPS, width=64, height=64),

@@ -98,7 +98,13 @@ def point_recipe(search, space: SearchSpace, point: dict[str, float], name: str,
     if blocks is None:
         step["alpha"] = round(float(point["alpha"]), 6)
     else:
+        # per-block α: weighted_sum's per-block form is block_weighted (blocks instead of alpha);
+        # add_difference requires alpha, which a `blocks` table overrides key by key (merge/build.py)
         step["blocks"] = {b: round(v, 6) for b, v in blocks.items()}
+        if search.method == "weighted_sum":
+            step["method"] = "block_weighted"
+        else:
+            step["alpha"] = 1.0
     return MergeRecipe.model_validate({
         "name": name, "description": f"found by merge_search '{search.name}'",
         "models": {k: str(v) for k, v in models.items()}, "steps": [step],
