@@ -167,7 +167,8 @@ def describe(recipe: MergeSearchRecipe, overwrite: bool = False) -> RunPlan:
         f"for selection, {len(split.held_out)} held out for the check",
         f"seeds: selection {recipe.seeds.selection}, evaluation {recipe.seeds.evaluation}",
         f"trials: {recipe.trials} ({finished} finished in {out_dir / JOURNAL_FILE}, {to_run} to run)",
-        f"cells per trial: {recipe.cells_per_trial()} ({len(recipe.prompts)} prompts x "
+        f"cells per trial: {recipe.cells_per_trial()} ({len(recipe.prompts)} prompt"
+        f"{'s' if len(recipe.prompts) != 1 else ''} x "
         f"{len(recipe.seeds.selection)} selection seeds, {recipe.settings.width}x{recipe.settings.height}, "
         f"{recipe.settings.steps} steps)",
         "objective: style similarity; adherence (CLIP score) "
