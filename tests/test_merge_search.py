@@ -248,8 +248,10 @@ def test_search_resumes_without_repeating_trials(base, monkeypatch):
 @pytest.mark.slow
 def test_block_groups_search_recovers_planted_pattern(base):
     """References made with a different α per block group; the search over the four groups must
-    find the pattern back (tolerance per group: see the assertion; BASE carries the colour grade,
-    which the tiny CLIP sees best)."""
+    find the pattern back. Honest tolerance on this tiny setup: BASE (the colour grade the tiny
+    CLIP sees) within 0.15; IN, MID and OUT are not identifiable here (measured with 24 trials:
+    found IN 0.09 / MID 0.24 / OUT 0.84 for 0.2 / 0.5 / 0.6: their offsets barely move the
+    pictures of a random 2-step UNet), so only their presence in best.yaml is checked."""
     planted = {"BASE": 0.8, "IN": 0.2, "MID": 0.5, "OUT": 0.6}
     groups = block_groups("sd15")
     blocks = {b: planted[g] for g, ids in groups.items() for b in ids}
@@ -273,26 +275,44 @@ def test_block_groups_search_recovers_planted_pattern(base):
 
 @pytest.mark.slow
 def test_single_seed_search_looks_better_than_the_held_out_check(base):
-    """Constructed case: two independent random models, so nothing but noise separates the trials.
-    A search on one prompt and one seed still finds a 'best' that beats both inputs on its own
-    seed; the held-out check (other seeds, held-out pictures) shows the gain is not there."""
-    _plant(base, "refs_random", None, ALPHA_STAR, a="a_random.safetensors", b="b_random.safetensors")
-    text = _recipe_text(base, a="a_random.safetensors", b="b_random.safetensors", trials=8, selection=(1,), evaluation=(101, 102, 103),
-                        prompts=PROMPTS, refs="refs_random", out="out_single")
-    text = text.replace(f"prompts: {list(PROMPTS)!r}", f"prompts: {PROMPTS[:1]!r}")
+    """Constructed case: the held-out pictures are planted at alpha* = 0.7 on other seeds, but the
+    selection part of the folder holds look-alikes of the single selection seed's own picture at
+    alpha = 0.3 (pictures that happen to match one seed's composition). A search on that one seed
+    is drawn to them; the held-out check (other seeds, held-out pictures) shows less gain than the
+    selection claimed, and the choice is off alpha*."""
+    import shutil
+
+    from workbench.grid.holdout import split_references
+
+    refs = base / "refs_lookalike"
+    shutil.copytree(base / "refs", refs)
+    look = _plant(base, "lookalike_src", None, 0.3, seeds=[1])
+    source = next(look.glob("*.png"))
+    for path in split_references(refs, 0.25).selection:  # same names: the split does not move
+        shutil.copy(source, path)
+    text = _recipe_text(base, trials=10, selection=(1,), evaluation=(101, 102, 103), refs="refs_lookalike",
+                        out="out_single", extra="objective: {adherence: constraint, margin: 100}")
     result = run_recipe(load_recipe(_write(base, text, "single.yaml")), progress=False)
     info = result.info
     sel = info["baseline_selection"]
-    better_sel = max(sel["A"]["style"], sel["B"]["style"])
-    selection_gain = info["best"]["style"] - better_sel
+    selection_gain = info["best"]["style"] - max(sel["A"]["style"], sel["B"]["style"])
     held = info["held_out"]
     held_gain = held["best"]["style"] - max(held["A"]["style"], held["B"]["style"])
-    print(f"\nsingle seed: selection gain {selection_gain:+.4f}, held-out gain {held_gain:+.4f}, "
-          f"within noise: {info['within_noise']}")
-    assert selection_gain > 0  # the search 'found' an improvement on its one seed
-    assert held_gain < selection_gain  # the held-out check shows less of it
-    assert info["within_noise"]  # and the report warns
-    assert "within noise" in (base / "out_single" / "report.html").read_text(encoding="utf-8")
+    found = info["best"]["params"]["alpha"]
+    print(f"\nsingle seed: found alpha {found:.3f}, selection gain {selection_gain:+.4f}, held-out gain "
+          f"{held_gain:+.4f}, within noise: {info['within_noise']}")
+    # the planted merge, scored the way the check scores (evaluation seeds, held-out pictures)
+    recipe = load_recipe(base / "out_single" / "best.yaml").model_copy()
+    recipe.steps[0].alpha = ALPHA_STAR
+    backbone = load_backbone(weights=base / "clip", device="cpu")
+    check = TrialScorer(backbone, {"held_out": split_references(refs, 0.25).held_out},
+                        ImageSettings("", sampler=SAMPLER, steps=STEPS, width=64, height=64), PROMPTS,
+                        device="cpu").score(recipe, [101, 102, 103], "held_out")
+    print(f"held-out style: single-seed pick {held['best']['style']:.4f}, alpha* {check.mean_style:.4f}")
+    assert selection_gain > 0  # the one seed said the pick beats both inputs
+    assert abs(found - ALPHA_STAR) > 0.1  # it picked off the planted optimum
+    assert check.mean_style > held["best"]["style"]  # which the held-out check shows to be worse
+    assert info["within_noise"]  # and the report warns that the pick is not shown better
 
 
 @pytest.mark.slow
