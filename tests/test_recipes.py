@@ -224,7 +224,7 @@ def test_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch):
 def test_example_recipes_in_repo_validate():
     found = sorted((REPO / "recipes").glob("*.yaml"))
     kinds = {load_recipe(p).kind for p in found}
-    assert kinds == {"merge", "train", "grid", "generate", "extract_lora", "pick"}
+    assert kinds == {"merge", "train", "grid", "generate", "extract_lora", "pick", "merge_search"}
 
 
 # ---- errors: file + line + field + expectation --------------------------------------------------

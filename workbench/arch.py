@@ -152,7 +152,7 @@ SD3 = Arch(
     generation=True, modelspec_arch="stable-diffusion-v3-medium", modelspec_impl="sgm",
     lora_modelspec_impl="diffusers", kohya_base_model_version="sd3",
     kohya_network_module="networks.lora_sd3", kohya_unet_names="original", sidecar_sd_version=None,
-    block_ids=SD3_BLOCKS, merge_preview=False, trainable=True, text_encoder_trainable=False,
+    block_ids=SD3_BLOCKS, merge_preview=True, trainable=True, text_encoder_trainable=False,
     # the shift of SD3.5's own scheduler (formats/data/sd3/*/scheduler); StableDiffusion3Pipeline's
     # max_sequence_length default
     train_flow_shift=3.0, t5_tokens=256, tiny_vae=None, grid_speed=4.0,
@@ -169,7 +169,7 @@ FLUX = Arch(
     generation=True, modelspec_arch="flux-1-dev", modelspec_impl=BFL_IMPL,
     lora_modelspec_impl=BFL_IMPL, kohya_base_model_version="flux1",
     kohya_network_module="networks.lora_flux", kohya_unet_names="original", sidecar_sd_version="Flux",
-    block_ids=FLUX_BLOCKS, merge_preview=False, trainable=True, text_encoder_trainable=False,
+    block_ids=FLUX_BLOCKS, merge_preview=True, trainable=True, text_encoder_trainable=False,
     # kohya's recommended `discrete_flow_shift` for FLUX.1 dev; FluxPipeline's max_sequence_length
     train_flow_shift=3.1582, t5_tokens=512, tiny_vae=None, grid_speed=10.0,
     tiny_builder="workbench.testing.flux",

@@ -7,7 +7,9 @@ by diffusers' single-file converters and copied into the pipeline that is alread
 pipeline is loaded once (from the merge's first input, whose layout the output keeps); each value
 costs one pass over the weights, no disk write and no second pipeline kept.
 
-Supported for the UNet architectures (sd15, sdxl); SD3/FLUX previews need a written checkpoint.
+Supported for every architecture whose record says `merge_preview` (workbench/arch.py): SD1.5,
+SDXL, SD3 and FLUX.1. Each component is rebuilt from the merged dict by the same conversion the
+loader applies to a file, then copied into the loaded one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.arch import ARCHS
+from workbench.arch import ARCHS, BY_ID
 from workbench.errors import UnsupportedError, RecipeError, WorkbenchError
 from workbench.merge.build import plan_merge
 from workbench.merge.executor import compute_key, open_inputs
@@ -97,34 +99,67 @@ def merged_state_dict(recipe) -> tuple[dict[str, torch.Tensor], str, Path]:
     return state, plan.arch, leaf(plan.final).path
 
 
+def _denoiser_from_state(pipe, state: dict[str, torch.Tensor], arch: str, folder: str):
+    """The merged denoiser, converted the way the loader converts a file (pipeline/load.py for
+    UNets, pipeline/load_dit.py for SD3 and FLUX: diffusers' single-file converters, and for FLUX
+    the width-agnostic formats/dit_keys.flux_to_diffusers)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    from workbench.formats import dit_keys
+    from workbench.pipeline.load_dit import TRANSFORMER_PREFIX
+
+    a = BY_ID[arch]
+    current = getattr(pipe, a.denoiser)
+    common = {"config": folder, "subfolder": a.denoiser, "local_files_only": True,
+              "torch_dtype": current.dtype}
+    if a.denoiser == "unet":
+        return UNet2DConditionModel.from_single_file(state, **common)
+    if arch == "sd3":
+        return SD3Transformer2DModel.from_single_file(state, **common)
+    prefix = TRANSFORMER_PREFIX if any(k.startswith(TRANSFORMER_PREFIX + "double_blocks.") for k in state) else ""
+    return FluxTransformer2DModel.from_single_file(dit_keys.flux_to_diffusers(state, prefix), **common)
+
+
+def _text_encoder_from_state(current, state: dict[str, torch.Tensor], encoder, folder: str):
+    """One merged text encoder: T5 as pipeline/load_dit.load_t5 builds it, CLIP by diffusers'
+    single-file converter (what a pipeline's from_single_file calls for it)."""
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+    from workbench.pipeline.load_dit import load_t5
+
+    if encoder.layout == "t5":
+        tensors = {k[len(encoder.prefix):]: v for k, v in state.items() if k.startswith(encoder.prefix)}
+        return load_t5(tensors, Path(folder), encoder.component, current.dtype)
+    return create_diffusers_clip_model_from_ldm(type(current), state, subfolder=encoder.component,
+                                                config=folder, local_files_only=True,
+                                                torch_dtype=current.dtype)
+
+
 def load_into_pipeline(pipe, state: dict[str, torch.Tensor], arch: str, leaf_path: Path) -> None:
     """Copy a single-file state dict into the loaded pipeline's components (same shapes)."""
     if arch not in PREVIEW_ARCHS:
         raise UnsupportedError(f"merge preview: {arch} is not supported in memory (only "
                                 f"{', '.join(PREVIEW_ARCHS)}); write the merge with `workbench run` "
                                 "and use a model axis instead")
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from diffusers import AutoencoderKL
 
     from workbench.formats.pipeline_config import config_dir
 
     from workbench.pipeline.load import LOAD_LOCK
 
+    a = BY_ID[arch]
     folder = str(config_dir(leaf_path, arch))
     with LOAD_LOCK:  # diffusers' model construction is not thread-safe (see LOAD_LOCK)
-        # built in the dtype of the component they replace: no transient fp32 copy of a fp16 UNet
+        # built in the dtype of the component they replace: no transient fp32 copy of a fp16 model
         built = {
-            "unet": UNet2DConditionModel.from_single_file(state, config=folder, subfolder="unet",
-                                                          local_files_only=True, torch_dtype=pipe.unet.dtype),
+            a.denoiser: _denoiser_from_state(pipe, state, arch, folder),
             "vae": AutoencoderKL.from_single_file(state, config=folder, subfolder="vae",
                                                   local_files_only=True, torch_dtype=pipe.vae.dtype),
         }
-        for name in ("text_encoder", "text_encoder_2"):
-            current = getattr(pipe, name, None)
+        for encoder in a.text_encoders:
+            current = getattr(pipe, encoder.component, None)
             if current is not None:
-                built[name] = create_diffusers_clip_model_from_ldm(
-                    type(current), state, subfolder=name, config=folder, local_files_only=True,
-                    torch_dtype=current.dtype)
+                built[encoder.component] = _text_encoder_from_state(current, state, encoder, folder)
     for name, module in built.items():
         target = getattr(pipe, name)
         missing, unexpected = target.load_state_dict(module.state_dict(), strict=False)
@@ -162,10 +197,17 @@ class MergePreviewer:
 
     def model_for(self, source):
         """A generation Model holding the merge at `source.merge_value`."""
-        from workbench.pipeline.generate import Model, load_model
-
         recipe = with_value(load_merge_recipe(source.path), source.merge_param, source.merge_step,
                             source.merge_value)
+        digest = identity_hash(merge_identity(source))
+        return self.model_for_recipe(recipe, name=f"{source.path.stem}-{source.merge_param}"
+                                     f"{source.merge_value:g}", model_hash=digest[:10])
+
+    def model_for_recipe(self, recipe, *, name: str, model_hash: str = ""):
+        """A generation Model holding the merge a MergeRecipe (built in code or read) describes;
+        the merge search (workbench/kinds/merge_search.py) calls this once per trial."""
+        from workbench.pipeline.generate import Model, load_model
+
         state, arch, leaf_path = merged_state_dict(recipe)
         base = self._models.get(leaf_path)
         if base is None:
@@ -173,6 +215,5 @@ class MergePreviewer:
             self._models = {leaf_path: base}  # one base pipeline at a time
         _swap_weights(base, state, arch, leaf_path)
         del state
-        digest = identity_hash(merge_identity(source))
-        return Model.from_pipeline(base.pipe, base.arch, name=f"{source.path.stem}-{source.merge_param}"
-                                   f"{source.merge_value:g}", model_hash=digest[:10], device=base.device)
+        return Model.from_pipeline(base.pipe, base.arch, name=name, model_hash=model_hash,
+                                   device=base.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Protocol
 
-from workbench.kinds import extract_lora, generate, grid, merge, pick, train
+from workbench.kinds import extract_lora, generate, grid, merge, merge_search, pick, train
 from workbench.plan import RunPlan, RunResult
 
 
@@ -30,4 +30,5 @@ KINDS: dict[str, ModuleType] = {
     "train": train,
     "grid": grid,
     "pick": pick,
+    "merge_search": merge_search,
 }

@@ -22,6 +22,7 @@ from workbench.recipes.generate import GenerateRecipe
 from workbench.recipes.grid import AXIS_NAMES, GridRecipe
 from workbench.recipes.extract import ExtractLoraRecipe
 from workbench.recipes.merge import MergeRecipe
+from workbench.recipes.merge_search import MergeSearchRecipe
 from workbench.recipes.pick import PickRecipe
 from workbench.recipes.train import TrainRecipe
 
@@ -32,8 +33,10 @@ RECIPE_KINDS: dict[str, type[RecipeBase]] = {
     "generate": GenerateRecipe,
     "extract_lora": ExtractLoraRecipe,
     "pick": PickRecipe,
+    "merge_search": MergeSearchRecipe,
 }
-Recipe = Union[MergeRecipe, TrainRecipe, GridRecipe, GenerateRecipe, ExtractLoraRecipe, PickRecipe]
+Recipe = Union[MergeRecipe, TrainRecipe, GridRecipe, GenerateRecipe, ExtractLoraRecipe, PickRecipe,
+              MergeSearchRecipe]
 Loc = tuple[Union[str, int], ...]
 
 

@@ -13,6 +13,7 @@ import streamlit as st
 
 from workbench.app import forms, live, pickers
 from workbench.app.config import AppConfig
+from workbench.app.views.merge_search_panel import render_panel
 from workbench.arch import BLOCK_TABLES
 from workbench.formats.blocks import BLOCK_IDS, parse_block_values, preset_name, presets
 from workbench.recipes.merge import KNOWN_MERGE_METHODS, MERGE_METHOD_RULES
@@ -358,6 +359,7 @@ def render() -> None:
     st.divider()
     st.subheader("Progress")
     live.section("merge", job_status, lambda: live.jobs_active("merge"))
+    render_panel()
 
 
 if __name__ == "__main__":

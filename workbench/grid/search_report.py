@@ -1,0 +1,132 @@
+"""What a merge search writes for the user to read: trials.csv, grid.png and report.html.
+
+The report says how many trials ran, draws the search trace (each trial's selection style score and
+the best so far; grid/report.py svg_plot), shows the best against both inputs on held-out seeds and
+pictures with paired statistics (grid/stats.py), and warns when the best is within noise of the
+better input: a search over many trials always finds *some* best, and only the held-out check says
+whether it is better than what the user already had.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from pathlib import Path
+
+from workbench.formats.writer import atomic_write_text
+from workbench.grid.render import render_pages
+from workbench.grid.report import CSS, svg_plot
+
+TRIALS_CSV = "trials.csv"
+GRID_STEM = "grid"
+REPORT_HTML = "report.html"
+
+
+def write_trials_csv(out_dir: Path, trials: list, names, threshold: float) -> Path:
+    """One row per finished trial: number, parameters, scores, whether it met the adherence bar."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["trial", *names, "style", "clip", "meets_adherence", "seconds"])
+    for t in trials:
+        a = t.user_attrs
+        writer.writerow([t.number, *(f"{t.params[n]:.6f}" for n in names), f"{a['style']:.6f}",
+                         f"{a['clip']:.4f}", a["clip"] >= threshold, a.get("seconds", "")])
+    path = Path(out_dir) / TRIALS_CSV
+    atomic_write_text(path, buf.getvalue(), overwrite=True)
+    return path
+
+
+def write_grid(out_dir: Path, recipe, checked: dict) -> Path:
+    """Best vs A vs B (columns, each on every evaluation seed) by prompt (rows)."""
+    seeds = recipe.seeds.evaluation
+    names = list(checked)  # best, A, B
+    images, scores = {}, {}
+    for name, scored in checked.items():
+        for i, (prompt, seed) in enumerate(zip(scored.prompts, scored.seeds)):
+            key = f"{name}|{recipe.prompts.index(prompt)}|{seed}"
+            images[key] = scored.images[i]
+            scores[key] = {"style": scored.style[i], "clip": scored.clip[i]}
+    grid = [[f"{n}|{p}|{s}" for n in names for s in seeds] for p in range(len(recipe.prompts))]
+    pages = render_pages(title=f"{recipe.name}: best vs A vs B (evaluation seeds)", z_label="",
+                         column_labels=[n for n in names for _ in seeds],
+                         sub_labels=[f"seed {s}" for _ in names for s in seeds],
+                         row_labels=list(recipe.prompts), grid=grid, image_of=images.__getitem__,
+                         scores_of=lambda k: scores.get(k, {}), metrics=["style", "clip"],
+                         out_stem=Path(out_dir) / GRID_STEM)
+    return pages[0].path
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return html.escape(str(v))
+
+
+def trace_svg(trials: list) -> str:
+    """Each trial's selection style score and the best so far, by trial number."""
+    labels = [str(t.number) for t in trials]
+    values = [t.user_attrs["style"] for t in trials]
+    best, so_far = [], None
+    for v in values:
+        so_far = v if so_far is None else max(so_far, v)
+        best.append(so_far)
+    return svg_plot([("trial", labels, values, [None] * len(values)),
+                     ("best so far", labels, best, [None] * len(values))],
+                    "search trace: style (selection pictures, selection seeds) by trial",
+                    width=max(640, 14 * len(labels) + 80))
+
+
+def write_html(out_dir: Path, recipe, trials: list, names, info: dict, grid_path: Path,
+               summary: str) -> Path:
+    best = info["best"]
+    rows = []
+    for c in info["comparisons"]:
+        rows.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in (
+            f"best vs {c['a']}", c["metric"], c["mean_a"], c["mean_b"], c["mean_diff"],
+            f"[{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]", c["wilcoxon_p"], f"{c['wins']}/{c['n_pairs']}",
+            c["n_units"])) + "</tr>")
+    warnings = []
+    if info["within_noise"]:
+        warnings.append(f"The best is within noise of input {info['better_input']} on the held-out check "
+                        "(the confidence interval of the style difference includes 0): keeping "
+                        f"{info['better_input']} is as well supported as the merge.")
+    if not best["meets_adherence"]:
+        warnings.append("No trial met the adherence bar (CLIP score within the margin of the better "
+                        "input); the best shown is the most stylish trial overall.")
+    trial_rows = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in (
+            t.number, *(t.params[n] for n in names), t.user_attrs["style"], t.user_attrs["clip"]))
+        + "</tr>" for t in trials)
+    params = ", ".join(f"{k} = {v:.3f}" for k, v in best["params"].items())
+    held = info["held_out"]
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(recipe.name)}</title>
+<style>{CSS} .warn{{background:#fff3cd;border:1px solid #e0c36c;padding:8px 12px}}</style></head><body>
+<h1>Merge search: {html.escape(recipe.name)}</h1>
+<p>{html.escape(summary)}</p>
+<p><b>{len(trials)} trials</b> run ({info['run_now']} in this run), space <code>{recipe.space}</code>,
+method <code>{recipe.method}</code>; {info['references']['selection']} selection and
+{info['references']['held_out']} held-out reference pictures; selection seeds {info['seeds']['selection']},
+evaluation seeds {info['seeds']['evaluation']} (disjoint).</p>
+{''.join(f'<p class="warn">{html.escape(w)}</p>' for w in warnings)}
+<h2>Best: trial {best['trial']}</h2><p>{html.escape(params)}; selection style {best['style']:.4f},
+CLIP {best['clip']:.2f} (adherence bar {info['adherence_threshold']:.2f}). Written as
+<code>best.yaml</code>: <code>workbench run best.yaml</code> makes the checkpoint.</p>
+<h2>Held-out check (evaluation seeds, held-out pictures)</h2>
+<p>style: best {held['best']['style']:.4f}, A {held['A']['style']:.4f}, B {held['B']['style']:.4f};
+CLIP: best {held['best']['clip']:.2f}, A {held['A']['clip']:.2f}, B {held['B']['clip']:.2f}</p>
+<table><tr><th>pair</th><th>metric</th><th>mean input</th><th>mean best</th><th>difference</th>
+<th>95% CI</th><th>Wilcoxon p</th><th>best wins</th><th>units</th></tr>{''.join(rows)}</table>
+<p class="note">Paired by (prompt, seed): the same noise for every picture; intervals are paired
+bootstrap intervals over prompts (over seeds when there is one prompt), grid/stats.py.</p>
+<h2>Search trace</h2>{trace_svg(trials)}
+<h2>Best vs A vs B</h2><img class="grid" src="{html.escape(grid_path.name)}" alt="grid">
+<h2>Trials</h2><table><tr><th>trial</th>{''.join(f'<th>{html.escape(n)}</th>' for n in names)}
+<th>style</th><th>CLIP</th></tr>{trial_rows}</table>
+</body></html>
+"""
+    path = Path(out_dir) / REPORT_HTML
+    atomic_write_text(path, body, overwrite=True)
+    return path
