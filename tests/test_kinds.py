@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench import kinds
+from workbench.kinds import registry
 from workbench.dispatch import build_plan, run_recipe
 from workbench.kinds import generate as generate_kind
 from workbench.kinds import grid as grid_kind
@@ -27,8 +27,8 @@ def _write(tmp_path: Path, text: str) -> object:
 def test_every_kind_module_follows_the_protocol():
     from workbench.recipes.loader import RECIPE_KINDS
 
-    assert set(kinds.KINDS) == set(RECIPE_KINDS)
-    for name, module in kinds.KINDS.items():
+    assert set(registry.KINDS) == set(RECIPE_KINDS)
+    for name, module in registry.KINDS.items():
         assert callable(module.describe) and callable(module.run), name
 
 

@@ -2,6 +2,11 @@
 
 Every subcommand goes through the same recipe objects and `run_recipe` as the dashboard. User
 errors (WorkbenchError) print `error: <message>` and exit with status 2; a traceback means a bug.
+
+Each subcommand imports its engine inside its handler, the one exception to module-top imports in
+this package: the engines load torch, diffusers, open_clip or streamlit (seconds on a laptop), and
+`workbench --help`, `--version` and a mistyped option should answer at once. The same holds for
+workbench/cli_pick.py.
 """
 
 from __future__ import annotations

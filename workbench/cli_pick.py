@@ -3,7 +3,8 @@
 The options are the recipe's fields (workbench/recipes/pick.py) under their own names, turned
 into recipe data and validated by the recipe loader, so the command line, a recipe file run with
 `workbench run` and the Train page's button all describe a pick the same way; `--print-recipe`
-shows the recipe the options made (save it to re-run or edit).
+shows the recipe the options made (save it to re-run or edit). Like workbench/cli.py, it imports
+the recipe loader and the dispatcher only when the command runs (they import torch).
 """
 
 from __future__ import annotations

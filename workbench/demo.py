@@ -18,6 +18,11 @@ from pathlib import Path
 
 from workbench.errors import UnsupportedError, WorkbenchError
 from workbench.userdirs import data_root
+from workbench.dispatch import run_recipe
+from workbench.formats.scan import format_table, scan
+from workbench.pipeline.generate import ImageSettings, generate, load_model, save_image
+from workbench.recipes import load_recipe
+from workbench.testing import build_tiny, clip as tiny_clip
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # how the example recipes in recipes/ name the demo's folder and the bundled datasets
@@ -37,9 +42,6 @@ PREVIEW_PROMPT = "wbstyle, a lighthouse at dusk"
 
 def build_models(models_dir: Path, fresh: bool = False) -> dict[str, Path]:
     """Build (or reuse) the tiny checkpoints and the tiny CLIP scorer under `models_dir`."""
-    from workbench.testing import build_tiny
-    from workbench.testing import clip as tiny_clip
-
     models_dir.mkdir(parents=True, exist_ok=True)
     built: dict[str, Path] = {}
     for name, (arch, seed) in DEMO_MODELS.items():
@@ -82,9 +84,6 @@ def prepare_recipes(root: Path, source: Path = REPO_ROOT / "recipes") -> Path:
 
 def run_recipes(recipes_dir: Path) -> list[tuple[str, str]]:
     """Run every example recipe; returns (recipe, outcome) lines for the summary."""
-    from workbench.recipes import load_recipe
-    from workbench.dispatch import run_recipe
-
     outcomes = []
     paths = sorted(recipes_dir.glob("*.yaml"), key=lambda p: (_ORDER.get(p.stem, 99), p.name))
     for path in paths:
@@ -102,8 +101,6 @@ def run_recipes(recipes_dir: Path) -> list[tuple[str, str]]:
 
 def render_previews(models: dict[str, Path], out_dir: Path) -> list[tuple[str, Path]]:
     """One small image per architecture through the generation core, with its metadata."""
-    from workbench.pipeline.generate import ImageSettings, generate, load_model, save_image
-
     written = []
     for name, (arch, _) in DEMO_MODELS.items():
         if name.startswith("sd15_") and name != "sd15_a.safetensors":
@@ -131,7 +128,6 @@ def main(args: argparse.Namespace | None = None) -> int:
     models = build_models(root / "models", fresh=fresh)
 
     print("\n2/4 scanning the model folder")
-    from workbench.formats.scan import format_table, scan
 
     print(format_table(scan(root / "models")))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from workbench.errors import OutputExistsError, RecipeError, WorkbenchError
-from workbench.kinds import KINDS
+from workbench.kinds.registry import KINDS
 from workbench.plan import RunPlan, RunResult
 from workbench.recipes.loader import Recipe
 

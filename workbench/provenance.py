@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
+from workbench import __version__
+from workbench.formats.hashes import sha256_file
+from workbench.formats.writer import atomic_write_text
 
 PROVENANCE_FILE = "provenance.json"
 LIBRARIES = ("torch", "diffusers", "transformers", "safetensors", "peft", "accelerate", "open_clip_torch")
@@ -23,8 +26,6 @@ LIBRARIES = ("torch", "diffusers", "transformers", "safetensors", "peft", "accel
 
 def versions() -> dict[str, str]:
     """Versions of Python, the platform and the libraries that shape numeric results."""
-    from workbench import __version__
-
     out = {"workbench": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
     for lib in LIBRARIES:
         try:
@@ -36,8 +37,6 @@ def versions() -> dict[str, str]:
 
 def input_record(path: str | Path) -> dict[str, Any]:
     """Identity of one input file: path, size, full sha256 and the A1111 short hash."""
-    from workbench.formats.hashes import sha256_file
-
     p = Path(path)
     if p.is_dir():
         return {"path": str(p), "kind": "folder"}
@@ -82,8 +81,6 @@ class Provenance:
     def write(self, out_dir: str | Path, filename: str = PROVENANCE_FILE) -> Path:
         """Write `provenance.json` atomically (a re-run replaces the previous record of the run).
         A single-file result (a merged checkpoint) gets `<stem>.provenance.json` beside it."""
-        from workbench.formats.writer import atomic_write_text
-
         target = Path(out_dir) / filename
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, json.dumps(self.to_dict(), indent=2, default=str) + "\n",

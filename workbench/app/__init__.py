@@ -21,6 +21,7 @@ from workbench.app.lifecycle import (Shutdown, StopRequested, install_console_cl
                                      stop_signals)
 from workbench.app.tool_outputs import ToolPublisher
 from workbench.jobs.store import JobStore
+from workbench.jobs.worker import ensure_workers
 
 MAIN = Path(__file__).with_name("main.py")
 
@@ -53,8 +54,6 @@ def start(config: AppConfig, host: str = "127.0.0.1", port: int = 8501,
           **popen_kwargs) -> subprocess.Popen:
     """Start the dashboard server in the background (the e2e test uses this); queued jobs left
     from an earlier session get a worker at once."""
-    from workbench.jobs.worker import ensure_workers
-
     store = JobStore(config.db)
     if config.spawn_workers:
         ensure_workers(store, config.max_workers)

@@ -25,6 +25,10 @@ from workbench.app.config import AppConfig, load_config
 from workbench.app.jobs_ui import job_fraction, progress_text
 from workbench.errors import RecipeError, WorkbenchError
 from workbench.jobs.store import JobStore
+from workbench.dispatch import build_plan
+from workbench.errors import OutputExistsError
+from workbench.jobs.worker import ensure_workers
+from workbench.recipes.loader import load_recipe, parse_recipe, recipe_to_yaml
 
 Problem = tuple[str, str]  # (field path as the validator names it, message)
 JOBS_PAGE = "views/jobs.py"
@@ -86,8 +90,6 @@ class Problems:
 
 def validate(data: dict) -> tuple[Any, list[Problem]]:
     """(recipe or None, problems) from recipe data, with the recipe validator's messages."""
-    from workbench.recipes.loader import parse_recipe
-
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     try:
         return parse_recipe(text, None), []
@@ -294,8 +296,6 @@ def form_recipe(spec: FormSpec, cfg: AppConfig) -> tuple[Any, dict, Problems]:
 
 
 def _load_file(spec: FormSpec) -> None:
-    from workbench.recipes.loader import load_recipe
-
     cfg = config()
     msg_key = spec.key("file_msg")
     try:
@@ -313,8 +313,6 @@ def _load_file(spec: FormSpec) -> None:
 
 
 def _load_upload(spec: FormSpec) -> None:
-    from workbench.recipes.loader import parse_recipe
-
     cfg = config()
     upload = st.session_state.get(spec.key("upload"))
     if upload is None:
@@ -334,9 +332,6 @@ def _load_upload(spec: FormSpec) -> None:
 
 def save_recipe(recipe, path: Path, overwrite: bool) -> Path:
     """Write the recipe's YAML atomically, paths relative to the file's folder."""
-    from workbench.errors import OutputExistsError
-    from workbench.recipes.loader import recipe_to_yaml
-
     if path.suffix.lower() not in (".yaml", ".yml"):
         raise WorkbenchError(f"{path}: a recipe file name ends in .yaml")
     if path.exists() and not overwrite:
@@ -350,8 +345,6 @@ def save_recipe(recipe, path: Path, overwrite: bool) -> Path:
 
 def recipe_file_bar(spec: FormSpec, recipe, cfg: AppConfig) -> None:
     """Load a recipe file into the form, save the form as a recipe file, download or upload."""
-    from workbench.recipes.loader import recipe_to_yaml
-
     st.session_state.setdefault(spec.key("file"), f"recipes/{spec.kind}.yaml")
     with st.expander("Recipe file: load or save", expanded=False):
         st.text_input("Recipe file", key=spec.key("file"),
@@ -397,9 +390,6 @@ def extra_fields(spec: FormSpec, problems: Problems) -> None:
 
 def submit_job(recipe, cfg: AppConfig) -> int:
     """Queue a validated recipe and make sure a worker will run it; returns the job id."""
-    from workbench.jobs.worker import ensure_workers
-    from workbench.recipes.loader import recipe_to_yaml
-
     store = job_store()
     job_id = store.submit(recipe.KIND, recipe_to_yaml(recipe), name=recipe.name or recipe.KIND)
     if cfg.spawn_workers:
@@ -410,9 +400,6 @@ def submit_job(recipe, cfg: AppConfig) -> int:
 def dry_run_and_submit(spec: FormSpec, recipe, problems: Problems, cfg: AppConfig) -> int | None:
     """'Dry run' shows the plan; 'Submit job' is enabled once the plan of exactly this recipe has
     no problems. Returns the new job id on submit."""
-    from workbench.recipes.loader import recipe_to_yaml
-    from workbench.dispatch import build_plan
-
     text = recipe_to_yaml(recipe) if recipe is not None else None
     c1, c2 = st.columns(2)
     if c1.button("Dry run", key=spec.key("dry"), type="secondary"):
@@ -454,8 +441,6 @@ def dry_run_and_submit(spec: FormSpec, recipe, problems: Problems, cfg: AppConfi
 
 
 def yaml_preview(recipe, data: dict, cfg: AppConfig) -> None:
-    from workbench.recipes.loader import recipe_to_yaml
-
     with st.expander("Recipe YAML", expanded=False):
         text = (recipe_to_yaml(recipe, base_dir=cfg.home) if recipe is not None
                 else yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
@@ -526,8 +511,6 @@ def image_files(folder: Path, limit: int = 24) -> list[Path]:
 
 
 def recipe_of(job) -> Any:
-    from workbench.recipes.loader import parse_recipe
-
     try:
         return parse_recipe(job.recipe, job.source)
     except WorkbenchError:

@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 
 from workbench.errors import FormatError
+from workbench.formats.writer import atomic_write_text
 
 CHUNK = 4 * 1024 * 1024
 CACHE_VERSION = 1
@@ -45,8 +46,6 @@ def _load_cache() -> dict:
 
 
 def _save_cache(data: dict) -> None:
-    from workbench.formats.writer import atomic_write_text
-
     try:
         cache_root().mkdir(parents=True, exist_ok=True)
         atomic_write_text(_cache_file(), json.dumps(data, indent=0, sort_keys=True),

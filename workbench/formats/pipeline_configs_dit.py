@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import FormatError, UnsupportedError
+from workbench.formats import pipeline_config
 
 DATA = Path(__file__).parent / "data"
 Shapes = Mapping[str, tuple[int, ...]]
@@ -336,8 +337,6 @@ def write_t5_tokenizer_dir(out_dir: str | os.PathLike, vocab_size: int, max_leng
 
 
 def register() -> None:
-    from workbench.formats import pipeline_config
-
     pipeline_config.register("sd3", sd3_files)
     pipeline_config.register("flux", flux_files)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.formats.writer import atomic_write_text
+from workbench.pipeline.image_meta import save_png
 
 RECORD_VERSION = 1
 
@@ -52,8 +53,6 @@ class CellCache:
 
     def save(self, key: str, generated, record: dict[str, Any]) -> dict[str, Any]:
         """Write the cell's PNG (A1111 parameters + provenance) and then its record."""
-        from workbench.pipeline.image_meta import save_png
-
         self.folder.mkdir(parents=True, exist_ok=True)
         save_png(generated.image, self.png_path(key), generated.parameters,
                  {**generated.provenance, "cell_key": key}, overwrite=True)

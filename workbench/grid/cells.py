@@ -25,6 +25,8 @@ from workbench.pipeline.components import denoiser_only
 from workbench.pipeline.generate import ImageSettings, LoraUse
 from workbench.recipes.common import parse_size
 from workbench.recipes.grid import GridRecipe
+from workbench.formats.hashes import sha256_file
+from workbench.grid.merge_preview import merge_identity as preview_identity
 
 KEY_VERSION = 1
 LETTERS = ("x", "y", "z")
@@ -171,17 +173,13 @@ def expand(recipe: GridRecipe) -> list[Cell]:
 
 
 def _sha256(path: Path) -> str:
-    from workbench.formats.hashes import sha256_file
-
     return sha256_file(path)
 
 
 def source_identity(source: Source, merge_identity=None) -> dict:
     """What identifies a model source: the file's sha256, or the merge inputs' hashes and steps."""
     if source.is_merge:
-        if merge_identity is None:
-            from workbench.grid.merge_preview import merge_identity
-        return merge_identity(source)
+        return (merge_identity or preview_identity)(source)
     path = Path(source.path)
     if path.is_dir():  # split FLUX files (e.g. a GGUF transformer beside ae, clip_l, t5xxl) or diffusers
         return {"files": {p.relative_to(path).as_posix(): _sha256(p) for p in sorted(path.rglob("*"))

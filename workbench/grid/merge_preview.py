@@ -24,15 +24,22 @@ from workbench.arch import ARCHS, BY_ID
 from workbench.errors import UnsupportedError, RecipeError, WorkbenchError
 from workbench.merge.build import plan_merge
 from workbench.merge.executor import compute_key, open_inputs
+from workbench.formats import dit_keys
+from workbench.formats.hashes import sha256_file
+from workbench.formats.pipeline_config import config_dir
+from workbench.merge.graph import leaf
+from workbench.pipeline import streaming
+from workbench.pipeline.generate import Model, load_model
+from workbench.pipeline.load import LOAD_LOCK
+from workbench.pipeline.load_dit import TRANSFORMER_PREFIX, load_t5
+from workbench.recipes.loader import load_recipe
+from workbench.recipes.merge import MERGE_METHOD_RULES, MergeRecipe
 
 PREVIEW_ARCHS = tuple(a.id for a in ARCHS if a.merge_preview)  # workbench/arch.py
 
 
 def load_merge_recipe(path: Path):
     """The merge recipe a merge axis names (a RecipeError names the grid field when it is not one)."""
-    from workbench.recipes.loader import load_recipe
-    from workbench.recipes.merge import MergeRecipe
-
     recipe = load_recipe(path)
     if not isinstance(recipe, MergeRecipe):
         raise RecipeError(f"merge axis recipe {path}: is a '{recipe.kind}' recipe; expected kind merge")
@@ -41,8 +48,6 @@ def load_merge_recipe(path: Path):
 
 def steps_with(recipe, param: str, step: str | None) -> list[str]:
     """Ids of the steps whose `param` the axis sets: `step`, or every step whose method reads it."""
-    from workbench.recipes.merge import MERGE_METHOD_RULES
-
     ids = [s.id for s in recipe.steps]
     if step is not None:
         if step not in ids:
@@ -71,8 +76,6 @@ def with_value(recipe, param: str, step: str | None, value: float):
 
 def merge_identity(source) -> dict:
     """What decides a preview's weights: input hashes, the steps (with the value) and the dtype."""
-    from workbench.formats.hashes import sha256_file
-
     recipe = with_value(load_merge_recipe(source.path), source.merge_param, source.merge_step,
                         source.merge_value)
     return {"merge": {
@@ -94,7 +97,6 @@ def merged_state_dict(recipe) -> tuple[dict[str, torch.Tensor], str, Path]:
     with open_inputs(plan):
         # clone: values copied from an input are views of its memory map, closed on exit
         state = {k.name: compute_key(k).clone() for k in plan.keys}
-    from workbench.merge.graph import leaf
 
     return state, plan.arch, leaf(plan.final).path
 
@@ -104,9 +106,6 @@ def _denoiser_from_state(pipe, state: dict[str, torch.Tensor], arch: str, folder
     UNets, pipeline/load_dit.py for SD3 and FLUX: diffusers' single-file converters, and for FLUX
     the width-agnostic formats/dit_keys.flux_to_diffusers)."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
-
-    from workbench.formats import dit_keys
-    from workbench.pipeline.load_dit import TRANSFORMER_PREFIX
 
     a = BY_ID[arch]
     current = getattr(pipe, a.denoiser)
@@ -125,8 +124,6 @@ def _text_encoder_from_state(current, state: dict[str, torch.Tensor], encoder, f
     single-file converter (what a pipeline's from_single_file calls for it)."""
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 
-    from workbench.pipeline.load_dit import load_t5
-
     if encoder.layout == "t5":
         tensors = {k[len(encoder.prefix):]: v for k, v in state.items() if k.startswith(encoder.prefix)}
         return load_t5(tensors, Path(folder), encoder.component, current.dtype)
@@ -142,10 +139,6 @@ def load_into_pipeline(pipe, state: dict[str, torch.Tensor], arch: str, leaf_pat
                                 f"{', '.join(PREVIEW_ARCHS)}); write the merge with `workbench run` "
                                 "and use a model axis instead")
     from diffusers import AutoencoderKL
-
-    from workbench.formats.pipeline_config import config_dir
-
-    from workbench.pipeline.load import LOAD_LOCK
 
     a = BY_ID[arch]
     folder = str(config_dir(leaf_path, arch))
@@ -178,7 +171,6 @@ def _swap_weights(model, state, arch: str, leaf_path: Path) -> None:
     if applied is None:
         load_into_pipeline(model.pipe, state, arch, leaf_path)
         return
-    from workbench.pipeline import streaming
 
     applied.remove()
     try:
@@ -206,8 +198,6 @@ class MergePreviewer:
     def model_for_recipe(self, recipe, *, name: str, model_hash: str = ""):
         """A generation Model holding the merge a MergeRecipe (built in code or read) describes;
         the merge search (workbench/kinds/merge_search.py) calls this once per trial."""
-        from workbench.pipeline.generate import Model, load_model
-
         state, arch, leaf_path = merged_state_dict(recipe)
         base = self._models.get(leaf_path)
         if base is None:

@@ -23,6 +23,7 @@ from workbench.grid.merge_preview import MergePreviewer
 from workbench.grid.scores import ClipBackbone, GridScorer
 from workbench.pipeline.generate import generate
 from workbench.pipeline.model import ImageSettings
+from workbench.formats.hashes import sha256_file
 
 
 @dataclass
@@ -61,8 +62,6 @@ def load_images(paths: Sequence[Path]) -> list:
 
 def files_digest(paths: Sequence[Path]) -> str:
     """One sha256 over the files' sha256s (the identity of a reference set)."""
-    from workbench.formats.hashes import sha256_file
-
     return hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from PIL import Image, ImageDraw, ImageFont
+from workbench.formats.writer import atomic_write_bytes
+from workbench.pipeline.image_meta import png_bytes
 
 LABEL_FONT = 22
 MIN_FONT = 12
@@ -193,11 +195,7 @@ def render_pages(*, title: str, z_label: str, column_labels: list[str], sub_labe
 
 
 def _save(canvas: Image.Image, path: Path, fmt: str, infotext: str | None) -> None:
-    from workbench.formats.writer import atomic_write_bytes
-
     if fmt == "png":
-        from workbench.pipeline.image_meta import png_bytes
-
         atomic_write_bytes(path, png_bytes(canvas, infotext or ""), overwrite=True)
         return
     import io

@@ -28,6 +28,9 @@ from typing import Sequence
 import torch
 
 from workbench.errors import UnsupportedError, WorkbenchError
+from workbench.formats.hashes import sha256_file
+from workbench.formats.lazy import load_pickle_safe
+from workbench.formats.safetensors_io import read_header
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_TAG = "openai"
@@ -51,8 +54,6 @@ def clean_prompt(prompt: str) -> str:
 
 
 def _file_sha256(path: Path) -> str:
-    from workbench.formats.hashes import sha256_file
-
     return sha256_file(path)
 
 
@@ -253,8 +254,6 @@ def _shapes(path: Path) -> dict[str, tuple]:
     device (no tensor data; open_clip loads with weights_only=True too, so a file that fails
     here fails there)."""
     if path.suffix.lower() == ".safetensors":
-        from workbench.formats.safetensors_io import read_header
-
         return {k: tuple(v) for k, v in read_header(path).shapes().items()}
     state = torch.load(path, map_location="meta", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -386,8 +385,6 @@ def load_aesthetic(weights: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
         state = load_file(str(weights))
     else:
-        from workbench.formats.lazy import load_pickle_safe
-
         state = load_pickle_safe(weights)
     found = {}
     for key, value in state.items():

@@ -40,6 +40,7 @@ from workbench.recipes.grid import Scores
 from workbench.recipes.loader import recipe_to_yaml
 from workbench.recipes.merge_search import MergeSearchRecipe
 from workbench.throughput import human_time
+from workbench.formats.hashes import sha256_file
 
 BEST_RECIPE = "best.yaml"
 PREVIEW_UNIT = "seconds per merge preview"
@@ -70,8 +71,6 @@ def study_name(recipe: MergeSearchRecipe, split: ReferenceSplit) -> str:
     A journal holding trials of another identity is not mixed in: they form another study."""
     import hashlib
     import json
-
-    from workbench.formats.hashes import sha256_file
 
     identity = {
         "inputs": {k: sha256_file(p) for k, p in recipe.inputs.model_dump().items() if p},

@@ -24,6 +24,7 @@ from workbench.merge.executor import CHUNK, OutputKey
 from workbench.merge.graph import (InputNode, Node, Policy, StepNode, chunkable, count_policies, is_prunable,
                                    leaf, steps_of)
 from workbench.merge.methods import get_method, validate_params
+from workbench.merge.lora import lora_node
 
 MERGEABLE_KINDS = {"checkpoint", "unet", "transformer", "vae", "text_encoder"}
 OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
@@ -114,7 +115,6 @@ def _step_inputs(step, nodes: dict[str, Node], inputs: dict[str, MergeInput], ar
     if step.method != "add_lora" or step.inputs[0] in loras or len(step.inputs) != 2:
         raise WorkbenchError(f"step {step.id}: {', '.join(loras)} is a LoRA; LoRAs are merged with "
                              "method add_lora, inputs [model or step, LoRA]")
-    from workbench.merge.lora import lora_node
 
     first = nodes[step.inputs[0]]  # a DoRA module normalises against this step input's weight
     name = step.inputs[1]

@@ -30,6 +30,7 @@ from workbench.formats.lora_keys import Target, kohya_modules, module_table
 from workbench.formats.model_file import check_merge_input, open_model, read_model_header
 from workbench.formats.writer import SafetensorsWriter
 from workbench.progress import task
+from workbench import __version__
 
 DTYPES = {"fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16"), "fp32": (torch.float32, "F32")}
 BASE_MODEL_VERSION = {a.id: a.kohya_base_model_version for a in ARCHS}  # from workbench/arch.py
@@ -134,8 +135,6 @@ def low_rank(delta: torch.Tensor, rank: int, clamp_quantile: float | None = CLAM
 
 def extraction_metadata(plan: ExtractPlan, rank: int, conv_rank: int | None, tuned: Path, base: Path,
                         hashes: dict[str, str] | None = None) -> dict[str, str]:
-    from workbench import __version__
-
     meta = {"ss_network_module": NETWORK_MODULE.get(plan.arch, "networks.lora"),
             "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
             "ss_base_model_version": BASE_MODEL_VERSION.get(plan.arch, plan.arch),

@@ -34,6 +34,7 @@ from workbench.formats.pipeline_config import config_dir
 from workbench.pipeline.load import LOAD_LOCK, load_pipeline, quiet_diffusers
 from workbench.pipeline.load_gguf import gguf_denoiser
 from workbench.pipeline.sizes import component_sizes_from_folder, component_sizes_from_header
+from workbench.pipeline import load_dit
 
 DENOISER_KINDS = ("unet", "transformer")
 FIELD = "components"
@@ -176,8 +177,6 @@ def _shapes(src: Sources) -> dict[str, tuple]:
 def _denoiser(src: Sources, folder: Path, dtype: torch.dtype):
     """The denoiser module from the model file, configured from `folder`."""
     import diffusers
-
-    from workbench.pipeline import load_dit  # DiT loading; imported only when needed
 
     if src.arch == "flux":
         return load_dit.load_flux_transformer(src.model, folder, dtype)

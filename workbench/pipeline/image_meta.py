@@ -19,6 +19,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
+from workbench.formats.writer import atomic_write_bytes
 
 PARAMETERS_KEY = "parameters"
 PROVENANCE_KEY = "workbench"
@@ -83,8 +84,6 @@ def png_bytes(image, parameters: str, provenance: Mapping[str, Any] | None = Non
 def save_png(image, path: str | Path, parameters: str, provenance: Mapping[str, Any] | None = None,
              overwrite: bool = False) -> Path:
     """Write the PNG atomically (temp file, fsync, rename); never replaces a file unless asked."""
-    from workbench.formats.writer import atomic_write_bytes
-
     return atomic_write_bytes(path, png_bytes(image, parameters, provenance), overwrite=overwrite)
 
 

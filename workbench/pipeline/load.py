@@ -23,6 +23,7 @@ from workbench.errors import UnknownModelError
 from workbench.formats import gguf_file, nf4_file, scaled_fp8
 from workbench.formats.model_file import quantization_of, read_model_header
 from workbench.formats.pipeline_config import config_dir
+from workbench.pipeline import load_dit
 
 # UNet architectures handled here; DiT architectures (sd3, flux) live in workbench.pipeline.load_dit.
 # Only architectures with a bundled pipeline config (`generation` in workbench/arch.py) load.
@@ -145,8 +146,6 @@ def load_pipeline(path: str | os.PathLike, arch: str, torch_dtype: torch.dtype =
 
 def _load_pipeline(path: str | os.PathLike, arch: str, torch_dtype: torch.dtype, **kwargs: Any):
     if arch in DIT_ARCHS:
-        from workbench.pipeline import load_dit  # written separately; imported only when needed
-
         with file_reading(path, torch_dtype):
             return load_dit.load_pipeline(path, arch, torch_dtype=torch_dtype, **kwargs)
     if arch not in UNET_PIPELINES:

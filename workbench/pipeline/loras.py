@@ -41,6 +41,9 @@ from workbench.formats.lora_alpha import (
 from workbench.formats.lora_detect import KOHYA_PREFIXES, split_suffix
 from workbench.formats.safetensors_io import read_header
 from workbench.pipeline.model import LoraUse, Model
+from workbench.formats.detect import detect
+from workbench.formats.lora_keys import SWAPPED, module_table, swap_halves
+from workbench.pipeline.lora_patch import ExactLora
 
 MAX_LOADED = 8
 # tensors diffusers' loader cannot apply as trained: those files go to pipeline/lora_patch.py
@@ -56,8 +59,6 @@ def _key(path: Path) -> tuple[str, int, int]:
 
 def _check_lora(model: Model, path: Path) -> None:
     """Refuse a file that is not a LoRA for this model's architecture, before diffusers reads it."""
-    from workbench.formats.detect import detect
-
     if not path.is_file():
         raise WorkbenchError(f"{path}: LoRA file not found")
     info = detect(path)
@@ -129,8 +130,6 @@ def _sd3_to_diffusers(path: Path, header, modules, model_path: Path | None) -> d
 
     from safetensors.torch import load_file
 
-    from workbench.formats.lora_keys import SWAPPED, module_table, swap_halves
-
     if model_path is None or not Path(model_path).is_file():
         raise WorkbenchError(f"{path}: a kohya SD3 LoRA is mapped to diffusers names through the "
                              "checkpoint's layout; this model was not loaded from a checkpoint file")
@@ -185,8 +184,6 @@ def _load(model: Model, path: Path):
         _drop(model, loaded.pop(next(iter(loaded))))
     header = read_header(path)
     if needs_exact(header):
-        from workbench.pipeline.lora_patch import ExactLora
-
         handle = ExactLora(model, path)
         loaded[key] = handle
         return handle

@@ -58,6 +58,7 @@ from workbench.pipeline.sizes import (
     choose_resident,
     vae_decode_bytes,
 )
+from workbench.pipeline.precision import nf4_available, require_nf4
 
 DEFAULT_RESERVE_MB = 1024      # kept free for the CUDA context, cuDNN/cuBLAS workspaces and others
 RAM_RESERVE = 2 * GB           # for Python, torch, the OS page cache we still want
@@ -244,8 +245,6 @@ def _file_storage(c: ComponentSize, weights: str, device: DeviceInfo) -> tuple[s
         ignored = "" if weights == "auto" else f" (weights: {weights} does not apply to GGUF)"
         return "gguf", f"GGUF {c.file_dtype} in the file: Linear and conv weights stay packed, dequantized per layer{ignored}"
     if c.file_dtype in NF4_FILE_DTYPES and c.name in DENOISERS and weights == "auto":
-        from workbench.pipeline.precision import nf4_available  # tries bitsandbytes once per device kind
-
         # a GPU plan may be for another machine (checked at load, as for weights: nf4); the CPU
         # backend depends on the installed bitsandbytes, so it is tried
         here = importlib.util.find_spec("bitsandbytes") is not None if device.kind == "cuda" \
@@ -448,7 +447,6 @@ def plan_memory(sizes: Sequence[ComponentSize], *, device: DeviceInfo, arch: str
     notes: list[str] = [f"{c.name}: size assumed for the standard component (not in the file)"
                         for c in sizes if c.estimated]
     if weights == "nf4" and device.kind != "cuda":  # a GPU plan may be for another machine: checked at load
-        from workbench.pipeline.precision import require_nf4
 
         require_nf4("cpu")
     compute = compute_dtype_for(arch, weights, device)

@@ -21,6 +21,10 @@ from workbench.formats.gguf_file import keeps_packed
 from workbench.formats.packed import PackedTensorInfo
 from workbench.formats.scaled_fp8 import SCALE_SUFFIXES
 from workbench.pipeline.precision import castable_layers
+from workbench.formats.detect import detect
+from workbench.formats.model_file import read_model_header
+from workbench.formats.safetensors_io import SafetensorsHeader
+from workbench.pipeline.load_dit import flux_parts
 
 
 MB = 10**6
@@ -157,11 +161,6 @@ def component_sizes_from_header(source, arch: str | None = None, *,
     (`formats.model_file.read_model_header`). Standard components missing from the files (e.g. T5
     beside a FLUX transformer-only file) are added with assumed sizes when `fill_missing`.
     """
-    from workbench.pipeline.load_dit import flux_parts
-    from workbench.formats.detect import detect
-    from workbench.formats.model_file import read_model_header
-    from workbench.formats.safetensors_io import SafetensorsHeader
-
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         source = flux_parts(source)  # split FLUX files: the only folders of single files we load
     items = list(source.values()) if isinstance(source, Mapping) else (
@@ -194,8 +193,6 @@ def component_sizes_from_header(source, arch: str | None = None, *,
 def component_sizes_from_folder(folder: str | os.PathLike, names: Sequence[str]) -> list[ComponentSize]:
     """Sizes of the components `names` of a diffusers folder, from the headers of the safetensors
     files in each component's subfolder (shards added up); a component without such files is left out."""
-    from workbench.formats.model_file import read_model_header
-
     sizes = []
     for name in names:
         infos: dict = {}

@@ -17,6 +17,8 @@ import torch
 
 from workbench.arch import ARCHS
 from workbench.errors import FormatError, WorkbenchError
+from workbench.formats.safetensors_io import read_header
+from workbench.pipeline.load import LOAD_LOCK
 
 TINY_VAE_ARCHS = tuple(a.id for a in ARCHS if a.tiny_vae)  # 4-channel TAESD/TAESDXL; no TAESD3/TAEF1 yet
 _INDEX = re.compile(r"(?:^|\.)(\d+)\.")
@@ -46,13 +48,11 @@ def load_tiny_vae(path: str | Path, arch: str, dtype: torch.dtype = torch.float3
         if not (path / "config.json").is_file():
             raise FormatError(f"{path}: a tiny-VAE folder needs config.json and "
                               "diffusion_pytorch_model.safetensors")
-        from workbench.pipeline.load import LOAD_LOCK
 
         with LOAD_LOCK:  # see LOAD_LOCK: diffusers' model construction is not thread-safe
             return AutoencoderTiny.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     if not path.is_file():
         raise WorkbenchError(f"tiny_vae: {path}: file not found")
-    from workbench.formats.safetensors_io import read_header
 
     read_header(path)  # clear errors for corrupt / truncated files
     tensors = load_file(str(path))

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from workbench.formats.pipeline_configs_dit import TINY_T5_VOCAB
+from workbench.formats.writer import save_file_atomic
 
 CLIP_L = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=12, num_attention_heads=2, projection_dim=8,
               hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77)
@@ -88,8 +89,6 @@ def state(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]
 def save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write safetensors atomically, tensors and metadata in sorted order, so equal inputs give equal
     bytes (safetensors' own writer orders metadata by a random hash)."""
-    from workbench.formats.writer import save_file_atomic
-
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     ordered = {k: tensors[k].contiguous() for k in sorted(tensors)}

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from workbench.formats.gguf_file import ORIG_SHAPE
+from workbench.testing import flux
 
 DENOISER_PREFIX = "model.diffusion_model."
 GGUF_ARCH = {"flux": "flux", "sd3": "sd3", "sdxl": "sdxl", "sd15": "sd1"}
@@ -154,8 +155,6 @@ def build_flux_gguf_folder(folder: str | os.PathLike, qtype: str = "Q8_0", seed:
     """A Forge-style FLUX folder: `flux1-dev-<qtype>.gguf` (the transformer, ComfyUI-GGUF layout) beside
     the ae, clip_l and t5xxl files of the same tiny model; returns {component: path} and, under
     "source", the bf16 transformer file it was converted from."""
-    from workbench.testing import flux
-
     folder = Path(folder)
     src = flux.build_split(folder / "source", "dev", seed=seed)
     parts = {}

@@ -12,13 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from workbench.formats.writer import save_file_atomic
 
 
 def build_tiny_taesd(path: str | Path, width: int = 8, seed: int = 0,
                      naming: str = "diffusers") -> Path:
     from diffusers import AutoencoderTiny
-
-    from workbench.formats.writer import save_file_atomic
 
     torch.manual_seed(seed)
     model = AutoencoderTiny(encoder_block_out_channels=(width,) * 4,

@@ -33,6 +33,7 @@ from workbench.errors import WorkbenchError
 from workbench.train.buckets import Bucket, image_to_tensor, resize_and_crop
 from workbench.formats.hashes import cache_root
 from workbench.train.dataset import Example, open_image
+from workbench.formats.writer import atomic_write_bytes
 
 CACHE_FORMAT = "1"  # bump when the cached layout or the preprocessing changes
 SAMPLE_ELEMENTS = 1 << 20  # per tensor: larger ones are hashed on a strided sample
@@ -87,8 +88,6 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
     """Atomic write (temp file + rename): an interrupted run never leaves a half cache file."""
-    from workbench.formats.writer import atomic_write_bytes
-
     path.parent.mkdir(parents=True, exist_ok=True)
     data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
     return atomic_write_bytes(path, data, overwrite=True)

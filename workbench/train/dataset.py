@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 
 from workbench.errors import WorkbenchError
 from workbench.formats.hashes import cache_root
+from workbench.formats.writer import atomic_write_bytes
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTS = (".txt", ".caption")
@@ -295,8 +296,6 @@ def _hf_disk_candidates(root: Path, cache_dir: Path | None,
 
 def _materialise(data: bytes, name: str, target: Path) -> Path:
     """Write image bytes once under their content hash, so reruns reuse the file."""
-    from workbench.formats.writer import atomic_write_bytes
-
     ext = Path(name).suffix.lower()
     if ext not in IMAGE_EXTS:
         ext = ".img"

@@ -36,6 +36,7 @@ from workbench.train.captions import tag_frequency, with_trigger
 from workbench.train.check import bucket_info
 from workbench.train.loop import optimizer_label
 from workbench.train.network import ADAPTER, Network
+from workbench import __version__
 
 # from workbench/arch.py: a LoRA's modelspec architecture is its base's plus "/lora"
 MODELSPEC_ARCH = {a.id: f"{a.modelspec_arch}/lora" for a in ARCHS if a.trainable}
@@ -224,8 +225,6 @@ def _network_module_and_args(net: Network) -> tuple[str, dict[str, str]]:
 
 def lora_metadata(net: Network, facts: TrainFacts, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """The ss_* / modelspec.* / sshs_* keys (all strings, kohya style) plus the recipe."""
-    from workbench import __version__
-
     plan, arch = net.plan, facts.arch
     module, args = _network_module_and_args(net)
     w, h = facts.resolution

@@ -32,6 +32,10 @@ from workbench import hardware
 from workbench.arch import BY_ID, UNET_IDS
 from workbench.errors import RecipeError, UnsupportedError
 from workbench.progress import task
+from workbench.formats.writer import atomic_write_text
+from workbench.pipeline.generate import clip_skip_compat
+from workbench.train.cache import latent_batch
+from workbench.train.captions import build_caption, caption_rng, with_trigger
 
 LOSS_FIELDS = ("step", "loss", "lr", "epoch", "elapsed_s")
 
@@ -167,8 +171,6 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
 def encode_text(pipe, arch: str, captions: list[str], settings: TrainSettings,
                 device: torch.device) -> dict[str, torch.Tensor]:
     """The conditioning tensors each architecture's denoiser takes, batch-first."""
-    from workbench.pipeline.generate import clip_skip_compat
-
     # A1111 numbering (1 = last layer) -> diffusers' (layers skipped), as the generation core does
     skip = settings.clip_skip - 1 if settings.clip_skip and settings.clip_skip > 1 else None
     if arch == "sdxl":
@@ -303,9 +305,6 @@ class DataSource:
                                                                            settings, arch)
 
     def next(self, step: int) -> Batch:
-        from workbench.train.cache import latent_batch
-        from workbench.train.captions import build_caption, caption_rng
-
         ex, ids, s = self.report.examples, self.report.bucket_ids, self.settings
         idx = self.sampler.next_batch()
         bucket = self.report.buckets[ids[idx[0]]]
@@ -456,9 +455,6 @@ class Trainer:
     @torch.no_grad()
     def eval_loss(self, n: int = 8, seed: int = 12345) -> float:
         """Mean loss over a fixed set of (example, noise, timestep): comparable across steps."""
-        from workbench.train.cache import latent_batch
-        from workbench.train.captions import with_trigger
-
         rep, total = self.data.report, 0.0
         for m in self.net.models.values():
             m.eval()
@@ -489,7 +485,5 @@ def _ddp_syncs_only_trainable(model: torch.nn.Module) -> None:
 
 def write_curve(path: Path, rows: list[dict[str, float]]) -> None:
     """(Re)write the loss CSV up to the current step: a resumed run continues a clean curve."""
-    from workbench.formats.writer import atomic_write_text
-
     lines = [",".join(LOSS_FIELDS)] + [",".join(str(r[k]) for k in LOSS_FIELDS) for r in rows]
     atomic_write_text(path, "\n".join(lines) + "\n", overwrite=True)

@@ -35,6 +35,8 @@ from workbench.errors import UnsupportedError, RecipeError, WorkbenchError
 from workbench.formats.blocks import block_of
 from workbench.formats.lora_keys import ModuleTable, Target, kohya_modules, module_table
 from workbench.formats.model_file import read_model_header
+from workbench.formats import lora_keys
+from workbench.pipeline.precision import nf4_linear, to_scaled_fp8
 
 ADAPTER = "default"
 DENOISER = {a.id: a.denoiser for a in ARCHS}  # from workbench/arch.py
@@ -105,8 +107,6 @@ def _names_by_target(table: ModuleTable) -> dict[int, list[str]]:
 
 
 def _flux_parts(shapes: dict[str, tuple[int, ...]]) -> dict[str, list[tuple[str, tuple[int, int, int] | None]]]:
-    from workbench.formats import lora_keys
-
     prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in shapes) else ""
     return lora_keys._flux_diffusers([k[len(prefix):] for k in shapes if k.startswith(prefix)])
 
@@ -365,8 +365,6 @@ def quantize_base(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype)
         return 0
     linears = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear]
     if mode == "fp8":
-        from workbench.pipeline.precision import to_scaled_fp8
-
         for _, m in linears:
             m.weight.requires_grad_(False)
             m.weight.data, scale = to_scaled_fp8(m.weight.data, torch.float8_e4m3fn)
@@ -374,8 +372,6 @@ def quantize_base(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype)
             m.fp8_scale = scale
         return len(linears)
     if mode == "nf4":
-        from workbench.pipeline.precision import nf4_linear
-
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from workbench.pipeline.generate import ImageSettings, Model, generate, save_image
 
 
 def sample_paths(out_dir: Path, step: int, n_prompts: int) -> list[Path]:
@@ -22,8 +23,6 @@ def make_samples(pipe, arch: str, spec, step: int, out_dir: Path, *, width: int,
                  models: dict[str, torch.nn.Module], model_name: str = "", model_hash: str = "",
                  clip_skip: int | None = None) -> list[Path]:
     """One image per prompt of `spec` (a recipe `samples:` section) at `step`; returns the paths."""
-    from workbench.pipeline.generate import ImageSettings, Model, generate, save_image
-
     model = Model.from_pipeline(pipe, arch, name=model_name, model_hash=model_hash)
     scheduler = pipe.scheduler
     paths = sample_paths(out_dir, step, len(spec.prompts))

@@ -18,6 +18,7 @@ from workbench.app import forms, live
 from workbench.app.jobs_ui import STATE, job_fraction, job_label, progress_text
 from workbench.errors import WorkbenchError
 from workbench.jobs.store import Job
+from workbench.jobs.worker import ensure_workers, force_stop as stop_worker
 
 S = st.session_state
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -60,8 +61,6 @@ def ask_force_stop(job_id: int) -> None:
 
 def force_stop(job_id: int) -> None:
     """Stop the job's worker process tree (terminate, then kill) and record the job cancelled."""
-    from workbench.jobs.worker import force_stop as stop_worker
-
     S.pop(CONFIRM, None)
     job = forms.job_store().get(job_id)
     pid = job.worker_pid if job else None
@@ -160,8 +159,6 @@ def render() -> None:
     cfg = forms.config()
     store.reap()
     if cfg.spawn_workers and store.list(statuses=("queued",), limit=1):
-        from workbench.jobs.worker import ensure_workers
-
         ensure_workers(store, cfg.max_workers)  # e.g. after the dashboard was restarted
     wanted = st.query_params.get("job")
     if wanted and wanted.isdigit():

@@ -12,6 +12,7 @@ import streamlit as st
 from workbench.app import forms
 from workbench.errors import WorkbenchError
 from workbench.recipes.merge_search import SEARCH_METHODS, SPACES
+from workbench.dispatch import build_plan
 
 P = "msearch."
 
@@ -98,8 +99,6 @@ def render_panel() -> None:
             st.error(f"{field}: {message}" if field else message)
         c1, c2 = st.columns(2)
         if c1.button("Dry run search", key=P + "dry", disabled=recipe is None):
-            from workbench.dispatch import build_plan
-
             try:
                 plan = build_plan(recipe)
                 st.session_state[P + "plan"] = (plan.render(), plan.ok)

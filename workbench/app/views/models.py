@@ -17,6 +17,8 @@ from workbench.formats.hash_fill import HashFiller
 from workbench.formats.model_folders import KIND_TITLES, ModelFolders
 from workbench.formats.scan import PICKLE_NOTE, scan, scan_install
 from workbench.units import human_size
+from workbench.formats.model_file import read_model_header
+from workbench.formats.scan import summarize_metadata
 
 S = st.session_state
 LONG_VALUE = 400  # metadata values longer than this are shortened in the table
@@ -82,8 +84,6 @@ def fill_hashes(rows: list[dict], filler: HashFiller) -> int:
 
 def trigger_words(meta: dict[str, str], top: int = 20) -> list[str]:
     """Words a LoRA was trained with: modelspec trigger phrase, then the most frequent tags."""
-    from workbench.formats.scan import summarize_metadata
-
     summary = summarize_metadata(meta, top=top)
     words = []
     if summary.get("trigger_phrase"):
@@ -93,8 +93,6 @@ def trigger_words(meta: dict[str, str], top: int = 20) -> list[str]:
 
 
 def details(path: Path) -> None:
-    from workbench.formats.model_file import read_model_header
-
     try:
         header = read_model_header(path)  # GGUF files too
     except WorkbenchError as e:

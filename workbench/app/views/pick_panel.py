@@ -16,6 +16,7 @@ from workbench.app import forms
 from workbench.app.config import AppConfig
 from workbench.errors import WorkbenchError
 from workbench.recipes.pick import PickRecipe
+from workbench.dispatch import build_plan
 
 P = "train.pick"
 S = st.session_state
@@ -66,7 +67,6 @@ def render(cfg: AppConfig | None = None) -> None:
     st.checkbox("overwrite an existing chosen LoRA", key=k("overwrite"))
     if st.button("Pick step and strength", key=k("submit"), type="primary"):
         # the kinds (diffusers, peft) load on the click, not with the page (as forms.py does)
-        from workbench.dispatch import build_plan
 
         try:
             recipe = recipe_of_panel(cfg)

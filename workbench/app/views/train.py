@@ -14,6 +14,7 @@ from workbench.app.views import pick_panel
 from workbench.app.config import AppConfig
 from workbench.errors import WorkbenchError
 from workbench.recipes.train import LR_SCHEDULERS, NETWORK_TYPES, OPTIMIZERS
+from workbench.train.check import check_dataset
 
 P = "train"
 S = st.session_state
@@ -109,8 +110,6 @@ SPEC = forms.FormSpec("train", P, defaults, to_data, from_data)
 
 def dataset_check(cfg: AppConfig) -> None:
     """The trainer's own dataset check (errors stop training; warnings are advice)."""
-    from workbench.train.check import check_dataset
-
     try:
         path = cfg.check(S.get(k("dataset")) or "", ("datasets",))
         res = parse_resolution(S.get(k("resolution")))
