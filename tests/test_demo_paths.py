@@ -73,8 +73,8 @@ def test_demo_prints_where_it_writes_and_keeps_out_of_the_checkout(tmp_path, mon
     monkeypatch.setattr(demo, "build_models", lambda d, fresh=False: seen.setdefault("models", d) and {})
     monkeypatch.setattr(demo, "run_recipes", lambda d: seen.setdefault("recipes", d) and [])
     monkeypatch.setattr(demo, "render_previews", lambda m, d: seen.setdefault("previews", d) and [])
-    monkeypatch.setattr("workbench.formats.scan.scan", lambda d: [])
-    monkeypatch.setattr("workbench.formats.scan.format_table", lambda rows: "")
+    monkeypatch.setattr(demo, "scan", lambda d: [])
+    monkeypatch.setattr(demo, "format_table", lambda rows: "")
     out = tmp_path / "my demo"
     assert cli_main(["demo", "--out", str(out)]) == 0
     text = capsys.readouterr().out

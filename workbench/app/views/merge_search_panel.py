@@ -95,8 +95,11 @@ def render_panel() -> None:
         if recipe is not None:
             problems = forms.path_problems_of(recipe, cfg, set())
             recipe = None if problems else recipe
-        for field, message in problems:
-            st.error(f"{field}: {message}" if field else message)
+        if not any(st.session_state[P + n] for n in ("A", "B", "refs")):
+            st.caption("Fill in models A and B and the folder of your pictures to dry-run a search.")
+        else:  # nothing is flagged before the user acts
+            for field, message in problems:
+                st.error(f"{field}: {message}" if field else message)
         c1, c2 = st.columns(2)
         if c1.button("Dry run search", key=P + "dry", disabled=recipe is None):
             try:
