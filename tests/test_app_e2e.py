@@ -74,6 +74,7 @@ def fill(page, label: str, text: str) -> None:
     settle(page)
 
 
+@pytest.mark.slow
 def test_merge_from_the_dashboard(server):
     url, home = server
     SHOTS.mkdir(parents=True, exist_ok=True)

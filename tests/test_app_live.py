@@ -127,6 +127,7 @@ def test_a_failed_grid_shows_failed_and_its_error_at_the_next_refresh(home):
     assert declared(at, "compare") is None
 
 
+@pytest.mark.slow
 def test_a_job_whose_worker_died_is_failed_by_the_page_not_left_running(home):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()  # a pid that no longer exists
@@ -268,6 +269,7 @@ def test_train_sample_frequency_and_steps_reach_the_recipe(home):
 # 4. pickers
 
 
+@pytest.mark.slow
 def test_pickers_fill_paths_and_show_the_architecture(home):
     at = open_page("train")
     pick = at.selectbox(key="train.base.pick")

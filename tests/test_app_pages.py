@@ -78,6 +78,7 @@ def dry_run_and_submit(at: AppTest, prefix: str) -> AppTest:
     return at
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", list(PAGES))
 def test_every_page_renders(home, page):
     at = open_page(page)
@@ -104,6 +105,7 @@ def test_merge_errors_show_next_to_fields_and_nothing_is_submitted(home, tmp_pat
     assert jobs(home) == []
 
 
+@pytest.mark.slow
 def test_merge_submit_creates_a_job_with_a_validated_recipe(home):
     at = open_page("merge")
     at.text_input(key="merge.name").set_value("half")
@@ -121,6 +123,7 @@ def test_merge_submit_creates_a_job_with_a_validated_recipe(home):
     assert recipe.output.path == home / "outputs" / "merges" / "half.safetensors"
 
 
+@pytest.mark.slow
 def test_block_weight_editor_fills_from_preset(home):
     at = open_page("merge")
     at.selectbox(key="merge.step0.method").set_value("block_weighted").run()
@@ -137,6 +140,7 @@ def test_block_weight_editor_fills_from_preset(home):
     assert "blocks: FLAT_25" in "\n".join(c.value for c in at.code)
 
 
+@pytest.mark.slow
 def test_recipe_file_loads_into_the_form_and_saves_back_unchanged(home):
     src = home / "recipes" / "two-step.yaml"
     src.write_text(
@@ -167,6 +171,7 @@ def test_recipe_file_loads_into_the_form_and_saves_back_unchanged(home):
     assert at.text_input(key="merge.step1.id").value == "final"
 
 
+@pytest.mark.slow
 def test_train_page_checks_dataset_validates_and_submits(home, fake_engines):
     at = open_page("train")
     at.text_input(key="train.base").set_value("models/A.safetensors")
@@ -186,6 +191,7 @@ def test_train_page_checks_dataset_validates_and_submits(home, fake_engines):
     assert recipe.dataset == home / "datasets" / "style"
 
 
+@pytest.mark.slow
 def test_generate_page_validates_and_submits(home, fake_engines):
     at = open_page("generate")
     at.text_input(key="generate.model").set_value("models/A.safetensors")
@@ -200,6 +206,7 @@ def test_generate_page_validates_and_submits(home, fake_engines):
     assert parse_recipe(job.recipe).count == 2 and job.kind == "generate"
 
 
+@pytest.mark.slow
 def test_compare_page_validates_and_submits(home, fake_engines):
     at = open_page("compare")
     at.text_input(key="grid.model").set_value("models/A.safetensors")
@@ -240,6 +247,7 @@ def test_compare_z_axis_recipe_loads_into_the_form_and_saves_back_unchanged(home
     assert after.cell_count() == 2 * 2 * 3 * 2
 
 
+@pytest.mark.slow
 def test_compare_z_axis_errors_show_under_the_z_axis(home, fake_engines):
     at = open_page("compare")
     at.text_input(key="grid.model").set_value("models/A.safetensors")
@@ -266,6 +274,7 @@ def test_compare_z_axis_errors_show_under_the_z_axis(home, fake_engines):
     assert recipe.z.axis == "steps" and recipe.cell_count() == 2 * 2 * 3 * 3
 
 
+@pytest.mark.slow
 def test_jobs_page_shows_progress_log_results_and_cancels(home):
     store = JobStore(home / ".workbench" / "jobs.sqlite")
     done = store.submit("merge", "kind: merge", name="old")
@@ -340,6 +349,7 @@ DEMOS = {"merge-demo.yaml": ("merge", "merge"), "merge-lora-demo.yaml": ("merge"
          "generate-demo.yaml": ("generate", "generate")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("demo", list(DEMOS))
 def test_every_demo_recipe_loads_into_its_form_and_saves_back_the_same(demo, tmp_path,
                                                                           monkeypatch):
@@ -359,6 +369,7 @@ def test_every_demo_recipe_loads_into_its_form_and_saves_back_the_same(demo, tmp
     assert after.model_dump() == before.model_dump()
 
 
+@pytest.mark.slow
 def test_train_page_shows_loss_curve_and_samples_of_a_running_job(home):
     from PIL import Image
 
@@ -382,6 +393,7 @@ def test_train_page_shows_loss_curve_and_samples_of_a_running_job(home):
     assert images and "step-10.png" in str(images[0].proto)
 
 
+@pytest.mark.slow
 def test_compare_page_shows_grid_scores_and_statistics(home):
     from PIL import Image
 

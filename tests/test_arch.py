@@ -52,6 +52,7 @@ def test_records_are_consistent():
         assert a.images_per_call == (1 if a.guidance_distilled else 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", IDS)
 def test_detection_gives_the_record(checkpoint, arch):
     record = BY_ID[arch]
@@ -231,6 +232,7 @@ def test_the_scan_finds_a_table_keyed_by_architecture(tmp_path):
     assert _arch_keyed_dicts(sample, tmp_path) == ["workbench/sample.py:1"]
 
 
+@pytest.mark.slow
 def test_no_module_keeps_its_own_architecture_table():
     found = [hit for path in sorted(PACKAGE.rglob("*.py")) if path not in ALLOWED
              for hit in _arch_keyed_dicts(path)]

@@ -42,6 +42,7 @@ def sdxl_unet(tmp_path_factory, tiny_model):
     return build_gguf(tiny_model("sdxl"), tmp_path_factory.mktemp("unet") / "sdxl-unet-Q8_0.gguf", "sdxl", "Q8_0")
 
 
+@pytest.mark.slow
 def test_dry_run_names_the_field_when_components_are_missing_or_wrong(sdxl_unet, tiny_model, tmp_path):
     assert denoiser_only(sdxl_unet) == ("sdxl", "sdxl-base", "unet") and denoiser_only(tiny_model("sdxl")) is None
     plan = build_plan(_generate_recipe(tmp_path, sdxl_unet, None))

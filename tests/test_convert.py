@@ -37,6 +37,7 @@ def a1111_ckpt(tmp_path, tiny_sd15):
     return path, weights
 
 
+@pytest.mark.slow
 def test_convert_a1111_ckpt_keeps_every_tensor(a1111_ckpt, capsys):
     src, weights = a1111_ckpt
     assert main(["convert", str(src)]) == 0

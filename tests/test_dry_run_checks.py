@@ -203,6 +203,7 @@ def clip_dir(tmp_path_factory):
     return tiny_clip.build(tmp_path_factory.mktemp("clip") / "clip", seed=5)
 
 
+@pytest.mark.slow
 def test_pickled_weights_are_checked_on_the_meta_device(tmp_path, tiny_model, clip_dir, monkeypatch):
     import open_clip
 
@@ -404,6 +405,7 @@ def test_throughput_keeps_the_median_of_the_last_runs(tmp_path, monkeypatch):
     assert throughput.measured("merge", "sd15", "cpu").value == 5.0
 
 
+@pytest.mark.slow
 def test_merge_estimate_comes_from_the_last_measured_merge(tmp_path, tiny_sd15, monkeypatch):
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
     text = f"""\

@@ -259,6 +259,7 @@ def _scan(files, kind, tmp_path):
         assert entry.dtype.startswith(want), entry.dtype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_cell(kind, reader, files, tmp_path, style_set):

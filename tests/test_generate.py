@@ -48,6 +48,7 @@ def test_same_seed_same_image_as_plain_diffusers(tiny_model, arch):
     assert f"Seed: 7, Size: 64x64, Model hash: {model.model_hash}" in ours.parameters
 
 
+@pytest.mark.slow
 def test_seed_order_and_batching_do_not_change_images(tiny_model):
     model = load_model(tiny_model("sd15"), device="cpu")
     s = ImageSettings("a cat", "ugly", "Euler a", 2, 5.0, 64, 64)
@@ -61,6 +62,7 @@ def test_seed_order_and_batching_do_not_change_images(tiny_model):
     assert np.abs(_pixels(first[0]) - _pixels(batched[0])).max() <= 2
 
 
+@pytest.mark.slow
 def test_clip_skip_uses_a1111_numbering(tiny_model):
     model = load_model(tiny_model("sd15"), device="cpu")
     base = ImageSettings("a cat", "", "Euler", 2, 5.0, 64, 64)
@@ -215,6 +217,7 @@ def test_tiny_vae_rejects_wrong_files(tmp_path, tiny_model):
         load_tiny_vae(tiny_model("sd15"), "sd15")
 
 
+@pytest.mark.slow
 def test_model_from_pipeline_wraps_an_in_memory_pipeline(tiny_model):
     from workbench.pipeline.load import load_pipeline
 

@@ -98,6 +98,7 @@ def test_merge_recipe_accepts_lbw_blocks(tmp_path):
         assert parse_recipe(body, tmp_path / "r.yaml").steps[0].blocks == blocks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux"])
 def test_diffusers_layers_get_the_block_of_their_checkpoint_weight(tiny_model, arch):
     """lbw.diffusers_block (used for peft layers at generation time) agrees with blocks.block_of

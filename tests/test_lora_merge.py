@@ -141,6 +141,7 @@ def test_diffusers_peft_names_map_like_the_tiny_builders(arch, tiny_model):
 
 # ------------------------------------------------------------------------------------ LoRA merging
 
+@pytest.mark.slow
 def test_kohya_lora_changes_exactly_the_targeted_keys(tmp_path, tiny_model):
     base_path = tiny_model("sd15", 1)
     base = load_file(base_path)
@@ -476,6 +477,7 @@ def test_text_encoder_only_loras_by_encoder_width():
     assert detect_keys(fx, {}, "x").archs == {"flux"}
 
 
+@pytest.mark.slow
 def test_clip_l_only_lora_merges_into_sdxl_and_flux(tmp_path, tiny_model):
     """A `lora_te1_` CLIP-L-only LoRA fits SD1.5, SDXL, SD3 and FLUX; a merge takes it into each."""
     for arch, prefix in (("sdxl", "conditioner.embedders.0.transformer."),

@@ -190,6 +190,7 @@ def test_activation_estimate_grows_with_pixels_and_cfg():
     assert 0.3 * GB < activation_bytes("flux", 1024, 1024) < 2 * GB
 
 
+@pytest.mark.slow
 def test_sizes_from_tiny_flux_header_match_the_loaded_pipeline(tiny_model):
     import torch
 

@@ -36,6 +36,7 @@ def recipe_text(models: dict[str, Path], steps: str, output: str = "out.safetens
     return "\n".join(lines) + f"\nsteps:\n{steps}\noutput:\n  path: {output}\n{extra}"
 
 
+@pytest.mark.slow
 def test_weighted_sum_equals_formula_in_fp32_cast_once(tmp_path, tiny_sd15):
     a, b = load_file(tiny_sd15["A"]), load_file(tiny_sd15["B"])
     out, _ = merge(tmp_path, recipe_text(tiny_sd15, "  - {id: m, method: weighted_sum, inputs: [A, B], alpha: 0.3}"))
@@ -48,6 +49,7 @@ def test_weighted_sum_equals_formula_in_fp32_cast_once(tmp_path, tiny_sd15):
         assert torch.equal(out[key], expected), key
 
 
+@pytest.mark.slow
 def test_add_difference_equals_formula(tmp_path, tiny_sd15):
     a, b, c = (load_file(tiny_sd15[n]) for n in "ABC")
     out, _ = merge(tmp_path, recipe_text(tiny_sd15, "  - {id: m, method: add_difference, inputs: [A, B, C], alpha: 0.7}",
@@ -59,6 +61,7 @@ def test_add_difference_equals_formula(tmp_path, tiny_sd15):
             assert torch.equal(out[key], expected), key
 
 
+@pytest.mark.slow
 def test_chain_with_block_weights_follows_the_block_table(tmp_path, tiny_sd15):
     blocks = [0, 0.2, 0.4, 0.6, 0.8, 1, 1, 1, 1, 1, 1, 1, 1, 0.5, 1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0, 0.1]
     ids = ["BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12))]
@@ -87,6 +90,7 @@ def test_alpha_per_component_keeps_text_encoder_and_vae(tmp_path, tiny_sd15):
     assert all(torch.equal(out[k], a[k]) for k in a if k.startswith(("cond_stage_model.", "first_stage_model.")))
 
 
+@pytest.mark.slow
 def test_policies_missing_keys_inpainting_conv_in_and_markers(tmp_path, tiny_sd15):
     a = load_file(tiny_sd15["A"])
     b = load_file(tiny_sd15["B"])
@@ -170,6 +174,7 @@ def test_cancel_midway_leaves_no_file(tmp_path, tiny_sd15):
     assert not (tmp_path / "out.safetensors").exists() and not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_existing_output_not_overwritten_without_flag(tmp_path, tiny_sd15):
     body = recipe_text(tiny_sd15, "  - {id: m, method: weighted_sum, inputs: [A, B], alpha: 0.5}")
     _, out = merge(tmp_path, body)

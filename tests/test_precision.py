@@ -159,6 +159,7 @@ def test_nf4_needs_a_device_and_a_capable_bitsandbytes(monkeypatch):
     assert layer[1].weight.dtype == torch.float32                   # nothing changed
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not nf4_available("cpu"), reason="bitsandbytes with a CPU backend is not installed")
 def test_nf4_storage_on_the_cpu_is_close_and_a_quarter_of_fp16(flux_pipe):
     """bitsandbytes >= 0.48 quantizes on the CPU too, so the NF4 path runs here as on a GPU."""

@@ -452,6 +452,7 @@ def test_dry_run_lists_missing_files_as_problems(tmp_path):
     assert str(result) == text
 
 
+@pytest.mark.slow
 def test_real_run_refuses_problems_and_existing_outputs(tmp_path, tiny_model):
     model_dir = tmp_path / "models" / "mine_v1.safetensors"  # a diffusers folder stands in
     model_dir.mkdir(parents=True)

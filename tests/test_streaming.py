@@ -103,6 +103,7 @@ def test_fp8_storage_and_streaming_compose(flux_pipe, flux_ref):
     assert _hooks(model) == 0
 
 
+@pytest.mark.slow
 def test_apply_plan_runs_the_pipeline_identically_and_comes_off(flux_pipe):
     pipe = flux_pipe
     sizes = component_sizes_from_pipeline(pipe)

@@ -231,6 +231,7 @@ def test_sd35_medium_loads_exactly_and_generates(files):
     assert img.shape == (1, 64, 64, 3) and torch.isfinite(img).all() and img.std() > 1e-3
 
 
+@pytest.mark.slow
 def test_sd35_large_transformer_loads_exactly(files):
     from diffusers import SD3Transformer2DModel
     from workbench.formats.pipeline_config import config_dir

@@ -81,6 +81,7 @@ def test_diffusers_loads_kohya_file_exactly(loaded, tmp_path, arch):
     assert torch.allclose(_te(clean), _te(pipe), atol=1e-5) and not torch.allclose(_te(clean), base_te)
 
 
+@pytest.mark.slow
 def test_alpha_metadata_sidecar_hash(loaded, tmp_path):
     path, pipe, clean, net = _trained(loaded, "sd15", rank=4, alpha=1.5)
     out = tmp_path / "a.safetensors"

@@ -149,6 +149,7 @@ def test_sd3_fused_qkv_shares_the_input_factor_and_swapped_adaln_exports_back(pi
     assert torch.equal(up, torch.cat([b[n:], b[:n]]))
 
 
+@pytest.mark.slow
 def test_fp8_base_stores_fp8_and_trains_fp32(pipes):
     path, pipe = pipes("sd15")
     x = torch.randn(2, 32)
