@@ -61,7 +61,7 @@ def build_models(models_dir: Path, fresh: bool = False) -> dict[str, Path]:
 # the trained LoRA can feed the grid.
 _ORDER = {"extract-demo": 0, "merge-demo": 1, "merge-lora-demo": 2, "train-demo": 3,
           "generate-demo": 4, "grid-demo": 5,
-          "pick-demo": 6}
+          "pick-demo": 6, "merge-search-demo": 7}
 
 
 def demo_root(out: str | Path | None = None) -> Path:
