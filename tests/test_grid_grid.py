@@ -41,7 +41,7 @@ output: {{dir: out}}
 @contextmanager
 def counting(monkeypatch):
     """Count model loads, generate calls (with their prompt and seeds) and CLIP loads."""
-    from workbench.grid import scores
+    from workbench.grid import merge_preview, scores
     from workbench.kinds import grid as grid_kind
 
     calls = {"load": [], "generate": [], "clip": 0}
@@ -59,7 +59,8 @@ def counting(monkeypatch):
         calls["clip"] += 1
         return real_clip(*a, **kw)
 
-    monkeypatch.setattr(gen, "load_model", load)  # the merge preview's loads
+    monkeypatch.setattr(gen, "load_model", load)
+    monkeypatch.setattr(merge_preview, "load_model", load)  # the merge preview's loads
     monkeypatch.setattr(grid_kind, "load_model", load)  # the grid kind calls the core by these names
     monkeypatch.setattr(grid_kind, "generate", generate)
     monkeypatch.setattr(gen, "generate", generate)

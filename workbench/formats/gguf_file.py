@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from workbench.errors import FormatError, UnsupportedError
-from workbench.formats.packed import HeaderTensors, INTEGER, PackedTensorInfo, UNPACKED
+from workbench.formats.packed import BNB_4BIT, HeaderTensors, INTEGER, PackedTensorInfo, UNPACKED
 from workbench.formats.safetensors_io import SafetensorsHeader
 
 MAGIC = b"GGUF"
@@ -159,8 +159,9 @@ def linear_packed(info: PackedTensorInfo) -> bool:
 def keeps_packed(info: PackedTensorInfo) -> bool:
     """Whether a denoiser tensor stays packed in memory: the Linear weights diffusers packs
     (`linear_packed`) and the convolutions and reshaped Linear weights that
-    `pipeline.gguf_layers.pack_layers` packs after loading (quantized, 2-D or 4-D)."""
-    return info.is_packed and len(info.shape) in (2, 4)
+    `pipeline.gguf_layers.pack_layers` packs after loading (quantized, 2-D or 4-D); not the
+    bitsandbytes 4-bit weights that share PackedTensorInfo (dequantized at load)."""
+    return info.is_packed and info.dtype not in BNB_4BIT and len(info.shape) in (2, 4)
 
 
 def unsupported_types(header: GGUFHeader) -> dict[str, str]:

@@ -17,6 +17,8 @@ from workbench.formats.safetensors_io import DTYPE_SIZES, SafetensorsHeader, Ten
 
 # Plain (not quantized) tensor types a packed file may also hold.
 UNPACKED = ("F32", "F16", "BF16", "F64")
+# bitsandbytes 4-bit weights (Forge NF4 files, formats/nf4_file.py): dequantized when loaded
+BNB_4BIT = ("NF4", "FP4")
 INTEGER = ("I8", "I16", "I32", "I64")
 
 

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from workbench import hardware
 from workbench.arch import DIT_IDS
 from workbench.errors import UnsupportedError, WorkbenchError
+from workbench.formats.packed import BNB_4BIT
 
 from workbench.pipeline.sizes import (
     DENOISERS,
@@ -66,7 +67,7 @@ TE_WORK = 256 * MB             # text-encoder activations (77-512 tokens): small
 STREAM_DEPTH = 3               # streamed blocks alive at once: computing, prefetching, kept alive
 WEIGHTS = ("auto", "fp32", "fp16", "bf16", "fp8", "fp8_e4m3fn", "fp8_e5m2", "nf4")
 FILE_DTYPE_STORAGE = {"F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
-NF4_FILE_DTYPES = ("NF4", "FP4")  # bitsandbytes 4-bit files (formats.nf4_file)
+NF4_FILE_DTYPES = BNB_4BIT  # bitsandbytes 4-bit files (formats.nf4_file)
 STAGES = ("encode", "denoise", "decode")
 
 
