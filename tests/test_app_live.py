@@ -265,6 +265,24 @@ def test_train_sample_frequency_and_steps_reach_the_recipe(home):
                for c in at.caption)
 
 
+def test_train_resume_box_writes_resume_and_comes_back_from_the_recipe(home):
+    """A training stopped from the dashboard (or by Ctrl-C) is told to continue with `resume:`;
+    the Train page can say so too, and a recipe with `resume:` loads with the box ticked."""
+    from workbench.app.views import train as train_view
+
+    at = open_page("train")
+    at.text_input(key="train.out.dir").set_value("outputs/loras/my-style").run()
+    recipe = yaml.safe_load(next(c.value for c in at.code if "kind: train" in c.value))
+    assert "resume" not in recipe
+    at.checkbox(key="train.out.resume").check().run()
+    recipe = yaml.safe_load(next(c.value for c in at.code if "kind: train" in c.value))
+    assert recipe["resume"] == recipe["output"]["dir"] and recipe["resume"].endswith("my-style")
+    cfg = AppConfig(home=home)
+    state = train_view.from_data(dict(recipe, output=dict(recipe["output"])), cfg)
+    assert state["out.resume"] is True
+    assert train_view.from_data({k: v for k, v in recipe.items() if k != "resume"}, cfg)["out.resume"] is False
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. pickers
 

@@ -151,3 +151,61 @@ def test_flux_gguf_transformer_with_an_all_in_one_checkpoints_components(tiny_mo
     other = generate(full, settings, [4])[0].image
     # test_gguf's split-folder FLUX measured 0.36 of 255 for Q8_0 against bf16; another seed ~42
     assert _diff(got, want) <= 3 < 10 < _diff(want, other)
+
+
+def _train_recipe(tmp_path: Path, base: Path, components: Path | None, dataset: Path, extra: str = ""):
+    line = f"components: {components}\n" if components is not None else ""
+    text = (f"kind: train\nname: u\nbase: {base}\n{line}dataset: {dataset}\ntrigger: wbstyle\n"
+            "resolution: 64\nmax_steps: 2\nlearning_rate: 1.0e-3\nseed: 5\n"
+            "network: {type: lora, rank: 4, alpha: 4, train_text_encoder: true}\n"
+            f"output: {{dir: {tmp_path / 'lora'}, save_precision: fp32}}\n{extra}")
+    return parse_recipe(text, tmp_path / "t.yaml")
+
+
+@pytest.mark.slow
+def test_a_lora_trains_on_an_sdxl_gguf_unet_with_a_checkpoints_components(sdxl_unet, tiny_model, style_set,
+                                                                          tmp_path):
+    """The common SDXL GGUF download holds only the UNet: with `components:` naming an SDXL
+    checkpoint it trains, with the same kohya modules (text encoders included) as that checkpoint
+    would give, and the UNet's packed weights stay packed and unchanged."""
+    from safetensors.torch import load_file
+
+    from workbench.train import loop
+
+    plan = build_plan(_train_recipe(tmp_path, sdxl_unet, None, style_set))
+    assert any(p.startswith("base: sdxl-unet-Q8_0.gguf holds only the SDXL unet") and "`components:`" in p
+               for p in plan.problems), plan.problems
+    folder = tmp_path / "diffusers"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    plan = build_plan(_train_recipe(tmp_path, sdxl_unet, folder, style_set))
+    assert any(p.startswith("components:") and "diffusers folder" in p for p in plan.problems), plan.problems
+
+    whole = build_plan(_train_recipe(tmp_path / "whole", tiny_model("sdxl"), None, style_set))
+    plan = build_plan(_train_recipe(tmp_path, sdxl_unet, tiny_model("sdxl"), style_set))
+    assert not plan.problems, plan.problems
+    assert "  unet: sdxl-unet-Q8_0.gguf (GGUF Q8_0)" in plan.lines
+    assert list(plan.detail.network.modules) == list(whole.detail.network.modules)
+
+    seen = {}
+    real_train = loop.Trainer.train
+
+    def train(self, *a, **kw):
+        seen["before"] = {n: p.clone() for n, p in iter_packed(self.denoiser)}
+        state = real_train(self, *a, **kw)
+        seen["after"] = dict(iter_packed(self.denoiser))
+        return state
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop.Trainer, "train", train)
+        result = run_plan(plan, progress=False, cache_root=tmp_path / "cache")
+    assert "2/2 steps" in result.summary
+    assert len(seen["before"]) > 20 and all(torch.equal(seen["before"][n], seen["after"][n])
+                                            for n in seen["before"])
+    weights = load_file(str(plan.recipe.lora_path))
+    names = {k.split(".")[0] for k in weights}
+    assert names == set(whole.detail.network.modules)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        ups = [v for k, v in weights.items() if k.startswith(prefix) and k.endswith("lora_up.weight")]
+        assert ups and any(v.abs().sum() > 0 for v in ups), prefix

@@ -54,7 +54,7 @@ for _k in MODELS:
     EXPECTED.update({(_k, r): "yes" for r in READERS})
 for _k in ("gguf_q8_0", "gguf_q4_k", "nf4"):
     EXPECTED[(_k, "merge input")] = "refused unless `output.allow_dequantized: true`, then read dequantized"
-EXPECTED[("gguf_q8_0", "train base")] = EXPECTED[("gguf_q4_k", "train base")] = "yes (frozen base stays packed)"
+EXPECTED[("gguf_q8_0", "train base")] = EXPECTED[("gguf_q4_k", "train base")] = "yes (frozen base stays packed; a UNet/transformer-only file with `components:`)"
 EXPECTED[("scaled_fp8", "merge input")] = "yes (scales multiplied out)"
 for _k in LORAS:
     EXPECTED.update({(_k, "generate"): "yes (`loras:`)", (_k, "grid"): "yes (`lora` axis)",

@@ -80,7 +80,8 @@ def test_resume_hint_names_the_kept_state_and_the_recipe_field(tmp_path):
     hint = resume_hint(out, recipe, 5, 6)
     assert hint == (f"training stopped at step 5 of 6; the state of step 4 is kept in "
                     f"{out / 'state' / 'step-00000004'}; to continue from it (step 5 is done "
-                    f"again), add `resume: {out}` to {recipe} and run `workbench train {recipe}`")
+                    f"again), add `resume: {out}` to {recipe} and run `workbench train {recipe}` (on the "
+                    'dashboard\'s Train page: tick "resume" and submit again)')
 
 
 def test_earlier_run_lists_state_step_files_and_samples(tmp_path):

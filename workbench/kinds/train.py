@@ -35,7 +35,14 @@ from workbench.train.network import plan_for_base
 from workbench.train.saves import (SaveGuard, clear_earlier_run, describe_earlier_run, earlier_run,
                                    lora_bytes, resume_hint, samples_bytes, state_bytes)
 from workbench.train.samples import make_samples
-from workbench.train.setup import TrainSetup, base_arch, build_trainer, check_recipe_dataset
+from workbench.train.setup import (
+    TrainSetup,
+    base_arch,
+    base_arch_of,
+    base_sources,
+    build_trainer,
+    check_recipe_dataset,
+)
 from workbench.train.state import find_state, load_state, read_state_info, save_state
 
 
@@ -81,10 +88,13 @@ def describe(recipe: TrainRecipe, overwrite: bool = False) -> RunPlan:
     plan.keep_on_cancel.append(recipe.output.dir)
     if plan.problems:
         return plan
-    arch = network = dataset = caching = None
+    arch = network = dataset = caching = src = None
     try:
-        arch = base_arch(Path(recipe.base))
-        network = plan_for_base(recipe.base, arch, recipe.network)
+        src = base_sources(recipe)
+        if src is not None:
+            plan.lines += ["components:"] + src.lines()
+        arch = base_arch(Path(recipe.base)) if src is None else base_arch_of(src)
+        network = plan_for_base(recipe.base, arch, recipe.network, sources=src)
         counts = ", ".join(f"{c}: {n}" for c, n in sorted(network.count().items()))
         plan.lines.append(f"  {arch}: {len(network.modules)} {network.type} modules ({counts}), "
                           f"{network.n_params() / 1e6:.2f} M trainable values")
@@ -111,7 +121,7 @@ def describe(recipe: TrainRecipe, overwrite: bool = False) -> RunPlan:
         except WorkbenchError as e:
             plan.problems.append(str(e))
     if None not in (arch, network, dataset, caching):
-        plan.detail = TrainSetup(arch, network, dataset, caching)
+        plan.detail = TrainSetup(arch, network, dataset, caching, src)
     return plan
 
 
@@ -200,6 +210,8 @@ def run(plan: RunPlan, *, progress: bool = True, device: str | None = None,
     except Cancelled as e:  # a cancelled dashboard job
         raise Cancelled(f"cancelled by request: {guard.hint()}") from e
     prov.add_input("base", recipe.base)
+    if recipe.components is not None:
+        prov.add_input("components", recipe.components)
     prov.inputs["dataset"] = {"path": str(recipe.dataset), "kind": "folder",
                               "images": {str(e.image_path): e.sha256 for e in setup.dataset.examples}}
     prov.seeds = {"train": s.seed, **({"samples": recipe.samples.seed} if recipe.samples else {})}

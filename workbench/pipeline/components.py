@@ -163,7 +163,7 @@ def component_sizes(src: Sources) -> list:
     return own + rest
 
 
-def _shapes(src: Sources) -> dict[str, tuple]:
+def combined_shapes(src: Sources) -> dict[str, tuple]:
     """The all-in-one checkpoint's header shapes with the model file's denoiser in place of the
     components file's own (what the config inference reads)."""
     model = read_model_header(src.model).shapes()
@@ -203,5 +203,5 @@ def load_pipeline_with(src: Sources, dtype: torch.dtype):
                     str(src.components), dtype=dtype, local_files_only=True, **{src.denoiser: denoiser})
             except (OSError, ValueError) as e:
                 raise WorkbenchError(f"{FIELD}: cannot load the diffusers folder {src.components} offline: {e}") from e
-        denoiser = _denoiser(src, config_dir(_shapes(src), src.arch), dtype)
+        denoiser = _denoiser(src, config_dir(combined_shapes(src), src.arch), dtype)
         return load_pipeline(src.components, src.arch, torch_dtype=dtype, **{src.denoiser: denoiser})

@@ -82,6 +82,9 @@ class TrainRecipe(RecipeBase):
     name: RecipeName
     description: str | None = None
     base: RecipePath
+    # where the text encoders and VAE come from when `base` holds only the UNet/transformer (a GGUF
+    # download): a checkpoint file of the same architecture (workbench/pipeline/components.py)
+    components: RecipePath | None = None
     dataset: RecipePath
     trigger: str | None = None
     resolution: Resolution = 512

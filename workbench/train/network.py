@@ -35,6 +35,7 @@ from workbench.errors import UnsupportedError, RecipeError, WorkbenchError
 from workbench.formats.blocks import block_of
 from workbench.formats.lora_keys import ModuleTable, Target, kohya_modules, module_table
 from workbench.formats.model_file import read_model_header
+from workbench.pipeline.components import Sources, combined_shapes
 from workbench.formats import lora_keys
 from workbench.pipeline.precision import nf4_linear, to_scaled_fp8
 
@@ -165,9 +166,12 @@ def plan_network(arch: str, shapes: dict[str, tuple[int, ...]], *, type: str = "
     return NetworkPlan(arch, type, rank, alpha, modules, conv_rank, conv_alpha, dropout)
 
 
-def plan_for_base(base: str | Path, arch: str, spec, blocks: list[str] | None = None) -> NetworkPlan:
-    """plan_network from a recipe's `network:` section and the base file's header."""
-    shapes = read_model_header(Path(base)).shapes()  # GGUF / NF4 bases: logical shapes
+def plan_for_base(base: str | Path, arch: str, spec, blocks: list[str] | None = None,
+                  sources: Sources | None = None) -> NetworkPlan:
+    """plan_network from a recipe's `network:` section and the base file's header (with a
+    UNet/transformer-only base: that file's denoiser beside the `components` file's encoders)."""
+    # GGUF / NF4 bases: logical shapes
+    shapes = combined_shapes(sources) if sources is not None else read_model_header(Path(base)).shapes()
     return plan_network(arch, shapes, type=spec.type, rank=spec.rank, alpha=spec.alpha,
                         conv_rank=spec.conv_rank, conv_alpha=spec.conv_alpha,
                         train_text_encoder=spec.train_text_encoder,

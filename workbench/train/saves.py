@@ -98,7 +98,8 @@ def resume_hint(out_dir: Path, recipe_path: Path | None, step: int, max_steps: i
     redo = "" if step <= saved else f" (step {step} is done again)" if step == saved + 1 else \
         f" (steps {saved + 1} to {step} are done again)"
     return (f"{head}; the state of step {saved} is kept in {last}; to continue from it{redo}, "
-            f"add `resume: {out_dir}` to {recipe_path or 'the recipe'} and run `{command}`")
+            f"add `resume: {out_dir}` to {recipe_path or 'the recipe'} and run `{command}` "
+            "(on the dashboard's Train page: tick \"resume\" and submit again)")
 
 
 class SaveGuard:

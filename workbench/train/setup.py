@@ -14,6 +14,7 @@ import torch
 from workbench.arch import ARCHS, BY_ID
 from workbench.errors import UnsupportedError, WorkbenchError
 from workbench.formats.detect import detect
+from workbench.pipeline.components import Sources, load_pipeline_with, sources
 from workbench.pipeline.load import load_pipeline
 from workbench.recipes.train import TrainRecipe
 from workbench.train.buckets import BucketBatchSampler
@@ -38,6 +39,19 @@ class TrainSetup:
     network: NetworkPlan
     dataset: DatasetReport
     caching: CachingPlan
+    sources: Sources | None = None  # a UNet/transformer-only base: where the rest comes from
+
+
+def base_sources(recipe: TrainRecipe) -> Sources | None:
+    """Where a UNet/transformer-only base (a GGUF download) takes its text encoders and VAE from
+    (`components:`), or None for a whole checkpoint. Training reads the encoders' shapes from the
+    components file's header, so a diffusers folder (fine for generation) is refused here."""
+    src = sources(recipe.base, recipe.components, model_field="base")
+    if src is not None and src.components.is_dir():
+        raise UnsupportedError(f"components: {src.components} is a diffusers folder; training on a "
+                               f"{BY_ID[src.arch].name} {src.denoiser}-only base takes its text encoders and "
+                               "VAE from a checkpoint file of the same architecture")
+    return src
 
 
 def base_arch(base: Path) -> str:
@@ -49,6 +63,14 @@ def base_arch(base: Path) -> str:
         raise UnsupportedError(f"base: {base} is {info.arch}; LoRA training supports "
                                f"{', '.join(SUPPORTED)}")
     return info.arch
+
+
+def base_arch_of(src: Sources) -> str:
+    """The architecture of a UNet/transformer-only base, refused where training lacks it."""
+    if src.arch not in SUPPORTED:
+        raise UnsupportedError(f"base: {src.model.name} is {src.arch}; LoRA training supports "
+                               f"{', '.join(SUPPORTED)}")
+    return src.arch
 
 
 def check_recipe_dataset(recipe: TrainRecipe) -> DatasetReport:
@@ -81,7 +103,10 @@ def build_trainer(recipe: TrainRecipe, setup: TrainSetup, *, out_dir: Path,
     acc = make_accelerator(settings, device)
     dev = acc.device  # under `accelerate launch`, this process's own GPU
     weight_dtype = WEIGHT_DTYPE[settings.mixed_precision]
-    pipe = load_pipeline(base, arch, torch_dtype=weight_dtype)
+    if setup.sources is not None:  # a UNet/transformer-only base (a GGUF download)
+        pipe = load_pipeline_with(setup.sources, weight_dtype)
+    else:
+        pipe = load_pipeline(base, arch, torch_dtype=weight_dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.to(dev, torch.float32)  # fp16 SDXL VAEs give NaNs; encoding happens once anyway
     denoiser = getattr(pipe, BY_ID[arch].denoiser)

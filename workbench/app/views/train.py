@@ -33,7 +33,7 @@ def defaults(cfg: AppConfig) -> dict[str, Any]:
             "samples.on": False, "samples.every": 250, "samples.steps": 20, "samples.prompts": "",
             "samples.seed": 1,
             "out.dir": cfg.show(cfg.roots["outputs"][0] / "loras" / "my-style"),
-            "out.save_every": None, "out.overwrite": False}
+            "out.save_every": None, "out.overwrite": False, "out.resume": False}
 
 
 def parse_resolution(text: str) -> Any:
@@ -71,6 +71,8 @@ def to_data(get, cfg: AppConfig, problems: list) -> dict:
     if get("out.overwrite"):
         out["overwrite"] = True
     data["output"] = out
+    if get("out.resume") and out["dir"]:  # the state an earlier (stopped) run left in that folder
+        data["resume"] = out["dir"]
     return data
 
 
@@ -94,6 +96,7 @@ def from_data(data: dict, cfg: AppConfig) -> dict[str, Any]:
         if value is not None:
             state[key] = float(value) if key == "net.alpha" else value
     state["out.dir"] = cfg.show(pop(data, "output", "dir"))
+    state["out.resume"] = pop(data, "resume") is not None
     samples = data.get("samples")
     if isinstance(samples, dict):
         state["samples.on"] = True
@@ -190,11 +193,15 @@ def draw(problems: forms.Problems, cfg: AppConfig) -> None:
     problems.show("samples")
 
     st.subheader("Output")
-    c1, c2, c3 = st.columns([3, 1, 1])
+    c1, c2, c3, c4 = st.columns([3, 1, 1, 1])
     c1.text_input("Output folder", key=k("out.dir"))
     c2.number_input("save every N steps", min_value=1, step=50, value=None,
                     key=k("out.save_every"))
-    c3.checkbox("overwrite", key=k("out.overwrite"))
+    c3.checkbox("overwrite", key=k("out.overwrite"),
+                help="start again: remove an earlier run's states, step files and samples there")
+    c4.checkbox("resume", key=k("out.resume"),
+                help="continue the run a stop or Ctrl-C left in the output folder, from its last "
+                     "saved state (the recipe's `resume:`)")
     problems.show("output")
 
 
