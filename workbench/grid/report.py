@@ -331,7 +331,7 @@ img.grid{max-width:100%;border:1px solid #ddd}.note{color:#666;font-size:90%}
 .verdict p{font-size:110%;line-height:1.5}.pages{flex:2 1 480px}"""
 
 
-def _p_cell(p: float | None, min_p: float, n: int, unit: str) -> float | str | None:
+def p_cell(p: float | None, min_p: float, n: int, unit: str) -> float | str | None:
     """A p-value, or why there is none: a test that cannot reach 0.05 with so few units."""
     if not stats.can_be_significant(min_p):
         return f"– (cannot go below {min_p:.2g} with {n} {unit}{'s' if n != 1 else ''})"
@@ -402,13 +402,13 @@ def write_html(out_dir: Path, *, title: str, pages: list, cells: list[Cell], lay
             rows = [[p["a"], p["b"], p["mean_a"], p["mean_b"], p["mean_diff"],
                      f"[{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] {p['ci_method']}", p["win_rate"],
                      f"{p['wins']}/{p['ties']}/{p['losses']}",
-                     _p_cell(p["wilcoxon_p"], p.get("wilcoxon_min_p", 0.0), p["n_units"], p["unit"]),
+                     p_cell(p["wilcoxon_p"], p.get("wilcoxon_min_p", 0.0), p["n_units"], p["unit"]),
                      f"{p['n_units']} {p['unit']}s, {p['n_pairs']} pairs"] for p in entry["pairs"]]
             h.append(_table(["A", "B", "mean A", "mean B", "B − A", "95 % interval (method)",
                              "win rate B", "W/T/L", "p (Wilcoxon)", "n"], rows))
             if entry.get("ranking"):
                 r = entry["ranking"]
-                p_text = _p_cell(r["friedman_p"], r.get("friedman_min_p", 0.0), r["n_units"], r["unit"])
+                p_text = p_cell(r["friedman_p"], r.get("friedman_min_p", 0.0), r["n_units"], r["unit"])
                 h.append(f"<p>ranking over {r['n_units']} {r['unit']}s; Friedman p = "
                          f"{p_text if isinstance(p_text, str) else _fmt(p_text)}</p>")
                 h.append(_table(["rank", "value", "mean", "mean rank"],

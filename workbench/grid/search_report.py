@@ -16,7 +16,7 @@ from pathlib import Path
 
 from workbench.formats.writer import atomic_write_text
 from workbench.grid.render import render_pages
-from workbench.grid.report import CSS, svg_plot
+from workbench.grid.report import CSS, p_cell, svg_plot
 
 TRIALS_CSV = "trials.csv"
 GRID_STEM = "grid"
@@ -86,13 +86,15 @@ def write_html(out_dir: Path, recipe, trials: list, names, info: dict, grid_path
     for c in info["comparisons"]:
         rows.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in (
             f"best vs {c['a']}", c["metric"], c["mean_a"], c["mean_b"], c["mean_diff"],
-            f"[{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]", c["wilcoxon_p"], f"{c['wins']}/{c['n_pairs']}",
+            f"[{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]",
+            p_cell(c["wilcoxon_p"], c.get("wilcoxon_min_p", 0.0), c["n_units"], c.get("unit", "unit")),
+            f"{c['wins']}/{c['n_pairs']}",
             c["n_units"])) + "</tr>")
     warnings = []
     if info["within_noise"]:
-        warnings.append(f"The best is within noise of input {info['better_input']} on the held-out check "
-                        "(the confidence interval of the style difference includes 0): keeping "
-                        f"{info['better_input']} is as well supported as the merge.")
+        warnings.append(f"The best is not shown to beat input {info['better_input']} on the held-out check "
+                        "(the confidence interval of the style difference includes 0 or lies below it): "
+                        f"keeping {info['better_input']} is at least as well supported as the merge.")
     if not best["meets_adherence"]:
         warnings.append("No trial met the adherence bar (CLIP score within the margin of the better "
                         "input); the best shown is the most stylish trial overall.")

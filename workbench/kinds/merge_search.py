@@ -305,7 +305,7 @@ def run(plan: RunPlan, *, progress: bool = True, scorer: TrialScorer | None = No
                + ", ".join(f"{k} {v:.3g}" for k, v in best_point.items())
                + f" (selection style {best.user_attrs['style']:.4f}); held-out style best "
                f"{checked['best'].mean_style:.4f} vs A {checked['A'].mean_style:.4f}, B "
-               f"{checked['B'].mean_style:.4f}" + ("; WITHIN NOISE of the better input" if within_noise else "")
+               f"{checked['B'].mean_style:.4f}" + ("; NOT SHOWN BETTER than the better input on the held-out check" if within_noise else "")
                + f"; {elapsed:.1f} s")
     info = {
         "name": recipe.name, "trials": len(trials), "run_now": to_run, "space": recipe.space,
