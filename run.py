@@ -83,11 +83,14 @@ def child_args(cmd: Command) -> list[str]:
     if not cmd.for_tests:
         return ["-m", "workbench", cmd.name, *cmd.args]
     quiet = [] if any(a in _VERBOSITY for a in cmd.args) else ["-q"]
-    # test-fast: the fast subset on two pytest-xdist workers, a test file per worker at a time
-    # (module fixtures built once); most of its time is imports and tiny-model builds, which two
-    # processes overlap. `-n 0` in ARGS runs it in one process again.
-    select = ["-m", "not slow", "-n", "2", "--dist", "loadfile"] if cmd.name == "test-fast" else []
-    return ["-m", "pytest", *quiet, *select, *cmd.args]
+    select = ["-m", "not slow"] if cmd.name == "test-fast" else []
+    # Two pytest-xdist workers (one on a single-core machine), a test file per worker at a time so
+    # module fixtures are built once: the tiny-model builds, imports and CPU-bound tests of two
+    # processes overlap (the suite takes about half the time on 2 cores). `-n 0` in ARGS runs
+    # everything in one process again.
+    workers = [] if any(a == "-n" or a.startswith("-n") and a[2:].isdigit() for a in cmd.args) else \
+        ["-n", str(min(2, os.cpu_count() or 1)), "--dist", "loadfile"]
+    return ["-m", "pytest", *quiet, *select, *workers, *cmd.args]
 
 
 # ------------------------------------------------------------------------------------------ .venv

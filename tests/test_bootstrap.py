@@ -77,17 +77,23 @@ def test_steps_are_stamped_and_a_changed_pyproject_reinstalls_the_package_only(r
 
 # ----------------------------------------------------------------------------- the arguments
 
-def test_arguments_pass_through(run):
+def test_arguments_pass_through(run, monkeypatch):
     demo = run.parse_command(["demo", "--cpu", "--fresh"])
     assert (demo.name, demo.args, demo.cpu) == ("demo", ("--fresh",), True)
     assert run.child_args(demo) == ["-m", "workbench", "demo", "--fresh"]
     test = run.parse_command(["test", "-x", "tests/test_cli.py", "-k", "help or version", "--cpu"])
     assert test.args == ("-x", "tests/test_cli.py", "-k", "help or version", "--cpu")
-    assert run.child_args(test) == ["-m", "pytest", "-q", "-x", "tests/test_cli.py", "-k",
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 8)
+    workers = ["-n", "2", "--dist", "loadfile"]
+    assert run.child_args(test) == ["-m", "pytest", "-q", *workers, "-x", "tests/test_cli.py", "-k",
                                     "help or version", "--cpu"]
-    assert run.child_args(run.parse_command(["test", "-v"])) == ["-m", "pytest", "-v"]
+    assert run.child_args(run.parse_command(["test", "-v"])) == ["-m", "pytest", *workers, "-v"]
     assert run.child_args(run.parse_command(["test-fast", "tests/test_cli.py"])) == \
-        ["-m", "pytest", "-q", "-m", "not slow", "-n", "2", "--dist", "loadfile", "tests/test_cli.py"]
+        ["-m", "pytest", "-q", "-m", "not slow", *workers, "tests/test_cli.py"]
+    # `-n 0` asks for one process: no second -n; a single-core machine gets one worker
+    assert run.child_args(run.parse_command(["test", "-n", "0"])) == ["-m", "pytest", "-q", "-n", "0"]
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 1)
+    assert run.child_args(run.parse_command(["test"]))[-4:] == ["-n", "1", "--dist", "loadfile"]
     assert run.child_args(run.parse_command(["app", "--port", "8600"])) == \
         ["-m", "workbench", "app", "--port", "8600"]
     assert run.parse_command([]) is None and run.parse_command(["tests"]) is None
@@ -175,7 +181,8 @@ def test_tests_run_on_regardless_and_missing_steps_install(run, ready_venv, caps
     assert run.main(["test", "-x", "tests/test_cli.py"]) == 0
     assert "CPU-only build" in capsys.readouterr().out
     assert [c[0] for c in calls] == [[str(python), "-m", "pip", "install", "-e", ".[test]"],
-                                     [str(python), "-m", "pytest", "-q", "-x", "tests/test_cli.py"]]
+                                     [str(python), "-m", "pytest", "-q", *run.child_args(
+                                         run.parse_command(["test"]))[3:], "-x", "tests/test_cli.py"]]
     assert run.pending_steps(run.VENV, run.wanted_stamps(run.ROOT, True)) == []
 
 
