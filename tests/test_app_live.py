@@ -28,41 +28,22 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from workbench import progress as wb_progress  # noqa: E402
 from workbench.app import grid_results, live  # noqa: E402
-from workbench.app.config import ENV, AppConfig  # noqa: E402
+from workbench.app.config import AppConfig  # noqa: E402
 from workbench.app.views.merge import ALPHA_WITH_BLOCKS  # noqa: E402
 from workbench.grid import report, stats  # noqa: E402
 from workbench.jobs.store import JobStore  # noqa: E402
 from workbench.jobs.worker import ProgressWriter  # noqa: E402
 
-MAIN = Path(__file__).resolve().parents[1] / "workbench" / "app" / "main.py"
+from helpers.app_pages import make_workspace, open_page  # noqa: E402
 
 
 @pytest.fixture
 def home(tmp_path, tiny_sd15, monkeypatch) -> Path:
-    """models/ (tiny SD1.5 A and B), datasets/style (2 captioned images), outputs/, recipes/;
-    no workers are started."""
-    from PIL import Image
-
-    for d in ("models", "outputs", "datasets/style", "recipes"):
-        (tmp_path / d).mkdir(parents=True)
-    for name in ("A", "B"):
-        (tmp_path / "models" / f"{name}.safetensors").symlink_to(tiny_sd15[name])
-    for i in range(2):
-        Image.new("RGB", (64, 64), (40 * i, 80, 120)).save(tmp_path / f"datasets/style/{i}.png")
-        (tmp_path / f"datasets/style/{i}.txt").write_text("a red house")
-    monkeypatch.setenv(ENV, AppConfig(home=tmp_path, spawn_workers=False).to_json())
-    return tmp_path
+    return make_workspace(tmp_path, tiny_sd15, monkeypatch)  # helpers/app_pages.py
 
 
 def store_of(home: Path) -> JobStore:
     return JobStore(home / ".workbench" / "jobs.sqlite")
-
-
-def open_page(page: str) -> AppTest:
-    at = AppTest.from_file(str(MAIN), default_timeout=180).run()
-    at.switch_page(f"views/{page}.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 def bar(at: AppTest):

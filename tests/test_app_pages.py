@@ -19,27 +19,15 @@ from workbench.jobs.store import JobStore  # noqa: E402
 from workbench.recipes.loader import load_recipe, parse_recipe  # noqa: E402
 from workbench.dispatch import register_handler  # noqa: E402
 
-MAIN = Path(__file__).resolve().parents[1] / "workbench" / "app" / "main.py"
+from helpers.app_pages import make_workspace, open_page  # noqa: E402
+
 PAGES = {"models": "Models", "merge": "Merge", "train": "Train", "compare": "Compare",
          "generate": "Generate", "jobs": "Jobs"}
 
 
 @pytest.fixture
 def home(tmp_path, tiny_sd15, monkeypatch) -> Path:
-    """A workspace: models/ (tiny SD1.5 A and B), datasets/style (2 captioned images), outputs/,
-    recipes/; the dashboard config points at it and starts no workers."""
-    from PIL import Image
-
-    for d in ("models", "outputs", "datasets/style", "recipes"):
-        (tmp_path / d).mkdir(parents=True)
-    for name in ("A", "B"):
-        (tmp_path / "models" / f"{name}.safetensors").symlink_to(tiny_sd15[name])
-    for i in range(2):
-        Image.new("RGB", (64, 64), (40 * i, 80, 120)).save(tmp_path / f"datasets/style/{i}.png")
-        (tmp_path / f"datasets/style/{i}.txt").write_text("a red house")
-    cfg = AppConfig(home=tmp_path, spawn_workers=False)
-    monkeypatch.setenv(ENV, cfg.to_json())
-    return tmp_path
+    return make_workspace(tmp_path, tiny_sd15, monkeypatch)  # helpers/app_pages.py
 
 
 @pytest.fixture
@@ -50,13 +38,6 @@ def fake_engines():
     yield
     for kind in ("train", "generate", "grid"):
         register_handler(kind, None)
-
-
-def open_page(page: str) -> AppTest:
-    at = AppTest.from_file(str(MAIN), default_timeout=180).run()
-    at.switch_page(f"views/{page}.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 def errors(at: AppTest) -> list[str]:

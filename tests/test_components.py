@@ -22,6 +22,8 @@ from workbench.pipeline.generate import ImageSettings, generate, load_model  # n
 from workbench.recipes import parse_recipe  # noqa: E402
 from workbench.testing.gguf_files import build_gguf  # noqa: E402
 
+from helpers.packed_training import packed_weights_watched  # noqa: E402
+
 SETTINGS = ImageSettings("a red fox in snow", steps=2, width=64, height=64)
 SD3_SETTINGS = ImageSettings("a red fox in snow", sampler="Euler", steps=2, cfg=4.0, width=64, height=64)
 
@@ -170,8 +172,6 @@ def test_a_lora_trains_on_an_sdxl_gguf_unet_with_a_checkpoints_components(sdxl_u
     would give, and the UNet's packed weights stay packed and unchanged."""
     from safetensors.torch import load_file
 
-    from workbench.train import loop
-
     plan = build_plan(_train_recipe(tmp_path, sdxl_unet, None, style_set))
     assert any(p.startswith("base: sdxl-unet-Q8_0.gguf holds only the SDXL unet") and "`components:`" in p
                for p in plan.problems), plan.problems
@@ -187,17 +187,7 @@ def test_a_lora_trains_on_an_sdxl_gguf_unet_with_a_checkpoints_components(sdxl_u
     assert "  unet: sdxl-unet-Q8_0.gguf (GGUF Q8_0)" in plan.lines
     assert list(plan.detail.network.modules) == list(whole.detail.network.modules)
 
-    seen = {}
-    real_train = loop.Trainer.train
-
-    def train(self, *a, **kw):
-        seen["before"] = {n: p.clone() for n, p in iter_packed(self.denoiser)}
-        state = real_train(self, *a, **kw)
-        seen["after"] = dict(iter_packed(self.denoiser))
-        return state
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop.Trainer, "train", train)
+    with packed_weights_watched() as seen:
         result = run_plan(plan, progress=False, cache_root=tmp_path / "cache")
     assert "2/2 steps" in result.summary
     assert len(seen["before"]) > 20 and all(torch.equal(seen["before"][n], seen["after"][n])

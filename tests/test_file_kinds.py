@@ -32,6 +32,8 @@ from workbench.recipes import parse_recipe
 sys.path.insert(0, str(Path(__file__).parent))
 from test_scaled_fp8 import write_scaled  # noqa: E402
 
+from helpers.packed_training import packed_weights_watched  # noqa: E402
+
 KINDS = {  # id -> what the table calls it
     "checkpoint": "checkpoint (.safetensors)",
     "gguf_q8_0": "GGUF Q8_0",
@@ -356,24 +358,12 @@ def test_a_lora_trains_on_a_gguf_q4_k_base(files, style_set, tmp_path):
     from safetensors.torch import load_file
 
     from workbench.dispatch import run_plan
-    from workbench.formats.gguf_file import iter_packed
-    from workbench.train import loop
-
-    seen = {}
-    real_train = loop.Trainer.train
-
-    def train(self, *a, **kw):
-        seen["before"] = {n: p.clone() for n, p in iter_packed(self.denoiser)}
-        state = real_train(self, *a, **kw)
-        seen["after"] = dict(iter_packed(self.denoiser))
-        return state
 
     text = (f"kind: train\nname: q4\nbase: {files['gguf_q4_k']}\ndataset: {style_set}\ntrigger: wbstyle\n"
             "resolution: 64\nmax_steps: 2\nlearning_rate: 1.0e-3\nseed: 5\nnetwork: {type: lora, rank: 4, alpha: 4}\n"
             f"output: {{dir: {tmp_path / 'f'}, save_every: 2, save_precision: fp32}}\n")
     recipe = _recipe(tmp_path, text)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop.Trainer, "train", train)
+    with packed_weights_watched() as seen:
         result = run_plan(build_plan(recipe), progress=False, cache_root=tmp_path / "cache")
     assert "2/2 steps" in result.summary
     assert len(seen["before"]) > 20

@@ -22,6 +22,8 @@ from workbench.formats.gguf_file import ORIG_SHAPE, iter_packed, read_gguf_heade
 from workbench.testing import flux  # noqa: E402
 from workbench.testing.gguf_files import build_flux_gguf_folder, build_gguf, quantize_q4_k  # noqa: E402
 
+from helpers.packed_training import packed_weights_watched  # noqa: E402
+
 FLUX_SETTINGS = ImageSettings("a red fox in snow", sampler="Euler", steps=2, cfg=3.5, width=64, height=64)
 SDXL_SETTINGS = ImageSettings("a red fox in snow", steps=2, width=64, height=64)
 
@@ -308,34 +310,22 @@ def test_grid_runs_a_gguf_folder_beside_its_source(flux_q8, tmp_path):
 # -------------------------------------------------------------------------------------- training
 
 @pytest.mark.slow
-def test_a_lora_trains_on_a_gguf_flux_base(tmp_path, tiny_model, style_set, monkeypatch):
+def test_a_lora_trains_on_a_gguf_flux_base(tmp_path, tiny_model, style_set):
     """The frozen base stays packed (peft wraps diffusers' GGUFLinear); the LoRA learns."""
     from workbench.recipes.loader import load_recipe
-    from workbench.train import loop
     from workbench.dispatch import build_plan, run_plan
 
     def run(recipe, **options):
         return run_plan(build_plan(recipe), **options)
 
     base = build_gguf(tiny_model("flux"), tmp_path / "flux-tiny-Q8_0.gguf", "flux", "Q8_0", layout="checkpoint")
-    seen = {}
-    real_train = loop.Trainer.train
-
-    def train(self, *a, **kw):
-        seen["before"] = {n: p.clone() for n, p in iter_packed(self.denoiser)}
-        state = real_train(self, *a, **kw)
-        seen["after"] = dict(iter_packed(self.denoiser))
-        seen["wrapped"] = [n for n, m in self.denoiser.named_modules()
-                           if type(m).__name__ == "GGUFLinear" and ".base_layer" in n]
-        return state
-
-    monkeypatch.setattr(loop.Trainer, "train", train)
     text = (f"kind: train\nname: tiny\nbase: {base}\ndataset: {style_set}\ntrigger: wbstyle\nresolution: 64\n"
             "max_steps: 2\nlearning_rate: 1.0e-3\nseed: 5\nnetwork: {type: lora, rank: 4, alpha: 4}\n"
             f"output: {{dir: {tmp_path / 'f'}, save_every: 2, save_precision: fp32}}\n")
     (tmp_path / "r.yaml").write_text(text)
     recipe = load_recipe(tmp_path / "r.yaml")
-    result = run(recipe, progress=False, cache_root=tmp_path / "cache")
+    with packed_weights_watched() as seen:
+        result = run(recipe, progress=False, cache_root=tmp_path / "cache")
     assert "2/2 steps" in result.summary
     assert len(seen["before"]) > 300 and seen["wrapped"]
     assert all(torch.equal(seen["before"][n], seen["after"][n]) for n in seen["before"])
