@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.grid.scores import IMAGE_SUFFIXES
+from workbench.grid.scores import reference_images
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,6 @@ class ReferenceSplit:
 
     selection: tuple[Path, ...]
     held_out: tuple[Path, ...]
-
-
-def reference_images(folder: Path) -> list[Path]:
-    """Every picture under `folder` (recursive), sorted by relative path."""
-    folder = Path(folder)
-    return sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES),
-                  key=lambda p: p.relative_to(folder).as_posix())
 
 
 def _rank(name: str) -> str:

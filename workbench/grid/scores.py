@@ -424,7 +424,9 @@ def aesthetic_scores(layers, features: torch.Tensor) -> torch.Tensor:
 # everything a grid asks for, loaded once
 
 
-def _reference_images(folder: Path) -> list[Path]:
+def reference_images(folder: Path) -> list[Path]:
+    """Every picture under `folder` (recursive), sorted: the style references of a grid, and what
+    workbench/grid/holdout.py splits for pick and merge_search."""
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -459,7 +461,7 @@ class GridScorer:
             self._info["aesthetic"] = {"backbone": self.backbone.info, "weights": Path(scores.aesthetic.weights).name,
                                        "sha256": _file_sha256(Path(scores.aesthetic.weights))}
         if scores.style:
-            refs = _reference_images(scores.style.reference_dir)
+            refs = reference_images(scores.style.reference_dir)
             if not refs:
                 raise WorkbenchError(f"scores.style.reference_dir: no images in {scores.style.reference_dir}")
             from PIL import Image

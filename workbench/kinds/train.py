@@ -38,7 +38,6 @@ from workbench.train.samples import make_samples
 from workbench.train.setup import (
     TrainSetup,
     base_arch,
-    base_arch_of,
     base_sources,
     build_trainer,
     check_recipe_dataset,
@@ -93,7 +92,7 @@ def describe(recipe: TrainRecipe, overwrite: bool = False) -> RunPlan:
         src = base_sources(recipe)
         if src is not None:
             plan.lines += ["components:"] + src.lines()
-        arch = base_arch(Path(recipe.base)) if src is None else base_arch_of(src)
+        arch = base_arch(Path(recipe.base))  # UNet/transformer-only files too
         network = plan_for_base(recipe.base, arch, recipe.network, sources=src)
         counts = ", ".join(f"{c}: {n}" for c, n in sorted(network.count().items()))
         plan.lines.append(f"  {arch}: {len(network.modules)} {network.type} modules ({counts}), "

@@ -32,32 +32,36 @@ def _dequantize(weight: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
     return dequantize_gguf_tensor(weight).reshape(shape).to(dtype)
 
 
-class PackedConv2d(nn.Conv2d):
+class _Packed:
+    """What PackedConv2d and PackedLinear share: the logical shape and compute dtype of the packed
+    weight, and the (weight, bias) a call computes with."""
+
+    logical_shape: tuple[int, ...]
+    compute_dtype: torch.dtype
+
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The dequantized weight and the bias in the compute dtype; None for a plain layer made as
+        type(base) (peft's LoRA convs), which computes as the torch layer."""
+        if not hasattr(self.weight, "quant_type"):
+            return None
+        weight = _dequantize(self.weight, self.logical_shape, self.compute_dtype)
+        return weight, self.bias.to(self.compute_dtype) if self.bias is not None else None
+
+
+class PackedConv2d(_Packed, nn.Conv2d):
     """A Conv2d whose `weight` is a `GGUFParameter` (the file's bytes), dequantized per call."""
 
-    logical_shape: tuple[int, ...]
-    compute_dtype: torch.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self.weight, "quant_type"):  # a plain layer made as type(base) (peft's LoRA convs)
-            return super().forward(x)
-        weight = _dequantize(self.weight, self.logical_shape, self.compute_dtype)
-        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        return self._conv_forward(x, weight, bias)
+        parts = self.unpacked()
+        return super().forward(x) if parts is None else self._conv_forward(x, *parts)
 
 
-class PackedLinear(nn.Linear):
+class PackedLinear(_Packed, nn.Linear):
     """A Linear whose `weight` is a `GGUFParameter` stored reshaped, dequantized per call."""
 
-    logical_shape: tuple[int, ...]
-    compute_dtype: torch.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self.weight, "quant_type"):  # a plain layer made as type(base) (peft's LoRA convs)
-            return super().forward(x)
-        weight = _dequantize(self.weight, self.logical_shape, self.compute_dtype)
-        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        return F.linear(x, weight, bias)
+        parts = self.unpacked()
+        return super().forward(x) if parts is None else F.linear(x, *parts)
 
 
 PACKED_CLASSES = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}

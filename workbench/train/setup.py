@@ -65,14 +65,6 @@ def base_arch(base: Path) -> str:
     return info.arch
 
 
-def base_arch_of(src: Sources) -> str:
-    """The architecture of a UNet/transformer-only base, refused where training lacks it."""
-    if src.arch not in SUPPORTED:
-        raise UnsupportedError(f"base: {src.model.name} is {src.arch}; LoRA training supports "
-                               f"{', '.join(SUPPORTED)}")
-    return src.arch
-
-
 def check_recipe_dataset(recipe: TrainRecipe) -> DatasetReport:
     """The one dataset scan of a run (every image opened, hashed, bucketed)."""
     return check_dataset(recipe.dataset, resolution=recipe.resolution, bucketing=recipe.bucketing,
