@@ -41,8 +41,8 @@ references: {{dir: refs}}
 prompts: {PROMPTS!r}
 seeds: {{selection: {SEEDS}, evaluation: [101]}}
 trials: {trials}
-settings: {{sampler: Euler, steps: {steps}, width: {size}, height: {size}}}
-clip: {{model: tiny, weights: clip}}
+generation: {{sampler: Euler, steps: {steps}, width: {size}, height: {size}}}
+scores: {{clip: {{model: tiny, weights: clip}}}}
 memory: {{device: cpu}}
 output: {{dir: search}}
 """

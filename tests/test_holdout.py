@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from workbench.errors import WorkbenchError
-from workbench.grid.holdout import check_disjoint_seeds, split_references
+from workbench.grid.holdout import split_references
+from workbench.recipes.choice import ChoiceSeeds
 
 
 def _pictures(folder: Path, names: list[str]) -> None:
@@ -37,6 +38,7 @@ def test_too_few_pictures_names_the_field(tmp_path):
 
 
 def test_seeds_used_to_choose_and_to_check_are_refused():
-    with pytest.raises(WorkbenchError, match=r"\[2\]"):
-        check_disjoint_seeds([1, 2], [2, 3])
-    check_disjoint_seeds([1, 2], [3, 4])
+    (where, message), = ChoiceSeeds(selection=[1, 2], evaluation="2-3").errors()
+    assert where == ("seeds", "evaluation") and "[2]" in message
+    assert ChoiceSeeds(selection=[1, 2], evaluation=[3, 4]).errors() == []
+    assert "random" in ChoiceSeeds(selection=[-1], evaluation=[3]).errors()[0][1]

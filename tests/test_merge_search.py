@@ -73,7 +73,7 @@ def _planted_pair(base: Path, a: Path, b: Path, offsets: dict, planted) -> None:
 
 
 def _recipe_text(root: Path, *, space="alpha", a="a.safetensors", b="b.safetensors", trials=20, selection=(1, 2, 3), evaluation=(101, 102),
-                 refs="refs", prompts=PROMPTS, out="out", extra="") -> str:
+                 refs="refs", prompts=PROMPTS, out="out", extra="", scores="") -> str:
     return f"""kind: merge_search
 name: planted
 inputs: {{A: {a}, B: {b}}}
@@ -83,8 +83,8 @@ prompts: {list(prompts)!r}
 seeds: {{selection: {list(selection)}, evaluation: {list(evaluation)}}}
 trials: {trials}
 space: {space}
-settings: {{sampler: {SAMPLER}, steps: {STEPS}, cfg: 7.0, width: 64, height: 64}}
-clip: {{model: tiny, weights: clip}}
+generation: {{sampler: {SAMPLER}, steps: {STEPS}, cfg: 7.0, width: 64, height: 64}}
+scores: {{clip: {{model: tiny, weights: clip}}{scores}}}
 memory: {{device: cpu}}
 output: {{dir: {out}}}
 {extra}"""
@@ -196,7 +196,7 @@ def test_alpha_search_recovers_planted_alpha(base):
     # the random tiny CLIP's adherence score means nothing: the constraint is opened (margin 100),
     # else trials near alpha* can be ruled out by noise in a score that does not measure adherence
     started = time.perf_counter()
-    text = _recipe_text(base, extra="objective: {adherence: constraint, margin: 100}")
+    text = _recipe_text(base, scores=", adherence: constraint, adherence_margin: 100")
     result = run_recipe(load_recipe(_write(base, text)), progress=False)
     wall = time.perf_counter() - started
     found = result.info["best"]["params"]["alpha"]
@@ -260,7 +260,7 @@ def test_block_groups_search_recovers_planted_pattern(base):
     _plant(base, "refs_blocks", blocks, None, a="a_blocks.safetensors", b="b_blocks.safetensors")
     text = _recipe_text(base, space="block_groups", a="a_blocks.safetensors", b="b_blocks.safetensors",
                         trials=24, refs="refs_blocks", out="out_blocks",
-                        extra="objective: {adherence: constraint, margin: 100}")
+                        scores=", adherence: constraint, adherence_margin: 100")
     started = time.perf_counter()
     result = run_recipe(load_recipe(_write(base, text, "blocks.yaml")), progress=False)
     found = result.info["best"]["params"]
@@ -291,7 +291,7 @@ def test_single_seed_search_looks_better_than_the_held_out_check(base):
     for path in split_references(refs, 0.25).selection:  # same names: the split does not move
         shutil.copy(source, path)
     text = _recipe_text(base, trials=10, selection=(1,), evaluation=(101, 102, 103), refs="refs_lookalike",
-                        out="out_single", extra="objective: {adherence: constraint, margin: 100}")
+                        out="out_single", scores=", adherence: constraint, adherence_margin: 100")
     result = run_recipe(load_recipe(_write(base, text, "single.yaml")), progress=False)
     info = result.info
     sel = info["baseline_selection"]

@@ -41,7 +41,8 @@ from workbench.errors import OutputExistsError, WorkbenchError
 from workbench.formats import sidecar
 from workbench.grid import pareto
 from workbench.provenance import Provenance
-from workbench.recipes.pick import PickRecipe, default_prompts
+from workbench.recipes.choice import default_prompts
+from workbench.recipes.pick import PickRecipe
 
 NAME = "planted"
 TRIGGER = "plnt"
@@ -133,7 +134,7 @@ def pick_recipe(folder: Path, clip: Path, out: Path, **kw) -> PickRecipe:
     # 64 px, one sampling step, CFG 1 (one UNet pass per image): the machine running the tests is
     # slow and shared, and the planted step does not need more
     data = {"training": folder, "name": "planted-pick", "strengths": [0.6, 1.0], "prompts": PROMPTS,
-            "selection_seeds": [1], "evaluation_seeds": [11, 12], "held_out_fraction": 0.34,
+            "seeds": {"selection": [1], "evaluation": [11, 12]}, "references": {"held_out_fraction": 0.34},
             "generation": {"steps": 1, "cfg": 1.0},
             # the tiny CLIP's adherence is noise; a wide margin leaves the choice to style
             "scores": {"clip": {"model": "tiny-open-clip", "weights": clip}, "adherence_margin": 100},
@@ -192,7 +193,7 @@ def test_default_prompts_ship_and_recipe_defaults():
     assert len(prompts) >= 5 and not any(p.startswith("#") for p in prompts)
     r = PickRecipe(training=Path("x"))
     assert r.prompt_values() == prompts and 1.0 in r.strength_values()
-    assert not set(r.seed_values("selection")) & set(r.seed_values("evaluation"))
+    assert not set(r.seeds.values("selection")) & set(r.seeds.values("evaluation"))
     assert PickRecipe(training=Path("x"), strengths=[0.5, 0.8]).strength_values() == [0.5, 0.8, 1.0]
 
 
@@ -253,11 +254,9 @@ def test_not_a_training_folder_is_a_clear_problem(tmp_path):
 def test_dry_run_refuses_shared_seeds_and_caption_prompts(planted, tmp_path):
     from workbench.dispatch import build_plan
 
-    r = pick_recipe(planted["folder"], planted["clip"], tmp_path / "p", selection_seeds=[1, 2],
-                    evaluation_seeds=[2, 3])
-    plan = build_plan(r)
-    assert any("seed(s) [2]" in p for p in plan.problems), plan.problems
-    assert plan.detail is None  # nothing is planned to run
+    with pytest.raises(ValueError, match=r"seeds\.evaluation: seed\(s\) \[2\] are also selection seeds"):
+        pick_recipe(planted["folder"], planted["clip"], tmp_path / "p",
+                    seeds={"selection": [1, 2], "evaluation": [2, 3]})
     r = pick_recipe(planted["folder"], planted["clip"], tmp_path / "p",
                     prompts=[PROMPTS[0], CAPTIONS[1]])
     plan = build_plan(r)
@@ -346,12 +345,12 @@ def test_cli_builds_the_same_recipe_and_dry_runs(planted, tmp_path, capsys):
     args = cli.build_parser().parse_args(argv)
     r = recipe_from_args(args)
     assert isinstance(r, PickRecipe) and r.prompts == PROMPTS[:2]
-    assert r.seed_values("evaluation") == [11, 12, 13] and r.strength_values() == [0.6, 1.0]
+    assert r.seeds.values("evaluation") == [11, 12, 13] and r.strength_values() == [0.6, 1.0]
     assert cli.main(argv) == 0
     assert "candidates: 3 step(s) × 2 strength(s)" in capsys.readouterr().out
     bad = argv[:argv.index("--evaluation-seeds") + 1] + ["2,3"] + argv[argv.index("--evaluation-seeds") + 2:]
-    assert cli.main(bad) == 1
-    assert "seed(s) [2]" in capsys.readouterr().out
+    assert cli.main(bad) == 2  # refused as an invalid recipe, before any plan
+    assert "seeds.evaluation: seed(s) [2] are also selection seeds" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -388,3 +387,28 @@ def test_train_page_panel_submits_a_pick_job(planted, monkeypatch):
     recipe = parse_recipe(jobs[0].recipe, jobs[0].source)
     assert recipe.KIND == "pick" and recipe.training == planted["folder"]
     assert recipe.strength_values() == [0.6, 1.0] and recipe.scores.clip.weights == planted["clip"]
+
+
+def test_pick_and_merge_search_share_one_shape_for_their_common_sections(tmp_path):
+    """The sections both choosing recipes have are written the same way (workbench/recipes/
+    choice.py): the same dict is valid in both and means the same thing."""
+    from workbench.recipes.merge_search import MergeSearchRecipe
+
+    common = {"prompts": ["a red bicycle"], "seeds": {"selection": "1-2", "evaluation": [7, 8]},
+              "references": {"dir": str(tmp_path), "held_out_fraction": 0.25},
+              "generation": {"sampler": "Euler", "steps": 3, "cfg": 2.0, "width": 64, "height": 64},
+              "scores": {"clip": {"model": "tiny"}, "adherence_margin": 2.5}}
+    pick = PickRecipe.model_validate({"training": "t", **common})
+    search = MergeSearchRecipe.model_validate({"inputs": {"A": "a", "B": "b"}, "output": {"dir": "o"},
+                                               **common})
+    for section in ("seeds", "references", "generation"):
+        assert getattr(pick, section).model_dump() == getattr(search, section).model_dump(), section
+    assert pick.scores.clip == search.scores.clip and search.scores.adherence == "constraint"
+    assert pick.scores.adherence_margin == search.scores.adherence_margin == 2.5
+    assert pick.seeds.values("selection") == search.seeds.values("selection") == [1, 2]
+    assert pick.prompt_values() == search.prompt_values() == ["a red bicycle"]
+    for kind in (PickRecipe, MergeSearchRecipe):  # the old spellings are refused, not ignored
+        with pytest.raises(ValueError, match="selection_seeds"):
+            kind.model_validate({"training": "t", "inputs": {"A": "a", "B": "b"}, "output": {"dir": "o"},
+                                 "selection_seeds": [1]} if kind is MergeSearchRecipe else
+                                {"training": "t", "selection_seeds": [1]})

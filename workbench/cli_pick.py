@@ -44,7 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "'1-4'")
     p.add_argument("--evaluation-seeds", help="seeds for the check, never among the selection "
                    "seeds (default '101,102,103')")
-    p.add_argument("--held-out-fraction", type=float, help="share of the training pictures held "
+    p.add_argument("--references", metavar="DIR", help="the pictures whose style is wanted "
+                   "(default: the training dataset)")
+    p.add_argument("--held-out-fraction", type=float, help="share of those pictures held "
                    "out from choosing, for the check (default 0.3)")
     p.add_argument("--clip-model", help="open_clip model of both scores (default ViT-L-14)")
     p.add_argument("--clip-weights", metavar="PATH", help="its weights file or open_clip folder")
@@ -78,9 +80,17 @@ def recipe_from_args(args: argparse.Namespace):
     data: dict[str, Any] = {"kind": "pick", "training": _abs(args.training)}
     training = Path(args.training)
     data["name"] = args.name or f"{training.resolve().name}-pick"
-    for key in ("steps", "strengths", "selection_seeds", "evaluation_seeds", "held_out_fraction"):
+    for key in ("steps", "strengths"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
+    seeds = {k: v for k, v in (("selection", args.selection_seeds),
+                               ("evaluation", args.evaluation_seeds)) if v is not None}
+    if seeds:
+        data["seeds"] = seeds
+    references = {k: v for k, v in (("dir", _abs(args.references)),
+                                    ("held_out_fraction", args.held_out_fraction)) if v is not None}
+    if references:
+        data["references"] = references
     prompts = list(args.prompts or [])
     if args.prompts_file:
         text = Path(args.prompts_file).read_text(encoding="utf-8")

@@ -4,7 +4,7 @@
 user's own pictures. A choice made and judged on the same pictures and seeds rewards noise, so each
 reference set is split once into a *selection* part (scored while choosing) and a *held-out* part
 (scored only to check the choice), and the seeds used to check never appear among the seeds used to
-choose. The split depends only on the file names' hashes, so it is the same on every run and every
+choose (workbench/recipes/choice.py ChoiceSeeds refuses a recipe that shares them). The split depends only on the file names' hashes, so it is the same on every run and every
 machine, and adding a picture does not reshuffle the others.
 """
 
@@ -24,6 +24,7 @@ class ReferenceSplit:
 
     selection: tuple[Path, ...]
     held_out: tuple[Path, ...]
+    folder: Path  # the folder split (the pictures' names are relative to it)
 
 
 def _rank(name: str) -> str:
@@ -49,15 +50,4 @@ def split_references(folder: Path, held_out_fraction: float = 0.3, *, field: str
     n_held = min(max(minimum, round(len(images) * held_out_fraction)), len(images) - minimum)
     held = set(ranked[:n_held])
     return ReferenceSplit(selection=tuple(p for p in images if p not in held),
-                          held_out=tuple(p for p in images if p in held))
-
-
-def check_disjoint_seeds(selection: list[int], evaluation: list[int], *, field: str = "seeds") -> None:
-    """Refuse seeds that are used both to choose and to check the choice."""
-    shared = sorted(set(selection) & set(evaluation))
-    if shared:
-        raise WorkbenchError(f"{field}: seed(s) {shared} are in both the selection and the evaluation "
-                             "seeds; a choice checked on the seeds it was chosen on proves nothing")
-    if not selection or not evaluation:
-        raise WorkbenchError(f"{field}: both selection and evaluation seeds are needed "
-                             f"(got {len(selection)} and {len(evaluation)})")
+                          held_out=tuple(p for p in images if p in held), folder=folder)

@@ -39,19 +39,20 @@ def write_trials_csv(out_dir: Path, trials: list, names, threshold: float) -> Pa
 
 def write_grid(out_dir: Path, recipe, checked: dict) -> Path:
     """Best vs A vs B (columns, each on every evaluation seed) by prompt (rows)."""
-    seeds = recipe.seeds.evaluation
+    seeds = recipe.seeds.values("evaluation")
+    prompts = recipe.prompt_values()
     names = list(checked)  # best, A, B
     images, scores = {}, {}
     for name, scored in checked.items():
         for i, (prompt, seed) in enumerate(zip(scored.prompts, scored.seeds)):
-            key = f"{name}|{recipe.prompts.index(prompt)}|{seed}"
+            key = f"{name}|{prompts.index(prompt)}|{seed}"
             images[key] = scored.images[i]
             scores[key] = {"style": scored.style[i], "clip": scored.clip[i]}
-    grid = [[f"{n}|{p}|{s}" for n in names for s in seeds] for p in range(len(recipe.prompts))]
+    grid = [[f"{n}|{p}|{s}" for n in names for s in seeds] for p in range(len(prompts))]
     pages = render_pages(title=f"{recipe.name}: best vs A vs B (evaluation seeds)", z_label="",
                          column_labels=[n for n in names for _ in seeds],
                          sub_labels=[f"seed {s}" for _ in names for s in seeds],
-                         row_labels=list(recipe.prompts), grid=grid, image_of=images.__getitem__,
+                         row_labels=list(prompts), grid=grid, image_of=images.__getitem__,
                          scores_of=lambda k: scores.get(k, {}), metrics=["style", "clip"],
                          out_stem=Path(out_dir) / GRID_STEM)
     return pages[0].path

@@ -25,7 +25,7 @@ from workbench.arch import BY_ID
 from workbench.errors import WorkbenchError
 from workbench.formats.writer import atomic_write_text
 from workbench.grid import search_report
-from workbench.grid.holdout import ReferenceSplit, check_disjoint_seeds, split_references
+from workbench.grid.holdout import ReferenceSplit, split_references
 from workbench.grid.merge_trials import TrialScorer, files_digest
 from workbench.grid.scores import check_backbone, load_backbone
 from workbench.grid.search_store import JOURNAL_FILE, open_storage
@@ -60,10 +60,12 @@ class SearchPlan:
     settings: ImageSettings
 
 
-def settings_of(recipe: MergeSearchRecipe) -> ImageSettings:
-    s = recipe.settings
-    return ImageSettings(prompt="", negative_prompt=s.negative_prompt, sampler=s.sampler, steps=s.steps,
-                         cfg=s.cfg, width=s.width, height=s.height, clip_skip=s.clip_skip)
+def settings_of(recipe: MergeSearchRecipe, arch: str) -> ImageSettings:
+    """The recipe's `generation:`, an unset size being the architecture's native one."""
+    g = recipe.generation
+    side = BY_ID[arch].native_side
+    return ImageSettings(prompt="", negative_prompt=g.negative_prompt, sampler=g.sampler, steps=g.steps,
+                         cfg=g.cfg, width=g.width or side, height=g.height or side, clip_skip=g.clip_skip)
 
 
 def study_name(recipe: MergeSearchRecipe, split: ReferenceSplit) -> str:
@@ -75,9 +77,9 @@ def study_name(recipe: MergeSearchRecipe, split: ReferenceSplit) -> str:
     identity = {
         "inputs": {k: sha256_file(p) for k, p in recipe.inputs.model_dump().items() if p},
         "method": recipe.method, "space": recipe.space, "range": list(recipe.alpha_range),
-        "prompts": recipe.prompts, "selection": recipe.seeds.selection,
-        "settings": recipe.settings.model_dump(mode="json"), "objective": recipe.objective.model_dump(),
-        "clip": recipe.clip.model_dump(mode="json"), "references": files_digest(split.selection),
+        "prompts": recipe.prompt_values(), "selection": recipe.seeds.values("selection"),
+        "generation": recipe.generation.model_dump(mode="json"),
+        "scores": recipe.scores.model_dump(mode="json"), "references": files_digest(split.selection),
         "sampler_seed": recipe.sampler_seed,
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
@@ -106,15 +108,15 @@ def _count_finished(out_dir: Path, name: str) -> int:
 def estimate_seconds(recipe: MergeSearchRecipe, arch: str, to_run: int, input_bytes: int) -> tuple[float, str]:
     """(seconds, how): trials x (one preview + its pictures) + the inputs and the held-out check."""
     dev = device_kind(recipe.memory.device)
-    s = recipe.settings
+    s = settings_of(recipe, arch)
     per_step = throughput.measured("grid", arch, dev)
     rate = per_step.value if per_step else SECONDS_PER_STEP_MP[dev] * ARCH_FACTOR.get(arch, 1.0)
     per_image = rate * s.steps * s.width * s.height / 1e6
     preview = throughput.measured("merge-preview", arch, dev)
     merge = preview.value if preview else input_bytes / ROUGH_PREVIEW_BYTES_PER_S
-    n_prompts = len(recipe.prompts)
+    n_prompts = len(recipe.prompt_values())
     images = (to_run * recipe.cells_per_trial() + 2 * recipe.cells_per_trial()
-              + 3 * n_prompts * len(recipe.seeds.evaluation))
+              + 3 * n_prompts * len(recipe.seeds.values("evaluation")))
     total = images * per_image + (to_run + 5) * merge
     how = ["sampling measured on this machine" if per_step else "sampling speed rough (nothing timed yet)",
            "merge preview measured" if preview else "merge preview rough"]
@@ -127,9 +129,9 @@ def describe(recipe: MergeSearchRecipe, overwrite: bool = False) -> RunPlan:
     plan = RunPlan.for_recipe(recipe, overwrite)
     checks = [check_input(plan, f"inputs.{k}", p) for k, p in recipe.inputs.model_dump().items() if p]
     check_input(plan, "references.dir", recipe.references.dir, expect="images")
-    if recipe.clip.weights is not None:
-        check_input(plan, "clip.weights", recipe.clip.weights, expect="any")
-    backbone = check_backbone(Scores(clip=recipe.clip))
+    if recipe.scores.clip.weights is not None:
+        check_input(plan, "scores.clip.weights", recipe.scores.clip.weights, expect="any")
+    backbone = check_backbone(Scores(clip=recipe.scores.clip))
     if backbone is not None:
         plan.lines += backbone.lines
         plan.problems += backbone.problems
@@ -147,7 +149,6 @@ def describe(recipe: MergeSearchRecipe, overwrite: bool = False) -> RunPlan:
     try:
         split = split_references(recipe.references.dir, recipe.references.held_out_fraction,
                                  field="references.dir")
-        check_disjoint_seeds(recipe.seeds.selection, recipe.seeds.evaluation, field="seeds")
         low, high = recipe.alpha_range
         space = SearchSpace.build(recipe.space, arch, recipe.inputs.A, low, high)
     except WorkbenchError as e:
@@ -158,28 +159,30 @@ def describe(recipe: MergeSearchRecipe, overwrite: bool = False) -> RunPlan:
     finished = 0 if overwrite else _count_finished(out_dir, name)
     to_run = max(0, recipe.trials - finished)
     seconds, how = estimate_seconds(recipe, arch, to_run, sum(c.size or 0 for c in checks[:2]))
+    settings = settings_of(recipe, arch)
+    selection, evaluation = recipe.seeds.values("selection"), recipe.seeds.values("evaluation")
+    n_prompts = len(recipe.prompt_values())
     plan.lines += [
         f"method: {recipe.method}; space: {recipe.space} ({len(space.names)} parameter"
         f"{'s' if len(space.names) != 1 else ''}: {', '.join(space.names[:8])}"
         f"{', ...' if len(space.names) > 8 else ''}) in [{space.low:g}, {space.high:g}]",
         f"references: {len(split.selection) + len(split.held_out)} pictures: {len(split.selection)} "
         f"for selection, {len(split.held_out)} held out for the check",
-        f"seeds: selection {recipe.seeds.selection}, evaluation {recipe.seeds.evaluation}",
+        f"seeds: selection {selection}, evaluation {evaluation}",
         f"trials: {recipe.trials} ({finished} finished in {out_dir / JOURNAL_FILE}, {to_run} to run)",
-        f"cells per trial: {recipe.cells_per_trial()} ({len(recipe.prompts)} prompt"
-        f"{'s' if len(recipe.prompts) != 1 else ''} x "
-        f"{len(recipe.seeds.selection)} selection seeds, {recipe.settings.width}x{recipe.settings.height}, "
-        f"{recipe.settings.steps} steps)",
+        f"cells per trial: {recipe.cells_per_trial()} ({n_prompts} prompt{'s' if n_prompts != 1 else ''}"
+        f"{'' if recipe.prompts else ' (the shipped set)'} x {len(selection)} selection seeds, "
+        f"{settings.width}x{settings.height}, {settings.steps} steps)",
         "objective: style similarity; adherence (CLIP score) "
-        + (f"no worse than the better input by more than {recipe.objective.margin:g}"
-           if recipe.objective.adherence == "constraint" else "as a second objective (Pareto front)"),
+        + (f"no worse than the better input by more than {recipe.scores.adherence_margin:g}"
+           if recipe.scores.adherence == "constraint" else "as a second objective (Pareto front)"),
         f"estimated time: ~{human_time(seconds)} ({how})",
     ]
     if overwrite and (out_dir / JOURNAL_FILE).is_file():
         plan.lines.append(f"overwrite: the trials in {out_dir / JOURNAL_FILE} are discarded")
     plan.outputs.append(out_dir)
     plan.estimated_seconds = seconds
-    plan.detail = SearchPlan(arch, space, split, name, finished, to_run, settings_of(recipe))
+    plan.detail = SearchPlan(arch, space, split, name, finished, to_run, settings)
     return plan
 
 
@@ -216,17 +219,17 @@ def run(plan: RunPlan, *, progress: bool = True, scorer: TrialScorer | None = No
     if plan.overwrite and (out_dir / JOURNAL_FILE).is_file():
         (out_dir / JOURNAL_FILE).unlink()
     if scorer is None:
-        backbone = load_backbone(recipe.clip.model, recipe.clip.weights, recipe.clip.pretrained,
-                                 recipe.memory.device)
+        clip = recipe.scores.clip
+        backbone = load_backbone(clip.model, clip.weights, clip.pretrained, recipe.memory.device)
         scorer = TrialScorer(backbone, {"selection": sp.split.selection, "held_out": sp.split.held_out},
-                             sp.settings, recipe.prompts, device=recipe.memory.device)
+                             sp.settings, recipe.prompt_values(), device=recipe.memory.device)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pareto = recipe.objective.adherence == "pareto"
+    pareto = recipe.scores.adherence == "pareto"
     study = optuna.create_study(study_name=sp.study_name, storage=open_storage(out_dir),
                                 sampler=_sampler(recipe, len(sp.space.names)), load_if_exists=True,
                                 directions=["maximize", "maximize"] if pareto else ["maximize"])
     scratch = out_dir / "merged" / "preview.safetensors"  # never written: previews stay in memory
-    selection = recipe.seeds.selection
+    selection = recipe.seeds.values("selection")
     baseline = study.user_attrs.get("baseline")
     if baseline is None:
         baseline = {}
@@ -234,10 +237,10 @@ def run(plan: RunPlan, *, progress: bool = True, scorer: TrialScorer | None = No
             s = scorer.score(input_recipe(recipe, which, scratch), selection, name=f"input {which}")
             baseline[which] = {"style": s.mean_style, "clip": s.mean_clip}
         study.set_user_attr("baseline", baseline)
-    threshold = max(baseline["A"]["clip"], baseline["B"]["clip"]) - recipe.objective.margin
+    threshold = max(baseline["A"]["clip"], baseline["B"]["clip"]) - recipe.scores.adherence_margin
     merge_times: list[float] = []
     sample_rates: list[float] = []
-    s = recipe.settings
+    s = sp.settings
 
     def objective(trial):
         point = sp.space.suggest(trial)
@@ -275,7 +278,7 @@ def run(plan: RunPlan, *, progress: bool = True, scorer: TrialScorer | None = No
     best_recipe = point_recipe(recipe, sp.space, best_point, f"{recipe.name}-best", merged_path)
 
     # the check: best against both inputs on evaluation seeds and held-out pictures
-    evaluation = recipe.seeds.evaluation
+    evaluation = recipe.seeds.values("evaluation")
     checked = {
         "best": scorer.score(best_recipe, evaluation, "held_out", keep_images=True, name="best"),
         "A": scorer.score(input_recipe(recipe, "A", scratch), evaluation, "held_out", keep_images=True,

@@ -74,6 +74,14 @@ class PickPlan:
     lines: list[str] = field(default_factory=list)
 
 
+def reference_dir(recipe: PickRecipe, run: TrainingRun) -> tuple[Path, str]:
+    """(the user's pictures the style is measured against, the field that names them): the
+    recipe's `references.dir`, else the training dataset the LoRA learned from."""
+    if recipe.references.dir is not None:
+        return Path(recipe.references.dir), "references.dir"
+    return run.dataset, "dataset (from the training's provenance.json)"
+
+
 def out_dir_of(recipe: PickRecipe) -> Path:
     return Path(recipe.output.dir) if recipe.output.dir else Path(recipe.training) / "pick"
 
@@ -146,18 +154,17 @@ def describe(recipe: PickRecipe, overwrite: bool = False) -> RunPlan:
     check_input(plan, "dataset (from the training's provenance.json)", run.dataset, expect="images")
     for step, path in run.steps.items():
         check_input(plan, f"step {step}", path, expect="lora")
-    sel_seeds, eval_seeds = recipe.seed_values("selection"), recipe.seed_values("evaluation")
-    try:
-        holdout.check_disjoint_seeds(sel_seeds, eval_seeds, field="selection_seeds/evaluation_seeds")
-    except WorkbenchError as e:
-        plan.problems.append(str(e))
+    sel_seeds, eval_seeds = recipe.seeds.values("selection"), recipe.seeds.values("evaluation")
+    references, where = reference_dir(recipe, run)
+    if recipe.references.dir is not None:
+        check_input(plan, "references.dir", references, expect="images")
     split = None
-    if run.dataset.is_dir():
+    if references.is_dir():
         try:
-            split = holdout.split_references(run.dataset, recipe.held_out_fraction,
-                                             field="dataset (from the training's provenance.json)")
+            split = holdout.split_references(references, recipe.references.held_out_fraction, field=where)
         except WorkbenchError as e:
             plan.problems.append(str(e))
+    if run.dataset.is_dir():
         _check_prompts(recipe, run, plan)
     candidates, baseline = _candidates(recipe, run, plan)
     out_dir = out_dir_of(recipe)
@@ -187,8 +194,9 @@ def describe(recipe: PickRecipe, overwrite: bool = False) -> RunPlan:
     ]
     if split is not None:
         plan.lines.append(f"references: {len(split.selection) + len(split.held_out)} pictures in "
-                          f"{run.dataset}: {len(split.selection)} for choosing, {len(split.held_out)} "
-                          f"held out for the check (held_out_fraction {recipe.held_out_fraction:g})")
+                          f"{references}: {len(split.selection)} for choosing, {len(split.held_out)} "
+                          f"held out for the check (held_out_fraction "
+                          f"{recipe.references.held_out_fraction:g})")
     check_output_file(plan, lora_path, overwrite,
                       "the chosen step goes there under the LoRA's name; pass --overwrite")
     plan.lines.append(f"writes: report.html, scores.csv, provenance.json in {out_dir}; the chosen "
@@ -198,7 +206,7 @@ def describe(recipe: PickRecipe, overwrite: bool = False) -> RunPlan:
     if plan.problems:
         return plan
     # the split folders are made by the run; the dry run checks the scorer against the dataset
-    selection = grid_kind.describe(grid_recipe(recipe, run, candidates, prompts, sel_seeds, run.dataset,
+    selection = grid_kind.describe(grid_recipe(recipe, run, candidates, prompts, sel_seeds, references,
                                                out_dir / "selection", f"{recipe.name}-selection"),
                                    overwrite)
     plan.problems += selection.problems
@@ -289,8 +297,8 @@ def run(plan: RunPlan, *, progress: bool = True) -> RunResult:
     if pp.lora_path.exists() and not overwrite:  # appeared since the dry run: fail before the work
         raise OutputExistsError(f"{pp.lora_path}: output exists; pass --overwrite")
     refs = out / "references"
-    sel_refs = _reference_folder(pp.split.selection, pp.run.dataset, refs / "selection")
-    held_refs = _reference_folder(pp.split.held_out, pp.run.dataset, refs / "held-out")
+    sel_refs = _reference_folder(pp.split.selection, pp.split.folder, refs / "selection")
+    held_refs = _reference_folder(pp.split.held_out, pp.split.folder, refs / "held-out")
     prompts_raw = recipe.prompt_values()
 
     sel_recipe = grid_recipe(recipe, pp.run, pp.candidates, pp.prompts, pp.selection_seeds, sel_refs,

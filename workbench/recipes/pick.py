@@ -8,45 +8,23 @@ in workbench/kinds/pick.py.
 
 from __future__ import annotations
 
-from importlib import resources
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from workbench.recipes.common import PixelSize, RecipeBase, RecipeName, RecipePath, SamplerName, StrictModel
+from workbench.recipes.choice import (
+    ChoiceGeneration,
+    ChoiceReferences,
+    ChoiceScores,
+    ChoiceSeeds,
+    Problems,
+    default_prompts,
+)
+from workbench.recipes.common import RecipeBase, RecipeName, RecipePath, StrictModel
 from workbench.recipes.generate import MemorySpec
-from workbench.recipes.grid import ClipScore, FloatValues, IntValues, expand_range
+from workbench.recipes.grid import FloatValues, IntValues, expand_range
 
 DEFAULT_STRENGTHS = "0.4-1.2 [5]"
-DEFAULT_SELECTION_SEEDS = [1, 2]
-DEFAULT_EVALUATION_SEEDS = [101, 102, 103]
-PROMPTS_FILE = "pick_prompts.txt"
-
-
-def default_prompts() -> list[str]:
-    """The shipped prompt set (workbench/data/pick_prompts.txt): subjects unlike training captions."""
-    text = resources.files("workbench").joinpath("data", PROMPTS_FILE).read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-
-
-class PickGeneration(StrictModel):
-    """How every image of the pick is made (the same for every step and strength)."""
-
-    sampler: SamplerName = "Euler a"
-    steps: Annotated[int, Field(gt=0)] = 20
-    cfg: Annotated[float, Field(ge=0)] = 7.0
-    width: PixelSize | None = None  # None: the training resolution
-    height: PixelSize | None = None
-    negative_prompt: str = ""
-    clip_skip: Annotated[int, Field(gt=0)] | None = None
-
-
-class PickScores(StrictModel):
-    """The CLIP backbone both scores use (style similarity and prompt adherence), and how much
-    adherence the choice may give up against the last step at strength 1.0."""
-
-    clip: ClipScore = Field(default_factory=ClipScore)
-    adherence_margin: Annotated[float, Field(ge=0)] = 1.0  # CLIP points
 
 
 class PickOutput(StrictModel):
@@ -68,11 +46,11 @@ class PickRecipe(RecipeBase):
     steps: IntValues | None = None  # None: every step file in the folder
     strengths: FloatValues = DEFAULT_STRENGTHS  # 1.0 is added: it is the baseline's strength
     prompts: list[str] | None = Field(default=None, min_length=1)  # None: the shipped set
-    selection_seeds: IntValues = Field(default_factory=lambda: list(DEFAULT_SELECTION_SEEDS))
-    evaluation_seeds: IntValues = Field(default_factory=lambda: list(DEFAULT_EVALUATION_SEEDS))
-    held_out_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3
-    generation: PickGeneration = Field(default_factory=PickGeneration)
-    scores: PickScores = Field(default_factory=PickScores)
+    seeds: ChoiceSeeds = Field(default_factory=ChoiceSeeds)
+    # dir None: the training run's dataset (its provenance.json says where)
+    references: ChoiceReferences = Field(default_factory=ChoiceReferences)
+    generation: ChoiceGeneration = Field(default_factory=ChoiceGeneration)  # size None: training size
+    scores: ChoiceScores = Field(default_factory=ChoiceScores)
     memory: MemorySpec = Field(default_factory=MemorySpec)
     output: PickOutput = Field(default_factory=PickOutput)
 
@@ -86,21 +64,12 @@ class PickRecipe(RecipeBase):
             return None
         return list(expand_range(self.steps, integer=True) if isinstance(self.steps, str) else self.steps)
 
-    def seed_values(self, which: str) -> list[int]:
-        """'selection' or 'evaluation' seeds as a list (range text expanded)."""
-        values = getattr(self, f"{which}_seeds")
-        return list(expand_range(values, integer=True) if isinstance(values, str) else values)
-
     def prompt_values(self) -> list[str]:
         return list(self.prompts) if self.prompts else default_prompts()
 
-    def reference_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
-        problems: list[tuple[tuple[str | int, ...], str]] = []
+    def reference_errors(self) -> Problems:
+        problems: Problems = []
         if any(v <= 0 for v in self.strength_values()):
             problems.append((("strengths",), "strengths must be above 0 (a LoRA at strength 0 is "
                              "the base model)"))
-        for which in ("selection", "evaluation"):
-            if -1 in self.seed_values(which):
-                problems.append(((f"{which}_seeds",), "seed -1 (random) cannot be paired or "
-                                 "cached; give fixed seeds"))
-        return problems
+        return problems + self.seeds.errors()

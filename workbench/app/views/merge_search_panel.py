@@ -41,19 +41,21 @@ def panel_data(get, cfg) -> dict[str, Any]:
         "prompts": [p.strip() for p in str(get("prompts")).splitlines() if p.strip()],
         "seeds": {"selection": _seeds(get("selection")), "evaluation": _seeds(get("evaluation"))},
         "trials": int(get("trials")), "space": get("space"),
-        "objective": {"adherence": get("adherence"), "margin": float(get("margin"))},
-        "settings": {"steps": int(get("steps")), "width": int(get("size")), "height": int(get("size"))},
+        "generation": {"steps": int(get("steps"))},
+        "scores": {"adherence": get("adherence"), "adherence_margin": float(get("margin"))},
         "output": {"dir": path("out")},
     }
+    if int(get("size") or 0):  # 0: the model's native size
+        data["generation"].update(width=int(get("size")), height=int(get("size")))
     if get("clip"):
-        data["clip"] = {"model": get("clip_model"), "weights": path("clip")}
+        data["scores"]["clip"] = {"model": get("clip_model"), "weights": path("clip")}
     return data
 
 
 DEFAULTS = {"name": "my-search", "A": "", "B": "", "C": "", "method": "weighted_sum", "refs": "",
             "held_out": 0.3, "prompts": "a lighthouse at dusk\nportrait of a knight",
             "selection": "1, 2", "evaluation": "101, 102, 103", "trials": 30, "space": "alpha",
-            "adherence": "constraint", "margin": 1.0, "steps": 20, "size": 512, "clip_model": "ViT-L-14",
+            "adherence": "constraint", "margin": 1.0, "steps": 20, "size": 0, "clip_model": "ViT-L-14",
             "clip": "", "out": "outputs/searches/my-search"}
 
 
@@ -86,7 +88,8 @@ def render_panel() -> None:
         c1, c2, c3, c4 = st.columns(4)
         c1.number_input("Margin (CLIP points)", 0.0, 100.0, key=P + "margin")
         c2.number_input("Steps", 1, 150, key=P + "steps")
-        c3.number_input("Size", 64, 2048, step=64, key=P + "size")
+        c3.number_input("Size", 0, 2048, step=64, key=P + "size",
+                        help="width and height of every picture; 0: the model's native size")
         c4.text_input("CLIP model", key=P + "clip_model")
         st.text_input("CLIP weights (file or open_clip folder; empty: the Hugging Face cache)", key=P + "clip")
         st.text_input("Output folder", key=P + "out")
