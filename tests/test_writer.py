@@ -396,3 +396,30 @@ def test_disk_full_in_grid_cells_and_images(tmp_path, disk_full):
         _save(Cell.image, tmp_path / "grid.png", "png", "a cat")
     assert tmp_files(tmp_path) == [] and not cache.has("abc")
     assert list((tmp_path / "cells").iterdir()) == []
+
+
+def test_dashboard_recipe_save_is_atomic_and_retries_a_file_in_use(tmp_path, monkeypatch):
+    """The Merge/Train/Grid pages' "save recipe" (app/forms.save_recipe) writes through the same
+    temp-file + retried rename: a recipe file open in an editor on Windows is retried, then
+    explained, and neither a temp file nor a half-written recipe is left."""
+    from workbench.app.forms import save_recipe
+    from workbench.recipes.merge import MergeRecipe
+
+    recipe = MergeRecipe.model_validate({"name": "m", "models": {"A": "a.safetensors", "B": "b.safetensors"},
+                                         "steps": [{"id": "s", "method": "weighted_sum",
+                                                    "inputs": ["A", "B"], "alpha": 0.3}],
+                                         "output": {"path": "m.safetensors"}})
+    target = tmp_path / "recipes" / "m.yaml"
+    save_recipe(recipe, target, overwrite=False)
+    first = target.read_text(encoding="utf-8")
+    assert "alpha: 0.3" in first
+    monkeypatch.setattr(system, "REPLACE_DELAYS_S", (0.01,))
+
+    def busy(src, dst):
+        raise PermissionError(errno.EACCES, "being used by another process", str(dst))
+
+    monkeypatch.setattr(os, "replace", busy)
+    with pytest.raises(WorkbenchError, match="cannot be replaced"):
+        save_recipe(recipe.model_copy(update={"name": "other"}), target, overwrite=True)
+    assert target.read_text(encoding="utf-8") == first
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m.yaml"]

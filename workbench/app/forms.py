@@ -12,7 +12,6 @@ the recipe validates and a fresh dry run (`build_plan`) has no problems.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +26,7 @@ from workbench.errors import RecipeError, WorkbenchError
 from workbench.jobs.store import JobStore
 from workbench.dispatch import build_plan
 from workbench.errors import OutputExistsError
+from workbench.formats.writer import atomic_write_text
 from workbench.jobs.worker import ensure_workers
 from workbench.recipes.loader import load_recipe, parse_recipe, recipe_to_yaml
 
@@ -337,10 +337,9 @@ def save_recipe(recipe, path: Path, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; tick 'overwrite' to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(recipe_to_yaml(recipe, base_dir=path.parent), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    # temp file, fsync, rename retried while Windows has the file open; the temp file is removed
+    # on every error (formats/writer.py)
+    return atomic_write_text(path, recipe_to_yaml(recipe, base_dir=path.parent), overwrite=True)
 
 
 def recipe_file_bar(spec: FormSpec, recipe, cfg: AppConfig) -> None:
