@@ -207,6 +207,10 @@ def test_alpha_search_recovers_planted_alpha(base):
     assert len(rows) == 20 and {"trial", "alpha", "style", "clip"} <= set(rows[0])
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "<svg" in html and "20 trials" in html and "best vs A" in html and "best vs B" in html
+    # the style-against-adherence scatter: a dot per trial and per input, the best ringed; margin
+    # 100 puts the adherence bar far left of every point, which the plot says in words
+    assert html.count('class="plot pareto"') == 1 and html.count('<circle class="dot') == 20 + 2
+    assert html.count('<circle class="chosen"') == 1 and "lies left of the plot: every point meets it" in html
     assert (out / "grid.png").is_file() and (out / "provenance.json").is_file()
     assert not (out / "merged").exists()  # no checkpoint written by the search
     # best.yaml is an ordinary merge recipe whose dry run passes

@@ -1,5 +1,6 @@
 """Choosing among candidates scored on two things: the Pareto front of style against adherence,
-the rule that picks one point of it, and the front as an inline SVG scatter for report.html.
+the rule that picks one point of it, and the front as an inline SVG scatter for report.html (of
+pick, workbench/kinds/pick.py, and of merge_search, grid/search_report.py).
 
 Why a front and a rule: a LoRA step and strength that copies the training pictures best often stops
 following the prompt. No single number says how much adherence a user will trade for style, so the
@@ -14,6 +15,8 @@ import html
 from dataclasses import dataclass
 
 import numpy as np
+
+from workbench.grid.numbers import fmt, ticks
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,20 @@ def recommend(points: list[Candidate], baseline: int, margin: float) -> tuple[in
     return best, rule
 
 
-def scatter_svg(points: list[Candidate], front: list[int], *, baseline: int, chosen: int,
-                title: str, width: int = 640, height: int = 420) -> str:
-    """Inline SVG: every candidate as a dot (x adherence, y style), the front joined by a line,
-    the baseline as a square and the recommendation as a ring."""
+def scatter_svg(points: list[Candidate], front: list[int], *, chosen: int, title: str,
+                baseline: int | None = None, references: dict[int, str] | None = None,
+                chosen_word: str = "recommended", adherence_floor: float | None = None,
+                floor_label: str = "adherence bar", width: int = 640, height: int = 420) -> str:
+    """Inline SVG: every point as a dot (x adherence, y style), the front joined by a line, the
+    reference points as squares (`references`: index -> word for the tooltip; `baseline` is the
+    one reference of a pick), the chosen point as a ring and, with `adherence_floor`, the lowest
+    adherence allowed as a dashed vertical line. pick (workbench/kinds/pick.py) and merge_search
+    (grid/search_report.py) both draw their candidates with it."""
     if not points:
         return ""
+    refs = dict(references or {})
+    if baseline is not None:
+        refs.setdefault(baseline, "baseline")
     xs = np.array([p.adherence for p in points], dtype=float)
     ys = np.array([p.style for p in points], dtype=float)
 
@@ -80,31 +91,48 @@ def scatter_svg(points: list[Candidate], front: list[int], *, baseline: int, cho
              'text-anchor="middle">prompt adherence (CLIP score) →</text>',
              f'<text x="14" y="{(top + height - bottom) / 2:.0f}" font-size="12" text-anchor="middle" '
              f'transform="rotate(-90 14 {(top + height - bottom) / 2:.0f})">style similarity →</text>']
-    for t in np.linspace(x0, x1, 5):
-        parts.append(f'<text x="{px(t):.1f}" y="{height - bottom + 15}" font-size="10" '
-                     f'text-anchor="middle">{t:.3g}</text>')
-    for t in np.linspace(y0, y1, 5):
-        parts.append(f'<text x="{left - 6}" y="{py(t) + 4:.1f}" font-size="10" text-anchor="end">'
-                     f'{t:.3g}</text><line x1="{left}" y1="{py(t):.1f}" x2="{width - right}" '
-                     f'y2="{py(t):.1f}" stroke="#eee"/>')
+    for t, label in ticks(x0, x1):
+        parts.append(f'<text class="tick x" x="{px(t):.1f}" y="{height - bottom + 15}" font-size="10" '
+                     f'text-anchor="middle">{label}</text>')
+    for t, label in ticks(y0, y1):
+        parts.append(f'<text class="tick y" x="{left - 6}" y="{py(t) + 4:.1f}" font-size="10" '
+                     f'text-anchor="end">{label}</text><line x1="{left}" y1="{py(t):.1f}" '
+                     f'x2="{width - right}" y2="{py(t):.1f}" stroke="#eee"/>')
+    if adherence_floor is not None:
+        words = f"{floor_label} {fmt(adherence_floor, 2)}"
+        if x0 <= adherence_floor <= x1:
+            x = px(adherence_floor)
+            parts.append(f'<line class="floor" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - bottom}" '
+                         f'stroke="#ff7f0e" stroke-width="1.5" stroke-dasharray="5,4">'
+                         f'<title>{html.escape(words)}</title></line>'
+                         f'<text x="{x + 4:.1f}" y="{top + 12}" font-size="10" fill="#ff7f0e">'
+                         f'{html.escape(words)}</text>')
+        else:  # off the plot: say on which side, rather than squeeze every point to fit the line
+            where = "left of the plot: every point meets it" if adherence_floor < x0 else \
+                "right of the plot: no point meets it"
+            parts.append(f'<text class="floor" x="{left + 6}" y="{top + 12}" font-size="10" fill="#ff7f0e">'
+                         f'{html.escape(f"{words} lies {where}")}</text>')
+    front = sorted(front, key=lambda i: (points[i].adherence, points[i].style))
     if len(front) > 1:
         path = " ".join(f"{px(points[i].adherence):.1f},{py(points[i].style):.1f}" for i in front)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="#d62728" stroke-width="1.5"/>')
+        parts.append(f'<polyline class="front" points="{path}" fill="none" stroke="#d62728" '
+                     'stroke-width="1.5"/>')
     on_front = set(front)
     for i, p in enumerate(points):
         x, y = px(p.adherence), py(p.style)
         colour = "#d62728" if i in on_front else "#888"
         tip = f"{p.label}: style {p.style:.4f}, adherence {p.adherence:.2f}"
-        if i == baseline:
-            parts.append(f'<rect x="{x - 5:.1f}" y="{y - 5:.1f}" width="10" height="10" fill="none" '
-                         f'stroke="#1f77b4" stroke-width="2"><title>{html.escape("baseline " + tip)}'
-                         '</title></rect>')
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colour}">'
-                     f'<title>{html.escape(tip)}</title></circle>')
+        if i in refs:
+            parts.append(f'<rect class="reference" x="{x - 5:.1f}" y="{y - 5:.1f}" width="10" height="10" '
+                         f'fill="none" stroke="#1f77b4" stroke-width="2"><title>'
+                         f'{html.escape(refs[i] + " " + tip)}</title></rect>')
+        parts.append(f'<circle class="dot{" front" if i in on_front else ""}" cx="{x:.1f}" cy="{y:.1f}" '
+                     f'r="3.5" fill="{colour}"><title>{html.escape(tip)}</title></circle>')
         if i == chosen:
-            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="8" fill="none" stroke="#2ca02c" '
-                         f'stroke-width="2.5"><title>{html.escape("recommended " + tip)}</title></circle>')
-        if i in on_front or i in (baseline, chosen):
+            parts.append(f'<circle class="chosen" cx="{x:.1f}" cy="{y:.1f}" r="8" fill="none" '
+                         f'stroke="#2ca02c" stroke-width="2.5"><title>{html.escape(chosen_word + " " + tip)}'
+                         '</title></circle>')
+        if i in on_front or i in refs or i == chosen:
             parts.append(f'<text x="{x + 7:.1f}" y="{y - 6:.1f}" font-size="10">{html.escape(p.label)}</text>')
     parts.append("</svg>")
     return "".join(parts)

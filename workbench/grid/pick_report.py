@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from workbench.formats.writer import atomic_write_text
-from workbench.grid.report import CSS, _table
+from workbench.grid.numbers import signed
+from workbench.grid.report import CSS, _fmt, _table
 
 EVIDENCE_WORDS = {"clear": "a clear difference", "weak": "a difference, but from too few prompts for "
                   "a test to confirm", "unclear": "no difference these scores can tell (the interval "
@@ -23,9 +24,12 @@ EVIDENCE_WORDS = {"clear": "a clear difference", "weak": "a difference, but from
 
 
 def _interval(s: dict, digits: int) -> str:
+    """"+0.012 (95 % interval +0.0031 to +0.021)": signed numbers as the grid verdict writes them
+    (grid/numbers.py), so a small nonzero end never reads "+0.000"."""
     if s["ci_low"] is None:
-        return f"{s['mean_diff']:+.{digits}f}"
-    return f"{s['mean_diff']:+.{digits}f} (95 % interval {s['ci_low']:+.{digits}f} to {s['ci_high']:+.{digits}f})"
+        return signed(s["mean_diff"], digits)
+    return (f"{signed(s['mean_diff'], digits)} (95 % interval {signed(s['ci_low'], digits)} to "
+            f"{signed(s['ci_high'], digits)})")
 
 
 def verdict(pp, best, base, sel_stats: dict | None, eval_stats: dict | None, n_candidates: int,
@@ -74,8 +78,7 @@ def _stats_rows(stats: dict | None, where: str) -> list[list[Any]]:
     if not stats:
         return []
     return [[where, s["metric"], s["a"], s["b"], s["mean_a"], s["mean_b"], s["mean_diff"],
-             f"[{s['ci_low'] if s['ci_low'] is None else round(s['ci_low'], 4)}, "
-             f"{s['ci_high'] if s['ci_high'] is None else round(s['ci_high'], 4)}] {s['ci_method']}",
+             f"[{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] {s['ci_method']}",
              f"{s['n_units']} {s['unit']}s, {s['n_pairs']} pairs", s["evidence"]]
             for s in stats.values()]
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from workbench.grid import stats
 from workbench.grid.cells import LETTERS, Cell, GridLayout, paired_unit
+from workbench.grid.numbers import fmt, signed, ticks
 from workbench.formats.writer import atomic_write_text
 
 MAX_PAIRWISE = 6  # axes with more values compare every value against the first (the baseline)
@@ -53,10 +54,6 @@ def value_name(axis_name: str, title: str, label: str) -> str:
     return label if axis_name in BARE_VALUE_AXES else f"{title} {label}"
 
 
-def _signed(v: float, digits: int) -> str:
-    return f"{v:+.{digits}f}"
-
-
 def _counted(n: int, unit: str, prompt_axis: bool) -> str:
     if unit == "seed" and not prompt_axis:
         return f"{n} seed{'s' if n != 1 else ''} of one prompt"
@@ -82,10 +79,10 @@ def pair_verdict(pair: dict, axis_name: str, title: str) -> str:
                      -pair["ci_low"] if pair["ci_low"] is not None else None)
     where = f"in {won} of {n} pairs" if 2 * won >= n else f"on average, though higher in only {won} of {n} pairs"
     ties = f" ({pair['ties']} tied)" if pair["ties"] else ""
-    text = f"{winner} beats {loser} on {what} {where}{ties}, {_signed(abs(d), digits)}{' ' + unit if unit else ''}"
+    text = f"{winner} beats {loser} on {what} {where}{ties}, {signed(abs(d), digits)}{' ' + unit if unit else ''}"
     if low is not None:
-        text += (f", {pair['confidence'] * 100:.0f} % interval {_signed(low, digits)} to "
-                 f"{_signed(high, digits)}")
+        text += (f", {pair['confidence'] * 100:.0f} % interval {signed(low, digits)} to "
+                 f"{signed(high, digits)}")
     level = stats.evidence(pair["n_units"], low, high)
     if level == "none":
         return text + f"; a single {pair['unit']} gives no interval: {more}."
@@ -265,11 +262,11 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, extra: dict[str, Any
     return [csv_path, json_path]
 
 
-def _fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
+def _fmt(v, sig: int = 3) -> str:
+    """A table cell: numbers by grid/numbers.py fmt (3 decimals, `sig` significant digits below
+    1), text escaped with hashes cut short."""
+    if v is None or isinstance(v, float):
+        return fmt(v, sig=sig)
     return html.escape(short_hashes(str(v)))
 
 
@@ -300,9 +297,10 @@ def svg_plot(series: list[tuple[str, list[str], list[float | None], list[float |
              f'<text x="{left}" y="18" font-size="14">{html.escape(title)}</text>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#888"/>',
              f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#888"/>']
-    for t in np.linspace(lo, hi, 5):
+    for t, label in ticks(lo, hi):
         y = y_of(t)
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{t:.3g}</text>'
+        parts.append(f'<text class="tick y" x="{left - 6}" y="{y + 4:.1f}" font-size="11" '
+                     f'text-anchor="end">{label}</text>'
                      f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#eee"/>')
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     for s_i, (name, labels, means, halves) in enumerate(series):

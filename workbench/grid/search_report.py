@@ -1,7 +1,9 @@
 """What a merge search writes for the user to read: trials.csv, grid.png and report.html.
 
-The report says how many trials ran, draws the search trace (each trial's selection style score and
-the best so far; grid/report.py svg_plot), shows the best against both inputs on held-out seeds and
+The report says how many trials ran, draws every trial's style against its prompt adherence with
+the Pareto front, inputs A and B and the adherence bar (grid/pareto.py scatter_svg, the plot pick
+draws too) and the search trace (each trial's selection style score and the best so far;
+grid/report.py svg_plot), shows the best against both inputs on held-out seeds and
 pictures with paired statistics (grid/stats.py), and warns when the best is within noise of the
 better input: a search over many trials always finds *some* best, and only the held-out check says
 whether it is better than what the user already had.
@@ -16,7 +18,9 @@ from pathlib import Path
 
 from workbench.formats.writer import atomic_write_text
 from workbench.grid.render import render_pages
+from workbench.grid.pareto import Candidate, pareto_front, scatter_svg
 from workbench.grid.report import CSS, p_cell, svg_plot
+from workbench.grid.report import _fmt as report_fmt
 
 TRIALS_CSV = "trials.csv"
 GRID_STEM = "grid"
@@ -58,12 +62,10 @@ def write_grid(out_dir: Path, recipe, checked: dict) -> Path:
     return pages[0].path
 
 
-def _fmt(v, digits: int = 4) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return html.escape(str(v))
+def _fmt(v) -> str:
+    """A table cell as the grid report writes one (grid/report.py _fmt), with four significant
+    digits below 1: trials' style scores often differ only in the fourth decimal."""
+    return report_fmt(v, sig=4)
 
 
 def trace_svg(trials: list) -> str:
@@ -78,6 +80,41 @@ def trace_svg(trials: list) -> str:
                      ("best so far", labels, best, [None] * len(values))],
                     "search trace: style (selection pictures, selection seeds) by trial",
                     width=max(640, 14 * len(labels) + 80))
+
+
+def scatter(trials: list, info: dict) -> str:
+    """Style against adherence of every trial (selection means), inputs A and B as reference
+    squares, the best ringed and the adherence bar dashed (grid/pareto.py scatter_svg, as pick
+    draws its candidates). The front is the study's own in pareto mode (info["pareto_front"]);
+    in constraint mode it is computed from the points (grid/pareto.py pareto_front), to show what
+    the adherence bar costs in style."""
+    points = [Candidate(f"trial {t.number}", t.user_attrs["style"], t.user_attrs["clip"]) for t in trials]
+    index = {t.number: i for i, t in enumerate(trials)}
+    if info.get("pareto_front") is not None:
+        front = [index[n] for n in info["pareto_front"] if n in index]
+    else:
+        front = pareto_front(points)
+    references = {}
+    for which in ("A", "B"):
+        base = info["baseline_selection"][which]
+        references[len(points)] = f"input {which}"
+        points.append(Candidate(f"input {which}", base["style"], base["clip"]))
+    mode = "Pareto front" if info.get("pareto_front") is not None else "adherence constraint"
+    return scatter_svg(points, front, chosen=index[info["best"]["trial"]], references=references,
+                       chosen_word="best", adherence_floor=info["adherence_threshold"],
+                       title=f"style against prompt adherence: {len(trials)} trials ({mode})")
+
+
+def scatter_note(info: dict) -> str:
+    """How to read the scatter, and the rule that chose the ringed trial in this mode."""
+    pareto = info.get("pareto_front") is not None
+    pool = "front trial" if pareto else "trial"
+    return ("Each dot is one trial: its mean over the selection seeds (style against the selection "
+            "pictures). Red: the Pareto front, the trials no other trial beats on both scores"
+            + ("" if pareto else " (shown for reference: in constraint mode the adherence bar decides)")
+            + "; squares: inputs A and B on the same seeds; dashed line: the adherence bar (the better "
+            f"input's CLIP score minus the margin); green ring: the best, the most stylish {pool} at "
+            f"or right of the bar (the most stylish {pool} of all when none is).")
 
 
 def write_html(out_dir: Path, recipe, trials: list, names, info: dict, grid_path: Path,
@@ -124,6 +161,8 @@ CLIP: best {held['best']['clip']:.2f}, A {held['A']['clip']:.2f}, B {held['B']['
 <th>95% CI</th><th>Wilcoxon p</th><th>best wins</th><th>units</th></tr>{''.join(rows)}</table>
 <p class="note">Paired by (prompt, seed): the same noise for every picture; intervals are paired
 bootstrap intervals over prompts (over seeds when there is one prompt), grid/stats.py.</p>
+<h2>Style against adherence</h2>{scatter(trials, info)}
+<p class="note">{html.escape(scatter_note(info))}</p>
 <h2>Search trace</h2>{trace_svg(trials)}
 <h2>Best vs A vs B</h2><img class="grid" src="{html.escape(grid_path.name)}" alt="grid">
 <h2>Trials</h2><table><tr><th>trial</th>{''.join(f'<th>{html.escape(n)}</th>' for n in names)}
