@@ -221,6 +221,30 @@ def test_alpha_search_recovers_planted_alpha(base):
 
 
 @pytest.mark.slow
+def test_pareto_mode_chooses_from_the_front_and_plots_it(base):
+    """adherence: pareto: optuna keeps the front of (style, adherence); the best is its most
+    stylish member within the margin, and the report's scatter marks exactly that front."""
+    short = dict(selection=(1,), evaluation=(101,), prompts=PROMPTS[:1], out="pareto", trials=6)
+    text = _recipe_text(base, scores=", adherence: pareto, adherence_margin: 100", **short)
+    info = run_recipe(load_recipe(_write(base, text, "pareto.yaml")), progress=False).info
+    rows = {int(r["trial"]): (float(r["style"]), float(r["clip"]))
+            for r in csv.DictReader((base / "pareto" / "trials.csv").open(encoding="utf-8"))}
+    assert len(rows) == 6
+
+    def dominated(i):
+        s, c = rows[i]
+        return any(s2 >= s and c2 >= c and (s2, c2) != (s, c) for s2, c2 in rows.values())
+
+    front = set(info["pareto_front"])
+    assert front == {i for i in rows if not dominated(i)}  # optuna's front is the true one
+    best = info["best"]["trial"]
+    assert best in front and rows[best][0] == max(rows[i][0] for i in front)
+    html = (base / "pareto" / "report.html").read_text(encoding="utf-8")
+    assert html.count('<circle class="dot front') == len(front)
+    assert html.count('<circle class="chosen"') == 1
+
+
+@pytest.mark.slow
 def test_search_resumes_without_repeating_trials(base, monkeypatch):
     calls = []
     real = TrialScorer.score

@@ -271,8 +271,8 @@ def run(plan: RunPlan, *, progress: bool = True, scorer: TrialScorer | None = No
         throughput.record("merge-preview", sp.arch, dev, pystats.median(merge_times), PREVIEW_UNIT)
         throughput.record("grid", sp.arch, dev, pystats.median(sample_rates),
                           "seconds per step per megapixel")
-    pool = [t for t in study.best_trials] if pareto else trials
-    best, feasible = _choose(recipe, [t for t in pool if t.state == trials[0].state] or trials, threshold)
+    pool = list(study.best_trials) if pareto else trials  # the front holds finished trials only
+    best, feasible = _choose(recipe, pool or trials, threshold)
     best_point = {n: float(best.params[n]) for n in sp.space.names}
     merged_path = out_dir / "merged" / f"{recipe.name}-best.safetensors"
     best_recipe = point_recipe(recipe, sp.space, best_point, f"{recipe.name}-best", merged_path)
