@@ -47,10 +47,19 @@ class Shot:
     path: str
     ready: str
     name: str
+    expand: str | None = None  # an expander to open before the picture (its label text)
+    fill: tuple[tuple[str, str], ...] = ()  # (field label, text) typed into it, as a user would
+    click: str | None = None  # then a button pressed (its label) ...
+    shows: str | None = None  # ... and a text waited for
 
 
 SHOTS = [
-    Shot("merge", "done in", "merge.png"),
+    Shot("merge", "done in", "merge.png", expand="Search merge weights toward my pictures",
+         fill=(("Model A", "models/base-v1.safetensors"), ("Model B", "models/painterly.safetensors"),
+               ("Folder of my pictures", "datasets/wbstyle"),
+               ("Trials", "20"), ("Steps", "2"), ("Size", "64"), ("CLIP model", "tiny-open-clip"),
+               ("CLIP weights (file or open_clip folder; empty: the Hugging Face cache)", "models/clip")),
+         click="Dry run search", shows="estimated time"),
     Shot("train", "of the job", "train.png"),
     Shot("compare", "Verdict", "compare.png"),
     Shot("jobs", "Log", "jobs.png"),
@@ -238,6 +247,18 @@ def take(url: str, shots: list[Shot], out: Path, timeout_s: float, width: int) -
                 settle(page, timeout_ms)
                 page.get_by_text(shot.ready).first.wait_for(timeout=timeout_ms)
                 settle(page, timeout_ms)
+                if shot.expand:
+                    page.get_by_text(shot.expand).first.click()
+                    settle(page, timeout_ms)
+                for label, text in shot.fill:
+                    field = page.locator(f'input[aria-label="{label}"], textarea[aria-label="{label}"]').first
+                    field.fill(text)
+                    field.press("Enter")  # Streamlit takes a text input's value on Enter
+                    settle(page, timeout_ms)
+                if shot.click:
+                    page.get_by_role("button", name=shot.click).click()
+                    page.get_by_text(shot.shows).first.wait_for(timeout=timeout_ms)
+                    settle(page, timeout_ms)
                 # Streamlit scrolls an inner element, not the page: a "full page" shot of the
                 # window would stop at the first screen, so the window is made as tall as the
                 # content, as long as the content grows

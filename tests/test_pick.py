@@ -378,7 +378,10 @@ def test_train_page_panel_submits_a_pick_job(planted, monkeypatch):
     at.text_input(key="train.pick.training").set_value(str(planted["folder"]))
     at.text_input(key="train.pick.strengths").set_value("0.6, 1.0")
     at.text_input(key="train.pick.clip_model").set_value("tiny-open-clip")
-    at.text_input(key="train.pick.clip_weights").set_value(str(planted["clip"]))
+    at.text_input(key="train.pick.clip").set_value(str(planted["clip"]))
+    at.text_input(key="train.pick.selection").set_value("1")
+    at.text_input(key="train.pick.evaluation").set_value("11-12")
+    at.number_input(key="train.pick.size").set_value(64)
     at.button(key="train.pick.submit").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -387,6 +390,11 @@ def test_train_page_panel_submits_a_pick_job(planted, monkeypatch):
     recipe = parse_recipe(jobs[0].recipe, jobs[0].source)
     assert recipe.KIND == "pick" and recipe.training == planted["folder"]
     assert recipe.strength_values() == [0.6, 1.0] and recipe.scores.clip.weights == planted["clip"]
+    # the fields both choosing panels share (app/views/choice_fields.py): empty ones keep the
+    # recipe's defaults (shipped prompts, the training pictures), set ones are written as set
+    assert recipe.seeds.values("evaluation") == [11, 12] and recipe.seeds.values("selection") == [1]
+    assert recipe.generation.width == recipe.generation.height == 64
+    assert recipe.prompts is None and recipe.references.dir is None
 
 
 def test_pick_and_merge_search_share_one_shape_for_their_common_sections(tmp_path):

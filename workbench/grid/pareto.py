@@ -105,7 +105,9 @@ def scatter_svg(points: list[Candidate], front: list[int], *, chosen: int, title
             parts.append(f'<line class="floor" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - bottom}" '
                          f'stroke="#ff7f0e" stroke-width="1.5" stroke-dasharray="5,4">'
                          f'<title>{html.escape(words)}</title></line>'
-                         f'<text x="{x + 4:.1f}" y="{top + 12}" font-size="10" fill="#ff7f0e">'
+                         # at the foot of the line: the top is where the most stylish points and
+                         # their labels sit
+                         f'<text x="{x + 4:.1f}" y="{height - bottom - 6}" font-size="10" fill="#ff7f0e">'
                          f'{html.escape(words)}</text>')
         else:  # off the plot: say on which side, rather than squeeze every point to fit the line
             where = "left of the plot: every point meets it" if adherence_floor < x0 else \

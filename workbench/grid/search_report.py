@@ -154,6 +154,8 @@ evaluation seeds {info['seeds']['evaluation']} (disjoint).</p>
 <h2>Best: trial {best['trial']}</h2><p>{html.escape(params)}; selection style {best['style']:.4f},
 CLIP {best['clip']:.2f} (adherence bar {info['adherence_threshold']:.2f}). Written as
 <code>best.yaml</code>: <code>workbench run best.yaml</code> makes the checkpoint.</p>
+<h2>Style against adherence</h2>{scatter(trials, info)}
+<p class="note">{html.escape(scatter_note(info))}</p>
 <h2>Held-out check (evaluation seeds, held-out pictures)</h2>
 <p>style: best {held['best']['style']:.4f}, A {held['A']['style']:.4f}, B {held['B']['style']:.4f};
 CLIP: best {held['best']['clip']:.2f}, A {held['A']['clip']:.2f}, B {held['B']['clip']:.2f}</p>
@@ -161,8 +163,6 @@ CLIP: best {held['best']['clip']:.2f}, A {held['A']['clip']:.2f}, B {held['B']['
 <th>95% CI</th><th>Wilcoxon p</th><th>best wins</th><th>units</th></tr>{''.join(rows)}</table>
 <p class="note">Paired by (prompt, seed): the same noise for every picture; intervals are paired
 bootstrap intervals over prompts (over seeds when there is one prompt), grid/stats.py.</p>
-<h2>Style against adherence</h2>{scatter(trials, info)}
-<p class="note">{html.escape(scatter_note(info))}</p>
 <h2>Search trace</h2>{trace_svg(trials)}
 <h2>Best vs A vs B</h2><img class="grid" src="{html.escape(grid_path.name)}" alt="grid">
 <h2>Trials</h2><table><tr><th>trial</th>{''.join(f'<th>{html.escape(n)}</th>' for n in names)}

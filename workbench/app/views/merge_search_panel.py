@@ -10,6 +10,7 @@ from typing import Any
 import streamlit as st
 
 from workbench.app import forms
+from workbench.app.views import choice_fields
 from workbench.errors import WorkbenchError
 from workbench.recipes.merge_search import SEARCH_METHODS, SPACES
 from workbench.dispatch import build_plan
@@ -17,46 +18,26 @@ from workbench.dispatch import build_plan
 P = "msearch."
 
 
-def _seeds(text: str) -> list[int] | str:
-    """'1, 2, 3' -> [1, 2, 3]; anything else is kept as text so the validator names the field."""
-    try:
-        return [int(s) for s in str(text).replace(",", " ").split()]
-    except ValueError:
-        return str(text)
-
-
 def panel_data(get, cfg) -> dict[str, Any]:
     """Widget values (read through `get(name)`) -> merge_search recipe data; paths are resolved
     against the dashboard's home folder as on the other forms."""
-    def path(name: str) -> str:
-        text = str(get(name) or "").strip()
+    def path(text: str) -> str:
+        text = str(text or "").strip()
         return str(cfg.resolve(text)) if text else ""
 
-    inputs = {"A": path("A"), "B": path("B")}
+    inputs = {"A": path(get("A")), "B": path(get("B"))}
     if get("method") == "add_difference":
-        inputs["C"] = path("C")
-    data: dict[str, Any] = {
-        "kind": "merge_search", "name": get("name"), "inputs": inputs, "method": get("method"),
-        "references": {"dir": path("refs"), "held_out_fraction": float(get("held_out"))},
-        "prompts": [p.strip() for p in str(get("prompts")).splitlines() if p.strip()],
-        "seeds": {"selection": _seeds(get("selection")), "evaluation": _seeds(get("evaluation"))},
-        "trials": int(get("trials")), "space": get("space"),
-        "generation": {"steps": int(get("steps"))},
-        "scores": {"adherence": get("adherence"), "adherence_margin": float(get("margin"))},
-        "output": {"dir": path("out")},
-    }
-    if int(get("size") or 0):  # 0: the model's native size
-        data["generation"].update(width=int(get("size")), height=int(get("size")))
-    if get("clip"):
-        data["scores"]["clip"] = {"model": get("clip_model"), "weights": path("clip")}
+        inputs["C"] = path(get("C"))
+    data: dict[str, Any] = {"kind": "merge_search", "name": get("name"), "inputs": inputs,
+                            "method": get("method"), "trials": int(get("trials")), "space": get("space"),
+                            **choice_fields.section_data(get, path), "output": {"dir": path(get("out"))}}
+    data["references"].setdefault("dir", "")  # required here: the loader names the empty field
+    data["scores"]["adherence"] = get("adherence")
     return data
 
 
-DEFAULTS = {"name": "my-search", "A": "", "B": "", "C": "", "method": "weighted_sum", "refs": "",
-            "held_out": 0.3, "prompts": "a lighthouse at dusk\nportrait of a knight",
-            "selection": "1, 2", "evaluation": "101, 102, 103", "trials": 30, "space": "alpha",
-            "adherence": "constraint", "margin": 1.0, "steps": 20, "size": 0, "clip_model": "ViT-L-14",
-            "clip": "", "out": "outputs/searches/my-search"}
+DEFAULTS = {"name": "my-search", "A": "", "B": "", "C": "", "method": "weighted_sum", "trials": 30,
+            "space": "alpha", "adherence": "constraint", "out": "outputs/searches/my-search"}
 
 
 def render_panel() -> None:
@@ -76,22 +57,13 @@ def render_panel() -> None:
         c1.text_input("Model A", key=P + "A")
         c2.text_input("Model B", key=P + "B")
         c3.text_input("Model C (add_difference)", key=P + "C")
-        c1, c2 = st.columns([3, 1])
-        c1.text_input("Folder of my pictures", key=P + "refs")
-        c2.number_input("held out", 0.05, 0.95, step=0.05, key=P + "held_out")
-        st.text_area("Prompts (one per line)", key=P + "prompts")
-        c1, c2, c3, c4 = st.columns(4)
-        c1.text_input("Selection seeds", key=P + "selection")
-        c2.text_input("Evaluation seeds", key=P + "evaluation")
-        c3.number_input("Trials", 1, 10_000, key=P + "trials")
-        c4.selectbox("Adherence", ("constraint", "pareto"), key=P + "adherence")
-        c1, c2, c3, c4 = st.columns(4)
-        c1.number_input("Margin (CLIP points)", 0.0, 100.0, key=P + "margin")
-        c2.number_input("Steps", 1, 150, key=P + "steps")
-        c3.number_input("Size", 0, 2048, step=64, key=P + "size",
-                        help="width and height of every picture; 0: the model's native size")
-        c4.text_input("CLIP model", key=P + "clip_model")
-        st.text_input("CLIP weights (file or open_clip folder; empty: the Hugging Face cache)", key=P + "clip")
+        choice_fields.render(P, refs_label="Folder of my pictures",
+                             refs_help="the style to aim at: your own pictures (png, jpg, webp)")
+        c1, c2 = st.columns(2)
+        c1.number_input("Trials", 1, 10_000, key=P + "trials")
+        c2.selectbox("Adherence", ("constraint", "pareto"), key=P + "adherence",
+                     help="constraint: no worse than the better input by more than the margin; "
+                          "pareto: a second objective")
         st.text_input("Output folder", key=P + "out")
         cfg = forms.config()
         recipe, problems = forms.validate(panel_data(lambda n: st.session_state[P + n], cfg))

@@ -14,6 +14,7 @@ import streamlit as st
 
 from workbench.app import forms
 from workbench.app.config import AppConfig
+from workbench.app.views import choice_fields
 from workbench.errors import WorkbenchError
 from workbench.recipes.pick import PickRecipe
 from workbench.dispatch import build_plan
@@ -29,15 +30,13 @@ def k(name: str) -> str:
 def recipe_of_panel(cfg: AppConfig) -> PickRecipe:
     """The pick recipe the panel's fields describe (a validation error names the field)."""
     folder = cfg.check(str(S.get(k("training")) or ""), ("outputs",))
-    scores = {}
-    clip = {key: value for key, value in (("model", S.get(k("clip_model"))),
-                                          ("weights", S.get(k("clip_weights")))) if value}
-    if clip.get("weights"):
-        clip["weights"] = str(cfg.check(str(clip["weights"]), ("models", "outputs")))
-    if clip:
-        scores["clip"] = clip
+
+    def path(text: str) -> str:
+        return str(cfg.check(str(text), ("models", "outputs", "datasets")))
+
     data = {"name": f"{Path(folder).name}-pick", "training": str(folder),
-            "strengths": S.get(k("strengths")) or "0.4-1.2 [5]", "scores": scores,
+            "strengths": S.get(k("strengths")) or "0.4-1.2 [5]",
+            **choice_fields.section_data(lambda name: S.get(k(name)), path),
             "output": {"overwrite": bool(S.get(k("overwrite")))}}
     return PickRecipe.model_validate(data)
 
@@ -59,11 +58,13 @@ def render(cfg: AppConfig | None = None) -> None:
     if k("training") not in S or (train_job is not None and S.get(k("for_job")) != train_job.id):
         S[k("training")] = _default_folder(train_job)
         S[k("for_job")] = train_job.id if train_job is not None else None
-    st.text_input("Training output folder", key=k("training"))
-    c1, c2, c3 = st.columns([2, 2, 3])
-    c1.text_input("Strengths", value="0.4-1.2 [5]", key=k("strengths"))
-    c2.text_input("CLIP model", value="ViT-L-14", key=k("clip_model"))
-    c3.text_input("CLIP weights (file or open_clip folder; empty: the HF cache)", key=k("clip_weights"))
+    c1, c2 = st.columns([3, 1])
+    c1.text_input("Training output folder", key=k("training"))
+    c2.text_input("Strengths", value="0.4-1.2 [5]", key=k("strengths"),
+                  help="LoRA strengths to try, e.g. '0.4-1.2 [5]' or '0.6, 0.8, 1.0'; 1.0 is always tried")
+    choice_fields.render(P + ".", refs_label="Pictures of the style (empty: the training pictures)",
+                         refs_help="a folder of your own pictures; by default the dataset the LoRA "
+                                   "was trained on")
     st.checkbox("overwrite an existing chosen LoRA", key=k("overwrite"))
     if st.button("Pick step and strength", key=k("submit"), type="primary"):
         # the kinds (diffusers, peft) load on the click, not with the page (as forms.py does)
