@@ -279,7 +279,9 @@ def test_block_groups_search_recovers_planted_pattern(base):
     find the pattern back. Honest tolerance on this tiny setup: BASE (the colour grade the tiny
     CLIP sees) within 0.15; IN, MID and OUT are not identifiable here (measured with 24 trials:
     found IN 0.09 / MID 0.24 / OUT 0.84 for 0.2 / 0.5 / 0.6: their offsets barely move the
-    pictures of a random 2-step UNet), so only their presence in best.yaml is checked."""
+    pictures of a random 2-step UNet: the tiny VAE decoder's last GroupNorm, one channel per group,
+    removes what a UNet change does to colour, and colour is what the tiny CLIP sees; see
+    tests/test_pick.py), so only their presence in best.yaml is checked."""
     planted = {"BASE": 0.8, "IN": 0.2, "MID": 0.5, "OUT": 0.6}
     groups = block_groups("sd15")
     blocks = {b: planted[g] for g, ids in groups.items() for b in ids}

@@ -12,7 +12,13 @@ SD1.5 cannot carry a style. Measured on this machine (64 px, Euler a): images ma
 extracted LoRA at effective strengths 0 to 2.5 have the same mean colour and contrast to within
 0.01, and the tiny CLIP's style similarity to pictures made at 1.0 falls monotonically with the
 strength instead of peaking at 1.0 (0.9936 at 0.18 ... 0.9858 at 2.5); hand-made LoRAs on the
-cross-attention values (up to ×30) and 8× stronger extracted ones did not change that. So
+cross-attention values (up to ×30) and 8× stronger extracted ones did not change that. The cause
+is the tiny VAE: its decoder ends in a GroupNorm with one channel per group (8 channels, 8 groups;
+a real SD VAE has 4 per group), which removes every channel's mean, so no latent change reaches
+the pictures' colours (a +3 shift of one latent channel moves the pixel mean by at most 0.01;
+with 2 channels per group it moves it 0.2 to 0.5), and the tiny CLIP sees colour, not texture
+(cosine 0.99 between any two tiny-model pictures). Only a file's VAE can grade colour, and a LoRA
+has none. So
 `planted_image` stands in for the generation core in the recovery test: a picture whose colours
 follow the effective LoRA strength (read from the LoRA files' tensors) plus prompt- and
 seed-dependent shapes and noise. Everything else is real: the grid engine, cell store, the tiny
