@@ -233,3 +233,24 @@ def test_sd3_large_lora_trains_with_kohyas_modules(tmp_path, tiny_sd3, style_set
     info = detect(r.lora_path)
     assert (info.arch, info.variant) == ("sd3", "sd3.5-large")
     assert read_header(r.lora_path).metadata["modelspec.architecture"] == "stable-diffusion-3-5-large/lora"
+
+
+@pytest.mark.slow
+def test_the_job_bar_never_goes_back_and_ends_with_the_last_samples(tmp_path, tiny_model, style_set):
+    """max_steps 3 with samples every 2: the last step's samples (an extra round) are made inside
+    the training task, so the job's one bar (overall) only grows and stays short of 100 % until
+    they are done; no sampling phase of its own restarts the bar at 0."""
+    from workbench import progress
+
+    samples = 'samples: {every: 2, prompts: ["wbstyle, a cat"], steps: 2, seed: 3}\n'
+    recipe = _recipe(tmp_path, tiny_model("sd15"), style_set, "bar", NET + samples, max_steps=3)
+    events = []
+    with progress.sink(events.append):
+        run(recipe, progress=False, cache_root=tmp_path / "cache")
+    overall = [e.overall for e in events if e.overall is not None]
+    assert overall == sorted(overall), overall  # never goes back
+    sampling = [e for e in events if e.desc == "sampling"]
+    assert sampling and all(e.overall < 1.0 for e in sampling if e.done < e.total)
+    assert {e.desc for e in events} >= {"training", "sampling"}
+    assert sorted(p.name for p in (tmp_path / "bar" / "samples").iterdir()) == [
+        "step-00000002_00.png", "step-00000003_00.png"]

@@ -182,7 +182,9 @@ def run(plan: RunPlan, *, progress: bool = True, device: str | None = None,
             ckpt = out_dir / f"{recipe.name}-step{step:08d}.safetensors"
             written.extend(save_lora(ckpt, None, False))
             save_resumable()
-        if recipe.samples and step % recipe.samples.every == 0:
+        # the last step samples too (the finished LoRA's pictures), inside the training task, so
+        # the job's bar is still short of 100 % while they are made (workbench/progress.py)
+        if recipe.samples and (step % recipe.samples.every == 0 or step == s.max_steps):
             samples(step)
 
     try:
@@ -201,8 +203,6 @@ def run(plan: RunPlan, *, progress: bool = True, device: str | None = None,
                             lambda: save_peft(trainer.net, out_dir / f"{recipe.name}.peft.safetensors",
                                               dtype=out.save_precision, overwrite=True,
                                               variant=facts(time.time()).variant)))
-                    if recipe.samples and state.step % recipe.samples.every != 0:
-                        samples(state.step)
                 atomic_write_text(out_dir / "loss.json", json.dumps(state.losses) + "\n", overwrite=True)
     except KeyboardInterrupt as e:  # Ctrl-C (or a job's hard stop): say what is kept, how to go on
         raise KeyboardInterrupt(guard.hint()) from e
