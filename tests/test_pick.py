@@ -360,6 +360,31 @@ def test_cli_builds_the_same_recipe_and_dry_runs(planted, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_references_other_than_the_training_pictures(planted, tmp_path, capsys):
+    """`--references DIR` (references.dir): the style is measured against those pictures, split
+    the same way, instead of the training dataset; a folder with one picture is refused by name."""
+    import shutil
+
+    from workbench import cli
+
+    refs = tmp_path / "my-pictures"
+    refs.mkdir()
+    for p in sorted((planted["root"] / "dataset" / "10_plnt").glob("*.png"))[:4]:
+        shutil.copy(p, refs / f"mine-{p.name}")
+    argv = ["pick", str(planted["folder"]), "--strengths", "1.0", "--references", str(refs),
+            "--held-out-fraction", "0.5", "--clip-model", "tiny-open-clip", "--clip-weights",
+            str(planted["clip"]), "--prompt", PROMPTS[0], "--out", str(tmp_path / "o"), "--size", "64x64",
+            "--sampling-steps", "1", "--dry-run"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"references: 4 pictures in {refs}: 2 for choosing, 2 held out" in out, out
+    for p in list(refs.iterdir())[1:]:
+        p.unlink()
+    assert cli.main(argv) == 1
+    assert "references.dir:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_train_page_panel_submits_a_pick_job(planted, monkeypatch):
     """The Train page's panel: the button runs the pick's dry run and queues a `pick` job whose
     recipe is the PickRecipe the panel describes (no worker is started here)."""
