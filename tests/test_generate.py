@@ -135,6 +135,27 @@ def test_lora_at_generation_time_equals_the_baked_merge(tmp_path, tiny_sd15, ext
     assert "Lora hashes:" in with_lora.parameters
 
 
+@pytest.mark.slow
+def test_a_second_lora_on_one_model_is_quiet_and_the_first_is_off(tmp_path, tiny_sd15, extracted_lora):
+    """Two LoRAs used one after the other on one loaded model (a grid's LoRA axis, a pick's steps):
+    each is its own cached adapter, only the one asked for is active, and peft's "multiple
+    adapters" warning, which this cache causes on purpose, is not shown."""
+    import shutil
+    import warnings
+
+    twin = tmp_path / "twin.safetensors"
+    shutil.copy(extracted_lora, twin)
+    s = ImageSettings("a cat", "", "Euler", 2, 5.0, 64, 64)
+    model = load_model(tiny_sd15["B"], device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = generate(model, s, [5], loras=[LoraUse(extracted_lora, 0.7)])[0]
+        second = generate(model, s, [5], loras=[LoraUse(twin, 0.7)])[0]
+    assert len(model.lora_adapters) == 2
+    assert not [w for w in caught if "peft_config" in str(w.message)]
+    assert np.array_equal(_pixels(first), _pixels(second))  # not both at once: the same picture
+
+
 def _diffusers_lora(pipe, folder: Path) -> Path:
     """A diffusers-format LoRA (`pytorch_lora_weights.safetensors`, peft lora_A/lora_B keys) as
     diffusers' own `save_lora_weights` writes it, with random (non-zero) up weights."""

@@ -23,6 +23,7 @@ So that a preview equals the bake of the same file (workbench/merge/lora.py):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,8 +127,6 @@ def _sd3_to_diffusers(path: Path, header, modules, model_path: Path | None) -> d
     keys (`transformer.transformer_blocks.N.attn.to_q.lora_A.weight`, ...): fused qkv split by rows,
     lora_A shared, alpha/rank (shared rule) folded into lora_B. T5 (`lora_te3_`) modules are left
     out: diffusers' SD3 pipeline takes no LoRA on its T5."""
-    import warnings
-
     from safetensors.torch import load_file
 
     if model_path is None or not Path(model_path).is_file():
@@ -189,7 +188,11 @@ def _load(model: Model, path: Path):
         return handle
     name = f"lora_{abs(hash(key)) % 10**10}"
     try:
-        model.pipe.load_lora_weights(for_diffusers(path, model.arch, model.path), adapter_name=name)
+        with warnings.catch_warnings():
+            # several adapters on one model is this cache's purpose (a grid's LoRA axis, a pick's
+            # steps); peft warns about it each time
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            model.pipe.load_lora_weights(for_diffusers(path, model.arch, model.path), adapter_name=name)
     except (ValueError, KeyError, RuntimeError) as e:
         raise WorkbenchError(f"{path}: diffusers could not apply this LoRA to the "
                              f"{model.arch} model: {e}") from e
