@@ -121,10 +121,12 @@ def test_a_job_whose_worker_died_is_failed_by_the_page_not_left_running(home):
 
 @pytest.mark.slow  # several AppTest runs: over 3 s on the shared 2-core machine
 def test_jobs_page_and_merge_page_refresh_only_while_something_runs(home):
+    """Form pages refresh only while their kind runs; the Jobs page also looks every IDLE_S
+    seconds while nothing does, so a job queued elsewhere shows up without a reload."""
     at = open_page("jobs")
-    assert declared(at, "jobs") is None  # no jobs
+    assert declared(at, "jobs") == live.IDLE_S  # no jobs: the slow look for new ones
     job = running_job(home, "merge")
-    at.run()
+    at.run()  # what the idle timer does: the job is listed and the fast timer declared
     assert declared(at, "jobs") == live.REFRESH_S
     store_of(home).report(job, progress=0.5, overall=0.5, stage="merging 10 tensors")
     at.run()

@@ -2,7 +2,8 @@
 
 The page only reads the store (and asks it to cancel, or to forget a finished job); workers do the
 work. The list and the detail panel are a fragment that re-runs every few seconds while a job is
-queued or running (app/live.py), so progress moves without reloading the page. A worker that does
+queued or running, and every `live.IDLE_S` seconds otherwise (app/live.py), so progress moves
+and a job queued from another tab appears without reloading the page. A worker that does
 not react to a cancel (stuck in a long native call) can be stopped by force, after a confirmation
 (workbench/jobs/worker.py force_stop: its process tree is terminated, then killed).
 """
@@ -164,7 +165,7 @@ def render() -> None:
     if wanted and wanted.isdigit():
         S["jobs.selected"] = int(wanted)
         del st.query_params["job"]
-    live.section("jobs", jobs_panel, live.jobs_active)
+    live.section("jobs", jobs_panel, live.jobs_active, idle_s=live.IDLE_S)
 
 
 if __name__ == "__main__":
