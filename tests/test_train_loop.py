@@ -107,6 +107,40 @@ def test_min_snr_and_v_prediction_terms(pred):
     assert torch.allclose(got, want, rtol=1e-5)
 
 
+def test_sd3_loss_is_kohyas_preconditioned_x0_loss_and_flux_keeps_velocity():
+    """SD3: kohya's sd3_train_network.py loss, recomputed by hand from the same draws:
+    x̂0 = pred·(−σ) + x_σ against the clean latents (weighting `none`), which is σ²·|pred − v|²;
+    a plain velocity loss would differ. FLUX: the velocity loss of kohya's `raw` prediction."""
+    from workbench.train.loop import flux_loss, sd3_loss
+
+    class FixedPrediction(torch.nn.Module):
+        def __init__(self, pred, guidance=False):
+            super().__init__()
+            self.pred, self.config = pred, type("C", (), {"guidance_embeds": guidance})()
+
+        def forward(self, hidden_states, **kw):
+            return type("Out", (), {"sample": self.pred.reshape(hidden_states.shape)})()
+
+    s = TrainSettings(flow_shift=3.0)
+    lat = torch.randn(2, 16, 8, 8)
+    pred = torch.randn(2, 16, 8, 8)
+    cond = {"prompt_embeds": torch.zeros(2, 3, 8), "pooled": torch.zeros(2, 8)}
+    got = sd3_loss(FixedPrediction(pred), lat, cond, step_generator(1, 2, 0), s)
+    g = step_generator(1, 2, 0)  # the draws of workbench/train/loop.py flow_noise, in order
+    noise = torch.randn(lat.shape, generator=g)
+    u = torch.sigmoid(torch.randn((2,), generator=g))
+    sigma = (3.0 * u / (1 + 2.0 * u)).view(2, 1, 1, 1)
+    noisy = (1 - sigma) * lat + sigma * noise
+    kohya = ((pred * (-sigma) + noisy - lat) ** 2).mean()
+    velocity = ((pred - (noise - lat)) ** 2).mean()
+    assert torch.allclose(got, kohya, rtol=1e-5)
+    assert torch.allclose(kohya, (sigma ** 2 * (pred - (noise - lat)) ** 2).mean(), rtol=1e-4)
+    assert not torch.allclose(got, velocity, rtol=1e-2)
+    packed = pred.view(2, 16, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, 64)
+    flux = flux_loss(FixedPrediction(packed), lat, cond, step_generator(1, 2, 0), s)
+    assert torch.allclose(flux, velocity, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_flux_lora_trains_and_exports(tmp_path, tiny_model, style_set):
     r = _recipe(tmp_path, tiny_model("flux"), style_set, "f", "network: {type: lora, rank: 4, alpha: 4}\n",

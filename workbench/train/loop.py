@@ -259,11 +259,18 @@ def sd3_loss(transformer, latents: torch.Tensor, cond: dict[str, torch.Tensor],
              gen: torch.Generator, settings: TrainSettings) -> torch.Tensor:
     """Flow matching for SD3/SD3.5: the MMDiT patchifies the latents itself and takes the
     timestep as σ·1000, the scale of the FlowMatchEulerDiscreteScheduler timesteps the SD3 pipeline
-    passes it at generation."""
-    noisy, target, sigma = flow_noise(latents, gen, settings)
+    passes it at generation.
+
+    The loss is on the clean latents the prediction implies, x̂0 = x_σ − σ·v̂ ("preconditioned
+    outputs"), as kohya's sd3_train_network.py always computes it (weighting scheme `none`) and
+    diffusers' SD3 LoRA script does by default: σ²·|v̂ − v|², so high-noise steps count more than
+    in a plain velocity loss. (FLUX keeps the velocity loss: kohya's recommended
+    `model_prediction_type raw`, flux_loss below.)"""
+    noisy, _, sigma = flow_noise(latents, gen, settings)
     pred = transformer(hidden_states=noisy, encoder_hidden_states=cond["prompt_embeds"],
                        pooled_projections=cond["pooled"], timestep=sigma * 1000).sample
-    return F.mse_loss(pred.float(), target.float())
+    x0 = noisy.float() - sigma.view(-1, 1, 1, 1).float() * pred.float()
+    return F.mse_loss(x0, latents.float())
 
 
 def flux_loss(transformer, latents: torch.Tensor, cond: dict[str, torch.Tensor],
