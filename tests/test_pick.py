@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from PIL import Image
 
+from workbench import system
 from workbench.errors import OutputExistsError, WorkbenchError
 from workbench.formats import sidecar
 from workbench.grid import pareto
@@ -223,26 +224,26 @@ def test_link_or_copy_links_copies_and_never_overwrites(tmp_path, monkeypatch):
     src = tmp_path / "a.safetensors"
     src.write_bytes(b"lora-bytes")
     dst = tmp_path / "out" / "b.safetensors"
-    how = sidecar.link_or_copy(src, dst)
+    how = system.link_or_copy(src, dst)
     assert dst.read_bytes() == b"lora-bytes"
     if how == "hard link":
         assert os.path.samefile(src, dst)
-        assert sidecar.link_or_copy(src, dst) == "same file"  # already in place: nothing to do
+        assert system.link_or_copy(src, dst) == "same file"  # already in place: nothing to do
     other = tmp_path / "c.safetensors"
     other.write_bytes(b"other")
     with pytest.raises(OutputExistsError, match="b.safetensors"):
-        sidecar.link_or_copy(other, dst)
+        system.link_or_copy(other, dst)
     assert dst.read_bytes() == b"lora-bytes"
 
     def no_links(*a, **kw):  # a file system without hard links (FAT, another drive: EXDEV)
         raise OSError(18, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", no_links)
-    assert sidecar.link_or_copy(other, dst, overwrite=True) == "copy"
+    assert system.link_or_copy(other, dst, overwrite=True) == "copy"
     assert dst.read_bytes() == b"other" and not os.path.samefile(other, dst)
     assert [p.name for p in dst.parent.iterdir()] == ["b.safetensors"]  # no temp file left
     monkeypatch.delattr(os, "link")  # a platform without os.link at all
-    assert sidecar.link_or_copy(src, dst, overwrite=True) == "copy"
+    assert system.link_or_copy(src, dst, overwrite=True) == "copy"
     assert dst.read_bytes() == b"lora-bytes"
 
 

@@ -11,13 +11,14 @@ POSIX-only call appears elsewhere without a guard; docs/portability.md lists the
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
 
-from workbench.errors import WorkbenchError
+from workbench.errors import OutputExistsError, WorkbenchError
 
 # Renames onto a file another program holds open fail on Windows (PermissionError: the file is in
 # use); virus scanners and indexers hold new files for a moment, so a few retries usually pass.
@@ -99,6 +100,64 @@ def replace_file(src: str | Path, dst: str | Path) -> None:
                     "virus scanner): close it and run again, or choose another output name"
                 ) from e
             time.sleep(delay)
+
+
+def link_or_copy(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> str:
+    """Put `src` at `dst`: a hard link where the file system can make one (no second copy of a
+    multi-GB model), else a copy. Returns "hard link", "copy" or "same file" (dst already is src).
+
+    An existing `dst` is an OutputExistsError naming it unless `overwrite`. The new name appears
+    whole: the file is made under a temp name first, removed on every error path. Without
+    `overwrite` the temp file is linked to `dst`, which fails instead of replacing a file another
+    writer put there meanwhile; where links are refused (FAT/exFAT, another drive), it is a check
+    then a rename. Used for the chosen LoRA of a pick (kinds/pick.py) and for results put into a
+    UI's model folders (formats/model_folders.py publish)."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        try:
+            if os.path.samefile(src, dst):
+                return "same file"
+        except OSError:
+            pass
+        if not overwrite:
+            raise OutputExistsError(f"{dst}: output exists; pass --overwrite (or set "
+                                    "`output.overwrite: true`) to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    link = getattr(os, "link", None)  # not every platform/file system offers hard links
+    try:
+        how = "copy"
+        if link is not None:
+            try:
+                link(src, tmp)
+                how = "hard link"
+            except OSError:  # another drive (EXDEV), FAT/exFAT, a share that refuses links
+                tmp.unlink(missing_ok=True)
+        if how == "copy":
+            shutil.copyfile(src, tmp)
+        _publish_new(tmp, dst, overwrite, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return how
+
+
+def _publish_new(tmp: Path, dst: Path, overwrite: bool, link) -> None:
+    """`tmp` becomes `dst`: replaced when `overwrite`, else never over a file that appeared."""
+    if not overwrite and link is not None:
+        try:
+            link(tmp, dst)  # a link in one folder: fails instead of replacing
+        except FileExistsError:
+            raise OutputExistsError(f"{dst}: output appeared while writing; not overwritten") from None
+        except OSError:  # no hard links on this file system: check, then rename
+            pass
+        else:
+            tmp.unlink()
+            return
+    if dst.exists() and not overwrite:
+        raise OutputExistsError(f"{dst}: output appeared while writing; not overwritten")
+    replace_file(tmp, dst)
 
 
 def fsync_dir(folder: str | Path) -> None:

@@ -23,13 +23,13 @@ Layouts (folders that do not exist are left out):
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from workbench.errors import WorkbenchError
+from workbench import system
+from workbench.errors import OutputExistsError, WorkbenchError
 
 # the kinds of model folders, in the order listings show them
 KINDS = ("checkpoint", "diffusion_model", "lora", "vae", "text_encoder", "embedding")
@@ -242,9 +242,8 @@ def read_extra_model_paths(path: str | Path, into: ModelFolders) -> ModelFolders
 def publish(src: str | Path, folders: ModelFolders, kind: str) -> Path | None:
     """Put a finished model file where the tool lists files of `kind`; returns the new path, or
     None when the tool has no such folder or a file of that name is already there (never
-    replaced). A hard link when source and folder share a volume (no second copy of a multi-GB
-    file; our writers replace files by rename, so the two names never see a half-written file),
-    else a copy to a temp name renamed into place."""
+    replaced). A hard link when source and folder share a volume (our writers replace files by
+    rename, so the two names never see a half-written file), else a copy (system.link_or_copy)."""
     src = Path(src)
     folder = folders.target(kind)
     if folder is None:
@@ -253,23 +252,7 @@ def publish(src: str | Path, folders: ModelFolders, kind: str) -> Path | None:
     if target.exists():
         return None
     try:
-        os.link(src, target)
-        return target
-    except FileExistsError:
+        system.link_or_copy(src, target)
+    except OutputExistsError:  # appeared meanwhile: left alone
         return None
-    except OSError:  # another volume, or a file system without hard links
-        pass
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        try:
-            os.link(tmp, target)  # a link in one folder: fails instead of replacing
-        except FileExistsError:
-            return None
-        except OSError:  # no hard links on this file system (FAT/exFAT): check, then rename
-            if target.exists():
-                return None
-            os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target

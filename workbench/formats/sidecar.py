@@ -8,21 +8,15 @@ in `<lora:name:WEIGHT>`, "activation text" is appended to the prompt, "sd versio
 extensions add their own keys, so a sidecar is merged, never rewritten: every key we do not set is
 kept as it was, and the ones we set only where the user left them empty (except the weight, which
 is the point of `workbench pick`).
-
-Also here: putting a chosen file under another name without copying where the file system allows
-(a hard link), with a copy as the fallback, never replacing an existing file unless asked.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from workbench import system
-from workbench.errors import OutputExistsError, WorkbenchError
+from workbench.errors import WorkbenchError
 from workbench.formats.writer import atomic_write_text
 
 FIELDS = ("description", "sd version", "activation text", "preferred weight", "negative text", "notes")
@@ -79,41 +73,3 @@ def write_sidecar(path: str | Path, data: dict[str, Any]) -> Path:
     """Write the merged sidecar atomically (UTF-8, as A1111 reads it)."""
     return atomic_write_text(Path(path), json.dumps(data, indent=4, ensure_ascii=False) + "\n",
                              overwrite=True)
-
-
-def link_or_copy(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> str:
-    """Put `src` at `dst`: a hard link where the file system can make one (no second copy of a
-    LoRA on disk), else a copy. Returns "hard link", "copy" or "same file" (dst already is src).
-    An existing `dst` is an error naming it unless `overwrite`; the new file appears whole
-    (temp name, then rename), and the temp file is removed on every error path."""
-    src, dst = Path(src), Path(dst)
-    if dst.exists():
-        try:
-            if os.path.samefile(src, dst):
-                return "same file"
-        except OSError:
-            pass
-        if not overwrite:
-            raise OutputExistsError(f"{dst}: output exists; pass --overwrite (or set "
-                                    "`output.overwrite: true`) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        how = "copy"
-        link = getattr(os, "link", None)  # not every platform/file system offers hard links
-        if link is not None:
-            try:
-                link(src, tmp)
-                how = "hard link"
-            except OSError:  # another drive (EXDEV), FAT/exFAT, a share that refuses links
-                tmp.unlink(missing_ok=True)
-        if how == "copy":
-            shutil.copyfile(src, tmp)
-        if dst.exists() and not overwrite:
-            raise OutputExistsError(f"{dst}: output appeared while writing; not overwritten")
-        system.replace_file(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return how

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench import system
 from workbench.errors import OutputExistsError, WorkbenchError
 from workbench.formats import sidecar
 from workbench.grid import holdout, pareto, pick_report
@@ -240,7 +241,7 @@ def _reference_folder(images: tuple[Path, ...], root: Path, folder: Path) -> Pat
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for p in images:
-        sidecar.link_or_copy(p, folder / p.relative_to(root).as_posix().replace("/", "__"))
+        system.link_or_copy(p, folder / p.relative_to(root).as_posix().replace("/", "__"))
     return folder
 
 
@@ -341,7 +342,7 @@ def run(plan: RunPlan, *, progress: bool = True) -> RunResult:
         "cells": {"selection": len(sel_cells), "evaluation": len(eval_cells)},
     }
 
-    how = sidecar.link_or_copy(best_c.path, pp.lora_path, overwrite=overwrite)
+    how = system.link_or_copy(best_c.path, pp.lora_path, overwrite=overwrite)
     side_path = sidecar.sidecar_path(pp.lora_path)
     existing = sidecar.read_sidecar(side_path) if side_path.exists() else sidecar.read_sidecar(pp.run.sidecar)
     note = (f"step {best_c.step} of {pp.run.last_step} at strength {best_c.strength:g}, chosen among "
