@@ -109,3 +109,16 @@ def test_evidence_in_words():
     assert stats.evidence(8, -2.0, -0.1) == "clear"
     res = stats.compare_pairs(A, B, UNITS, n_resamples=200)
     assert res.wilcoxon_min_p == 2 / 2**4
+
+
+def test_shown_better_is_one_rule_for_both_choosing_kinds():
+    """A choice passes its held-out check only with a positive difference whose interval leaves
+    out zero (grid/stats.py shown_better, used by pick and merge_search)."""
+    up = stats.compare_pairs([0.1, 0.2, 0.3, 0.4], [0.3, 0.5, 0.6, 0.8], ["a", "b", "c", "d"]).to_dict()
+    assert up["ci_low"] > 0 and stats.shown_better(up)
+    mixed = stats.compare_pairs([0.1, 0.2, 0.3, 0.4], [0.3, 0.1, 0.5, 0.2], ["a", "b", "c", "d"]).to_dict()
+    assert mixed["ci_low"] <= 0 <= mixed["ci_high"] and not stats.shown_better(mixed)
+    down = stats.compare_pairs([0.3, 0.5, 0.6, 0.8], [0.1, 0.2, 0.3, 0.4], ["a", "b", "c", "d"]).to_dict()
+    assert not stats.shown_better(down)
+    single = stats.compare_pairs([0.1], [0.9], ["a"]).to_dict()  # one pair: no interval
+    assert single["ci_low"] is None and not stats.shown_better(single)

@@ -16,6 +16,7 @@ from typing import Any
 
 from workbench.formats.writer import atomic_write_text
 from workbench.grid.numbers import signed
+from workbench.grid.stats import shown_better
 from workbench.grid.report import CSS, _fmt, _table
 
 EVIDENCE_WORDS = {"clear": "a clear difference", "weak": "a difference, but from too few prompts for "
@@ -51,7 +52,7 @@ def verdict(pp, best, base, sel_stats: dict | None, eval_stats: dict | None, n_c
     out.append(f"Re-checked on {len(pp.evaluation_seeds)} seeds not used for choosing, against the "
                f"{len(pp.split.held_out)} held-out picture(s): style {_interval(es, 3)} — "
                f"{EVIDENCE_WORDS[es['evidence']]}; adherence {_interval(ec, 2)} CLIP points.")
-    within_noise = es["evidence"] in ("none", "unclear") or es["mean_diff"] <= 0
+    within_noise = not shown_better(es)
     if within_noise:
         out.append(f"Warning: on the held-out check the gain over {base.label} is within noise"
                    + (" or negative" if es["mean_diff"] <= 0 else "")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+from itertools import accumulate
 from pathlib import Path
 
 from workbench.formats.writer import atomic_write_text
@@ -72,10 +73,7 @@ def trace_svg(trials: list) -> str:
     """Each trial's selection style score and the best so far, by trial number."""
     labels = [str(t.number) for t in trials]
     values = [t.user_attrs["style"] for t in trials]
-    best, so_far = [], None
-    for v in values:
-        so_far = v if so_far is None else max(so_far, v)
-        best.append(so_far)
+    best = list(accumulate(values, max))
     return svg_plot([("trial", labels, values, [None] * len(values)),
                      ("best so far", labels, best, [None] * len(values))],
                     "search trace: style (selection pictures, selection seeds) by trial",

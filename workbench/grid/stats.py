@@ -58,6 +58,15 @@ def evidence(n_units: int, ci_low: float | None, ci_high: float | None,
     return "clear" if can_be_significant(wilcoxon_min_p(n_units), level) else "weak"
 
 
+def shown_better(pair: dict) -> bool:
+    """Whether a paired comparison (PairedStats.to_dict) shows B better than A: a positive mean
+    difference whose interval leaves out zero. What a choice must pass on its held-out check, or
+    pick and merge_search warn that it is within noise (grid/pick_report.py,
+    kinds/merge_search.py)."""
+    level = evidence(pair["n_units"], pair["ci_low"], pair["ci_high"])
+    return level in ("weak", "clear") and pair["mean_diff"] > 0
+
+
 @dataclass(frozen=True)
 class PairedStats:
     """B against A on one metric; positive `mean_diff` means B scored higher."""

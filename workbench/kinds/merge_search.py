@@ -1,8 +1,8 @@
 """`kind: merge_search`: the dry run and the run of a merge-weight search toward the user's pictures.
 
 describe: check the inputs (same architecture, one whose merges preview in memory), split the
-reference pictures into selection and held-out parts (grid/holdout.py), check that selection and
-evaluation seeds are disjoint, build the search space, count the trials the journal already holds
+reference pictures into selection and held-out parts (grid/holdout.py; that selection and
+evaluation seeds are disjoint the recipe itself checks, recipes/choice.py), build the search space, count the trials the journal already holds
 and estimate the time from speeds measured on this machine (workbench/throughput.py).
 
 run: optuna's TPE sampler (fixed seed) proposes points; each is merged in memory and scored on the
@@ -29,7 +29,7 @@ from workbench.grid.holdout import ReferenceSplit, split_references
 from workbench.grid.merge_trials import TrialScorer, files_digest
 from workbench.grid.scores import check_backbone, load_backbone
 from workbench.grid.search_store import JOURNAL_FILE, open_storage
-from workbench.grid.stats import compare_pairs
+from workbench.grid.stats import compare_pairs, shown_better
 from workbench.kinds.grid import ARCH_FACTOR, SECONDS_PER_STEP_MP, device_kind
 from workbench.merge.search_space import SearchSpace, input_recipe, point_recipe
 from workbench.pipeline.model import ImageSettings
@@ -105,10 +105,11 @@ def _count_finished(out_dir: Path, name: str) -> int:
     return len(finished_trials(study))
 
 
-def estimate_seconds(recipe: MergeSearchRecipe, arch: str, to_run: int, input_bytes: int) -> tuple[float, str]:
-    """(seconds, how): trials x (one preview + its pictures) + the inputs and the held-out check."""
+def estimate_seconds(recipe: MergeSearchRecipe, arch: str, s: ImageSettings, to_run: int,
+                     input_bytes: int) -> tuple[float, str]:
+    """(seconds, how): trials x (one preview + its pictures of settings `s`) + the inputs and the
+    held-out check."""
     dev = device_kind(recipe.memory.device)
-    s = settings_of(recipe, arch)
     per_step = throughput.measured("grid", arch, dev)
     rate = per_step.value if per_step else SECONDS_PER_STEP_MP[dev] * ARCH_FACTOR.get(arch, 1.0)
     per_image = rate * s.steps * s.width * s.height / 1e6
@@ -158,8 +159,8 @@ def describe(recipe: MergeSearchRecipe, overwrite: bool = False) -> RunPlan:
     name = study_name(recipe, split)
     finished = 0 if overwrite else _count_finished(out_dir, name)
     to_run = max(0, recipe.trials - finished)
-    seconds, how = estimate_seconds(recipe, arch, to_run, sum(c.size or 0 for c in checks[:2]))
     settings = settings_of(recipe, arch)
+    seconds, how = estimate_seconds(recipe, arch, settings, to_run, sum(c.size or 0 for c in checks[:2]))
     selection, evaluation = recipe.seeds.values("selection"), recipe.seeds.values("evaluation")
     n_prompts = len(recipe.prompt_values())
     plan.lines += [
@@ -294,7 +295,7 @@ def run(plan: RunPlan, *, progress: bool = True, scorer: TrialScorer | None = No
                                              b_name="best", unit="prompt").to_dict())
     better = max(("A", "B"), key=lambda k: checked[k].mean_style)
     vs_better = next(c for c in comparisons if c["a"] == better and c["metric"] == "style")
-    within_noise = vs_better["ci_low"] is None or vs_better["ci_low"] <= 0.0
+    within_noise = not shown_better(vs_better)
 
     yaml_text = recipe_to_yaml(best_recipe, base_dir=out_dir)
     yaml_text = (f"# best of {len(trials)} trials of merge_search '{recipe.name}'; run it with\n"

@@ -1,8 +1,9 @@
 """`kind: pick` (`workbench pick TRAINING_FOLDER`): choose a trained LoRA's step and strength.
 
 describe: read the training folder (workbench/train/run_folder.py), split its pictures by name
-hash into a selection part and a held-out part (workbench/grid/holdout.py), refuse seeds shared by
-selection and evaluation and prompts that are training captions, and plan the selection grid
+hash into a selection part and a held-out part (workbench/grid/holdout.py), refuse prompts that
+are training captions (seeds shared by selection and evaluation the recipe refuses,
+workbench/recipes/choice.py), and plan the selection grid
 step × strength × prompts × selection seeds through the grid kind's own dry run (cells cached or
 to make, memory plans, the time estimate from workbench/throughput.py).
 

@@ -9,6 +9,7 @@ wrote one recipe can write the other, and the dashboard panels fill both the sam
 
 from __future__ import annotations
 
+from functools import lru_cache
 from importlib import resources
 from typing import Annotated
 
@@ -27,8 +28,14 @@ Problems = list[tuple[tuple[str | int, ...], str]]
 def default_prompts() -> list[str]:
     """The shipped prompt set (workbench/data/pick_prompts.txt): everyday subjects unlike training
     captions, so adherence is measured on prompts the style was not taught."""
+    return list(_shipped_prompts())
+
+
+@lru_cache(maxsize=1)
+def _shipped_prompts() -> tuple[str, ...]:
+    """The file, read once per process (a dry run asks for the prompts several times)."""
     text = resources.files("workbench").joinpath("data", PROMPTS_FILE).read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
 class ChoiceSeeds(StrictModel):
