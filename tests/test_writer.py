@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import re
 import signal
 import subprocess
@@ -265,13 +266,13 @@ def test_other_write_errors_are_said_plainly(tmp_path, monkeypatch):
 def test_not_enough_space_is_found_before_writing(tmp_path, monkeypatch):
     """Free space is checked on every OS (shutil); posix_fallocate, where present, also reserves
     the blocks. Both report the folder and the bytes needed, and nothing is left behind."""
-    real = writer.shutil.disk_usage
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: real(p)._replace(free=999))
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=999))
     with pytest.raises(WorkbenchError, match=r"not enough disk space: the file needs 4\.\d KB \(4,\d{3} bytes\) in "
                                              r".*, which has 999 bytes free; nothing was saved"):
         save_file_atomic({"x": torch.ones(1000)}, tmp_path / "a.safetensors")
     assert leftovers(tmp_path) == []
-    monkeypatch.setattr(writer.shutil, "disk_usage", real)
+    monkeypatch.setattr(shutil, "disk_usage", real)
 
     def no_room(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

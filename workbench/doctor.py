@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 from workbench import hardware, torch_build
 from workbench.app.config import ENV as APP_CONFIG_ENV, AppConfig
 from workbench.formats.pipeline_config import cache_root
+from workbench.system import free_bytes
 
 GB = 10**9
 LEVELS = ("error", "warn", "info")
@@ -204,17 +204,6 @@ def _app_config() -> AppConfig:
     return AppConfig.from_json(text) if text else AppConfig(home=Path.cwd())
 
 
-def _free(path: Path) -> int | None:
-    """Free bytes on the disk that holds `path` (or would hold it: its nearest existing parent)."""
-    for p in (path, *path.parents):
-        if p.exists():
-            try:
-                return int(shutil.disk_usage(p).free)
-            except OSError:
-                return None
-    return None
-
-
 def _count_models(root: Path) -> int:
     count = 0
     for i, p in enumerate(root.rglob("*")):
@@ -227,10 +216,10 @@ def _count_models(root: Path) -> int:
 def _folders(config: AppConfig) -> list[Folder]:
     out = []
     for root in config.roots["models"]:
-        out.append(Folder("models", str(root), root.is_dir(), _free(root),
+        out.append(Folder("models", str(root), root.is_dir(), free_bytes(root),
                           _count_models(root) if root.is_dir() else None))
     for role, path in (("outputs", config.roots["outputs"][0]), ("cache", cache_root())):
-        out.append(Folder(role, str(path), path.is_dir(), _free(path)))
+        out.append(Folder(role, str(path), path.is_dir(), free_bytes(path)))
     return out
 
 

@@ -10,7 +10,6 @@ split-FLUX rule of `pipeline/load_dit.py`.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,14 +268,9 @@ def check_output_file(plan: RunPlan, path: Path, overwrite: bool, how: str) -> N
 
 def disk_problem(target: Path, needed: int, margin: float = 1.05) -> str | None:
     """'not enough disk space ...' when the file system `target` goes to lacks room."""
-    folder = Path(target)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if folder.is_file():
-        folder = folder.parent
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
+    folder = system.existing_folder(target)
+    free = system.free_bytes(folder)
+    if free is None:
         return None
     if free < needed * margin:
         return (f"not enough disk space in {folder} for {target}: needs {human_size(needed)}, "

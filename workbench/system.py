@@ -102,6 +102,25 @@ def replace_file(src: str | Path, dst: str | Path) -> None:
             time.sleep(delay)
 
 
+def existing_folder(path: str | Path) -> Path:
+    """The folder `path` is in or would be created in: itself, or its nearest existing parent
+    (a file's own folder)."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder.parent if folder.is_file() else folder
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the disk that holds `path`, or would hold it (existing_folder); None when the
+    OS does not say. shutil.disk_usage answers on every OS, asked of a folder (Windows'
+    GetDiskFreeSpaceEx takes no file)."""
+    try:
+        return int(shutil.disk_usage(existing_folder(path)).free)
+    except OSError:
+        return None
+
+
 def link_or_copy(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> str:
     """Put `src` at `dst`: a hard link where the file system can make one (no second copy of a
     multi-GB model), else a copy. Returns "hard link", "copy" or "same file" (dst already is src).

@@ -24,7 +24,6 @@ import mmap
 import os
 import queue
 import secrets
-import shutil
 import struct
 import threading
 from collections.abc import Mapping
@@ -67,13 +66,6 @@ def _size(n: int) -> str:
     return f"{n:,} bytes" if unit == "bytes" else f"{value:.1f} {unit} ({n:,} bytes)"
 
 
-def _free_bytes(folder: Path) -> int | None:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
 def _not_enough_space(target: Path, needed: int, free: int | None) -> WorkbenchError:
     have = f"{_size(free)} free" if free is not None else "its free space is unknown"
     return WorkbenchError(f"{target}: not enough disk space: the file needs {_size(needed)} in "
@@ -86,7 +78,7 @@ def _write_error(target: Path, needed: int, e: OSError) -> WorkbenchError:
     code = errno.errorcode.get(e.errno, e.errno) if e.errno is not None else None
     said += f" [{code}]" if code is not None else ""
     if e.errno in _DISK_FULL:
-        free = _free_bytes(target.parent)
+        free = system.free_bytes(target.parent)
         have = f"has {_size(free)} free now" if free is not None else "reports no free space"
         return WorkbenchError(f"{target}: the disk is full ({said}): the file needs "
                               f"{_size(needed)} in {target.parent}, which {have}; nothing was "
@@ -114,7 +106,7 @@ def _reserve(fd: int, target: Path, size: int) -> None:
     """Fail now, before any work, when `size` bytes do not fit: free space from shutil (every
     OS), and the blocks reserved with posix_fallocate where the OS has it (so a disk filling up
     meanwhile cannot make the write fail halfway)."""
-    free = _free_bytes(target.parent)
+    free = system.free_bytes(target.parent)
     if free is not None and free < size:
         raise _not_enough_space(target, size, free)
     fallocate = getattr(os, "posix_fallocate", None)

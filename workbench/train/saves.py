@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from workbench.errors import WorkbenchError
+from workbench.system import free_bytes
 from workbench.train.state import list_states, state_root
 from workbench.units import human_size
 
@@ -71,17 +72,6 @@ def path_bytes(paths) -> int:
         elif p.is_file():
             total += p.stat().st_size
     return total
-
-
-def free_bytes(folder: Path) -> int | None:
-    """Free bytes where `folder` is (or would be created); None when the OS does not say."""
-    folder = Path(folder)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
 
 
 def resume_hint(out_dir: Path, recipe_path: Path | None, step: int, max_steps: int) -> str:
