@@ -38,6 +38,7 @@ from workbench.recipes.common import LoraRef
 from workbench.recipes.grid import GridDefaults, GridOutput, GridRecipe, LoraAxis, Scores, StyleScore, TextAxis
 from workbench.recipes.pick import PickRecipe
 from workbench.throughput import human_time
+from workbench.train.captions import with_trigger
 from workbench.train.export import SIDECAR_SD_VERSION
 from workbench.train.run_folder import TrainingRun, caption_texts, read_training_run
 
@@ -88,11 +89,6 @@ def out_dir_of(recipe: PickRecipe) -> Path:
     return Path(recipe.output.dir) if recipe.output.dir else Path(recipe.training) / "pick"
 
 
-def prompted(prompt: str, trigger: str | None) -> str:
-    """The prompt as generated: the trigger first, as the LoRA was trained (train/captions.py)."""
-    return f"{trigger}, {prompt}" if trigger else prompt
-
-
 def grid_recipe(recipe: PickRecipe, run: TrainingRun, candidates: list[Candidate], prompts: list[str],
                 seeds: list[int], references: Path, out_dir: Path, name: str) -> GridRecipe:
     """The grid of `candidates` × prompts × seeds, scored for style against `references`."""
@@ -134,7 +130,7 @@ def _check_prompts(recipe: PickRecipe, run: TrainingRun, plan: RunPlan) -> None:
     captions = caption_texts(run.dataset)
     for i, p in enumerate(recipe.prompt_values()):
         text = " ".join(p.split()).lower()
-        if text in captions or " ".join(prompted(p, run.trigger).split()).lower() in captions:
+        if text in captions or " ".join(with_trigger(p, run.trigger).split()).lower() in captions:
             plan.problems.append(f"prompts[{i}]: {p!r} is a training caption; prompt adherence must "
                                  "be measured on prompts outside the training captions")
 
@@ -180,7 +176,7 @@ def describe(recipe: PickRecipe, overwrite: bool = False) -> RunPlan:
         sidecar.read_sidecar(sidecar.sidecar_path(lora_path))
     except WorkbenchError as e:
         plan.problems.append(str(e))
-    prompts = [prompted(p, run.trigger) for p in recipe.prompt_values()]
+    prompts = [with_trigger(p, run.trigger) for p in recipe.prompt_values()]
     steps = sorted({c.step for c in candidates})
     strengths = recipe.strength_values()
     plan.lines += [

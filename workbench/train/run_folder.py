@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from safetensors import safe_open
 
 from workbench.errors import WorkbenchError
+from workbench.formats.safetensors_io import read_header
 from workbench.provenance import PROVENANCE_FILE
 
 _STEP_FILE = re.compile(r"^(?P<name>.+)-step(?P<step>\d+)\.safetensors$")
@@ -46,14 +46,6 @@ class TrainingRun:
     def sidecar(self) -> Path:
         """The A1111 sidecar train wrote beside the final LoRA (may be absent or user-edited)."""
         return self.folder / f"{self.name}.json"
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error types for a broken header
-        raise WorkbenchError(f"{path}: cannot read the LoRA's header ({e})") from e
 
 
 def _resolution(value: Any) -> tuple[int, int]:
@@ -98,7 +90,7 @@ def read_training_run(folder: str | Path) -> TrainingRun:
     for path in sorted(folder.glob("*.safetensors")):
         m = _STEP_FILE.match(path.name)
         if path.name == f"{name}.safetensors" or (m and m["name"] == name):
-            meta = _metadata(path)
+            meta = read_header(path).metadata
             try:
                 step = int(meta["ss_steps"])
             except (KeyError, ValueError):
@@ -112,7 +104,7 @@ def read_training_run(folder: str | Path) -> TrainingRun:
     trigger = recipe.get("trigger")
     if not trigger:
         final = steps[max(steps)]
-        trigger = _metadata(final).get("modelspec.trigger_phrase") or None
+        trigger = read_header(final).metadata.get("modelspec.trigger_phrase") or None
     return TrainingRun(folder=folder, name=name, base=base, dataset=dataset, trigger=trigger,
                        resolution=_resolution(recipe.get("resolution", 512)),
                        steps=dict(sorted(steps.items())), recipe=recipe)
