@@ -129,6 +129,12 @@ def sha256_file(path: str | Path, use_cache: bool = True, on_bytes=None) -> str:
     return _cached(path, "sha256", lambda p: _sha256_range(p, on_bytes=on_bytes))
 
 
+def files_sha256(paths) -> str:
+    """One sha256 over the files' sha256s, in the given order: the identity of a set of files (a
+    folder of reference pictures, an open_clip model folder)."""
+    return hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()
+
+
 def autov2(path: str | Path, use_cache: bool = True) -> str:
     """A1111/civitai short hash: the first 10 hex of the sha256."""
     return sha256_file(path, use_cache)[:10]

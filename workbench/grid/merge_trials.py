@@ -10,20 +10,17 @@ its prompt (adherence); both come from one open_clip backbone loaded once.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
 
 from workbench.grid.merge_preview import MergePreviewer
-from workbench.grid.scores import ClipBackbone, GridScorer
+from workbench.grid.scores import ClipBackbone, GridScorer, load_images
 from workbench.pipeline.generate import generate
 from workbench.pipeline.model import ImageSettings
-from workbench.formats.hashes import sha256_file
 
 
 @dataclass
@@ -50,19 +47,6 @@ class Scored:
     @property
     def mean_clip(self) -> float:
         return float(sum(self.clip) / len(self.clip))
-
-
-def load_images(paths: Sequence[Path]) -> list:
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    return out
-
-
-def files_digest(paths: Sequence[Path]) -> str:
-    """One sha256 over the files' sha256s (the identity of a reference set)."""
-    return hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()
 
 
 class TrialScorer:

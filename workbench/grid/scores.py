@@ -17,7 +17,6 @@ reproducible and a changed scorer invalidates cached scores.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from typing import Sequence
 import torch
 
 from workbench.errors import UnsupportedError, WorkbenchError
-from workbench.formats.hashes import sha256_file
+from workbench.formats.hashes import files_sha256, sha256_file
 from workbench.formats.lazy import load_pickle_safe
 from workbench.formats.safetensors_io import read_header
 
@@ -152,7 +151,7 @@ def load_backbone(model: str = "ViT-L-14", weights: Path | None = None, pretrain
                                      "weights file")
             arch, pretrained_arg = f"local-dir:{weights}", None
             files = sorted(p for p in weights.iterdir() if p.is_file())
-            digest = hashlib.sha256("".join(_file_sha256(p) for p in files).encode()).hexdigest()
+            digest = files_sha256(files)
             info = {"backbone": f"local-dir:{weights.name}", "pretrained": weights.name,
                     "sha256": digest}
         else:
@@ -424,6 +423,17 @@ def aesthetic_scores(layers, features: torch.Tensor) -> torch.Tensor:
 # everything a grid asks for, loaded once
 
 
+def load_images(paths: Sequence[Path]) -> list:
+    """The pictures as RGB PIL images, each file closed once read."""
+    from PIL import Image  # loaded with the scorer, not with the grid's planning
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
 def reference_images(folder: Path) -> list[Path]:
     """Every picture under `folder` (recursive), sorted: the style references of a grid, and what
     workbench/grid/holdout.py splits for pick and merge_search."""
@@ -464,14 +474,8 @@ class GridScorer:
             refs = reference_images(scores.style.reference_dir)
             if not refs:
                 raise WorkbenchError(f"scores.style.reference_dir: no images in {scores.style.reference_dir}")
-            from PIL import Image
-
-            images = []
-            for p in refs:
-                with Image.open(p) as im:
-                    images.append(im.convert("RGB"))
-            self.style_ref = self.backbone.image_features(images).mean(dim=0)
-            digest = hashlib.sha256("".join(_file_sha256(p) for p in refs).encode()).hexdigest()
+            self.style_ref = self.backbone.image_features(load_images(refs)).mean(dim=0)
+            digest = files_sha256(refs)
             self._info["style"] = {"backbone": self.backbone.info, "references": len(refs),
                                    "sha256": digest, "scale": "mean cosine"}
 

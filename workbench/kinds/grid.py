@@ -30,7 +30,7 @@ from workbench.grid import report
 from workbench.grid.cache import CellCache, signature_hash
 from workbench.grid.merge_preview import MergePreviewer, load_merge_recipe, steps_with
 from workbench.grid.render import MAX_SIDE, render_pages
-from workbench.grid.scores import GridScorer, aesthetic_input_width, check_backbone
+from workbench.grid.scores import GridScorer, aesthetic_input_width, check_backbone, load_images
 from workbench.grid.cells import LETTERS, Cell, GridLayout, expand, layout, run_order, with_keys
 from workbench.pipeline.generate import generate, load_model, plan_for_file
 from workbench.pipeline.image_meta import format_parameters
@@ -476,10 +476,7 @@ def _score_cached(cells: list[Cell], cache: CellCache, scorer) -> dict[str, dict
             scores[cell.key] = found
     for start in range(0, len(missing), 32):
         batch = missing[start:start + 32]
-        images = []
-        for cell, _ in batch:
-            with Image.open(cache.png_path(cell.key)) as im:
-                images.append(im.convert("RGB"))
+        images = load_images([cache.png_path(cell.key) for cell, _ in batch])
         for (cell, record), val in zip(batch, scorer.score(images, [c.settings.prompt for c, _ in batch])):
             cache.set_scores(record, scorer.signature(), val)
             scores[cell.key] = val

@@ -26,7 +26,7 @@ from workbench.errors import WorkbenchError
 from workbench.formats.writer import atomic_write_text
 from workbench.grid import search_report
 from workbench.grid.holdout import ReferenceSplit, split_references
-from workbench.grid.merge_trials import TrialScorer, files_digest
+from workbench.grid.merge_trials import TrialScorer
 from workbench.grid.scores import check_backbone, load_backbone
 from workbench.grid.search_store import JOURNAL_FILE, open_storage
 from workbench.grid.stats import compare_pairs, shown_better
@@ -40,7 +40,7 @@ from workbench.recipes.grid import Scores
 from workbench.recipes.loader import recipe_to_yaml
 from workbench.recipes.merge_search import MergeSearchRecipe
 from workbench.throughput import human_time
-from workbench.formats.hashes import sha256_file
+from workbench.formats.hashes import files_sha256, sha256_file
 
 BEST_RECIPE = "best.yaml"
 PREVIEW_UNIT = "seconds per merge preview"
@@ -79,7 +79,7 @@ def study_name(recipe: MergeSearchRecipe, split: ReferenceSplit) -> str:
         "method": recipe.method, "space": recipe.space, "range": list(recipe.alpha_range),
         "prompts": recipe.prompt_values(), "selection": recipe.seeds.values("selection"),
         "generation": recipe.generation.model_dump(mode="json"),
-        "scores": recipe.scores.model_dump(mode="json"), "references": files_digest(split.selection),
+        "scores": recipe.scores.model_dump(mode="json"), "references": files_sha256(split.selection),
         "sampler_seed": recipe.sampler_seed,
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
