@@ -18,7 +18,7 @@ from typing import Any
 from workbench.grid import report, stats
 from workbench.grid.cells import LETTERS
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # pictures a result view shows (also views/jobs.py)
 
 
 @dataclass

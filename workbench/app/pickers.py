@@ -17,11 +17,11 @@ import streamlit as st
 
 from workbench.app.config import AppConfig
 from workbench.formats.scan import scan
+from workbench.plan import IMAGE_SUFFIXES  # what the dry run counts as a dataset's pictures
 
 SCAN_TTL_S = 30.0
 MODEL_KINDS = ("checkpoint", "unet", "transformer")  # what a model field takes
 LORA_KINDS = ("lora",)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ from pathlib import Path
 import streamlit as st
 
 from workbench.app import forms, live
+from workbench.app.grid_results import IMAGE_SUFFIXES
 from workbench.app.jobs_ui import STATE, job_fraction, job_label, progress_text
 from workbench.errors import WorkbenchError
 from workbench.jobs.store import Job
 from workbench.jobs.worker import ensure_workers, force_stop as stop_worker
 
 S = st.session_state
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CONFIRM = "jobs.force_confirm"  # session_state: the job id whose force stop awaits confirmation
 
 
