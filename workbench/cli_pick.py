@@ -75,6 +75,7 @@ def _abs(path: str | None) -> str | None:
 def recipe_from_args(args: argparse.Namespace):
     """The `kind: pick` recipe the options describe (validated by the recipe loader)."""
     from workbench.recipes.loader import parse_recipe  # imports torch: see the module docstring
+    from workbench.recipes.choice import prompt_lines
     from workbench.recipes.pick import PickRecipe
 
     data: dict[str, Any] = {"kind": "pick", "training": _abs(args.training)}
@@ -94,7 +95,7 @@ def recipe_from_args(args: argparse.Namespace):
     prompts = list(args.prompts or [])
     if args.prompts_file:
         text = Path(args.prompts_file).read_text(encoding="utf-8")
-        prompts += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        prompts += prompt_lines(text)
     if prompts:
         data["prompts"] = prompts
     gen = {k: v for k, v in (("sampler", args.sampler), ("steps", args.sampling_steps),

@@ -83,7 +83,9 @@ class ProgressWriter:
     """The progress sink of a job: events -> progress/ETA rows, log lines and metrics.
 
     The job's overall fraction (ProgressEvent.overall) never goes back: a phase that runs after
-    the job's main task has ended (the last samples after training) counts as its end."""
+    the job's main task has ended (an export, say) counts as its end. (A training's last samples
+    are made inside its training task, workbench/kinds/train.py, so its bar is short of 100 %
+    until they are done.)"""
 
     def __init__(self, store: JobStore, job_id: int) -> None:
         self.store, self.job_id = store, job_id

@@ -35,7 +35,13 @@ def default_prompts() -> list[str]:
 def _shipped_prompts() -> tuple[str, ...]:
     """The file, read once per process (a dry run asks for the prompts several times)."""
     text = resources.files("workbench").joinpath("data", PROMPTS_FILE).read_text(encoding="utf-8")
-    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return tuple(prompt_lines(text))
+
+
+def prompt_lines(text: str) -> list[str]:
+    """The prompts of a prompts file: one per line, blank lines and `#` comments skipped (the
+    shipped set and `workbench pick --prompts-file` alike)."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 class ChoiceSeeds(StrictModel):
