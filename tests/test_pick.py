@@ -452,3 +452,16 @@ def test_pick_and_merge_search_share_one_shape_for_their_common_sections(tmp_pat
             kind.model_validate({"training": "t", "inputs": {"A": "a", "B": "b"}, "output": {"dir": "o"},
                                  "selection_seeds": [1]} if kind is MergeSearchRecipe else
                                 {"training": "t", "selection_seeds": [1]})
+
+
+def test_prompts_file_is_read_like_the_shipped_set(tmp_path):
+    """`--prompts-file`: one prompt per line, blank lines and # comments skipped, after any
+    --prompt (recipes/choice.prompt_lines, as for workbench/data/pick_prompts.txt)."""
+    from workbench import cli
+    from workbench.cli_pick import recipe_from_args
+
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("# my prompts\n  a red bicycle  \n\na bowl of lemons\n", encoding="utf-8")
+    args = cli.build_parser().parse_args(["pick", str(tmp_path / "run"), "--prompt", "a kite",
+                                          "--prompts-file", str(listed)])
+    assert recipe_from_args(args).prompts == ["a kite", "a red bicycle", "a bowl of lemons"]
